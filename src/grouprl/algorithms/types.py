@@ -1,0 +1,69 @@
+"""Tensors that flow between the trainer and the pure algorithm functions.
+
+Shapes use the letters of DESIGN.md: N rollouts in a (micro-)batch, T completion tokens
+(right-padded), B prompts, G completions per prompt, K reward functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PolicyInputs:
+    """What a policy loss or regularizer sees for one micro-batch.
+
+    logp_NT:      log π_θ of each completion token at the sampling temperature (has grad).
+    old_logp_NT:  log π_old of the same tokens, computed at rollout time (no grad).
+    mask_NT:      1.0 on completion tokens that count for the loss, 0.0 on padding.
+    adv_N:        advantage per completion; a loss may also accept [N, T] advantages.
+    entropy_NT:   entropy H of the policy at each position (with grad) or None.
+    ref_logp_NT:  log π_ref of each token, or None when no reference model is loaded.
+    """
+
+    logp_NT: Tensor
+    old_logp_NT: Tensor
+    mask_NT: Tensor
+    adv_N: Tensor
+    entropy_NT: Tensor | None = None
+    ref_logp_NT: Tensor | None = None
+
+
+@dataclass
+class TermOutput:
+    """A loss or regularizer term, per token, before aggregation.
+
+    per_token_NT: the term's contribution to the loss (to minimize) at each token.
+    stats_NT:     per-token values whose masked mean becomes a metric, keyed by metric
+                  name (e.g. "clip_ratio/low_mean" -> 0/1 indicator per token).
+    """
+
+    per_token_NT: Tensor
+    stats_NT: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchNorm:
+    """Normalizers of the whole optimizer batch, so micro-batch splits give the same gradient.
+
+    num_tokens:  Σ mask over every completion of the optimizer batch.
+    num_seqs:    number of completions N in the optimizer batch.
+    max_len:     constant length normalizer (the configured max completion length; Dr.GRPO).
+    """
+
+    num_tokens: float
+    num_seqs: float
+    max_len: float
+
+    @staticmethod
+    def of(mask_NT: Tensor, max_len: int) -> BatchNorm:
+        return BatchNorm(float(mask_NT.sum().item()), float(mask_NT.shape[0]), float(max_len))
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Σ(values·mask)/Σmask, 0 when the mask is empty."""
+    total = mask.sum()
+    return (values * mask).sum() / total.clamp(min=1.0) if total.numel() else torch.zeros(())

@@ -1,0 +1,222 @@
+"""The `grouprl` command line: train, sft, eval, demo, recipes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = """\
+examples:
+  grouprl demo --output-dir runs/demo                 # offline: tiny model, SFT then GRPO
+  grouprl train run.yaml                              # train with a YAML config
+  grouprl train run.yaml recipe=dr_grpo train.learning_rate=1e-6 rollout.num_generations=16
+  grouprl sft sft.yaml train.max_steps=500            # warm start on prompt/completion pairs
+  grouprl eval --model runs/x/checkpoints/step_0000100 --data test.jsonl --reward math_accuracy -n 8 -k 1 8
+  grouprl recipes                                     # list the named methods
+"""
+
+
+class UserError(Exception):
+    """An error caused by the user's input: print one line, no traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from grouprl.config import ConfigError
+    from grouprl.data.datasets import DataError
+    from grouprl.registry import RegistryError
+
+    return (UserError, ConfigError, DataError, RegistryError, FileNotFoundError)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from grouprl.config import load_config
+    from grouprl.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    result = Trainer(cfg).train()
+    last = result.history[-1] if result.history else {}
+    print(f"trained {result.steps} steps; run directory: {result.run_dir}; last reward: {last.get('reward', float('nan')):.4f}")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from grouprl.config import load_config
+    from grouprl.models.loading import load_model_and_tokenizer
+    from grouprl.models.tiny import save_model
+    from grouprl.train.sft import sft
+    from grouprl.train.trainer import load_dataset_from_config, seed_everything
+
+    cfg = load_config(args.config, args.overrides)
+    seed_everything(cfg.train.seed)
+    model, tok, _ = load_model_and_tokenizer(cfg.model)
+    data = load_dataset_from_config(cfg, tok)
+    column = args.completion_column
+    completions = []
+    for ex in data:
+        if column not in ex.columns or not isinstance(ex.columns[column], str):
+            raise UserError(f"{data.source}: row {ex.row}: field {column!r}: missing or not a string (SFT needs prompt and {column} columns)")
+        completions.append(ex.columns[column])
+    res = sft(
+        model, tok, [ex.text for ex in data], completions,
+        steps=cfg.train.max_steps, batch_size=cfg.train.prompts_per_step,
+        learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm, seed=cfg.train.seed,
+        output_dir=cfg.train.output_dir, progress=cfg.train.progress,
+    )
+    path = save_model(model, tok, Path(cfg.train.output_dir) / "final")
+    print(f"sft: {res.steps} steps, final loss {res.final_loss:.4f}; model saved to {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from grouprl.config import ModelConfig
+    from grouprl.data.datasets import load_prompts
+    from grouprl.data.tasks import get_task
+    from grouprl.eval.run import evaluate
+    from grouprl.models.loading import load_model_and_tokenizer
+    from grouprl.rewards import RewardSet
+
+    model, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=args.model, device=args.device))
+    reward_specs: list[Any] = list(args.reward or [])
+    correct = args.correct_reward
+    if args.task:
+        task = get_task(args.task)
+        rows: Any = task.rows("eval")
+        reward_specs = reward_specs or task.rewards
+        correct = correct or task.correct_reward
+    elif args.data:
+        rows = args.data
+    else:
+        raise UserError("eval: give --data FILE or --task NAME")
+    if not reward_specs:
+        raise UserError("eval: give at least one --reward (e.g. math_accuracy, choice_accuracy, exact_match, or file.py:fn)")
+    specs = [{"path": r} if ":" in r and not isinstance(r, dict) else r for r in reward_specs]
+    data = load_prompts(rows, tokenizer=tok, max_prompt_length=args.max_prompt_length, on_bad_row=args.on_bad_row)
+    if args.limit:
+        data = [data[i] for i in range(min(args.limit, len(data)))]
+    res = evaluate(
+        model, tok, data, RewardSet.from_config(specs), correct_reward=correct, n=args.n, ks=args.k,
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        seed=args.seed, progress=True,
+    )
+    print(json.dumps(res, indent=1))
+    if args.output:
+        Path(args.output).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from grouprl.demo import DemoSettings, run_demo
+
+    s = DemoSettings(task=args.task, seed=args.seed)
+    if args.quick:
+        s.sft_steps, s.grpo_steps, s.eval_problems = 60, 10, 50
+    summary = run_demo(args.output_dir, s, progress=not args.no_progress)
+    print(
+        f"held-out pass@1: {100 * summary['heldout_pass@1_after_sft']:.1f}% after SFT -> "
+        f"{100 * summary['heldout_pass@1_after_grpo']:.1f}% after GRPO "
+        f"({summary['gain_points']:+.1f} points) in {summary['total_seconds']:.0f} s; "
+        f"see {args.output_dir}/summary.md and curves.png"
+    )
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    import yaml
+    from importlib import resources
+
+    from grouprl.config import dump_config, load_config, recipe_names
+
+    if args.name:
+        print(dump_config(load_config({"recipe": args.name}, check=True)))
+        return 0
+    for name in recipe_names():
+        meta = yaml.safe_load(resources.files("grouprl.recipes").joinpath(f"{name}.yaml").read_text())
+        print(f"{name:12s} {meta.get('description', '')}\n{'':12s} source: {meta.get('source', '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="grouprl",
+        description="Post-train language models with group-relative RL (GRPO and its family).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="GRPO-family training from a YAML config", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sft", help="supervised warm start on prompt/completion pairs")
+    s.add_argument("config", help="YAML config (model, data with prompt+completion columns, train)")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--completion-column", default="completion")
+    s.set_defaults(func=cmd_sft)
+
+    e = sub.add_parser("eval", help="pass@1, pass@k (unbiased) and maj@k of a model")
+    e.add_argument("--model", required=True, help="model directory or hub id")
+    e.add_argument("--data", help="prompt dataset (jsonl, json, parquet, HF datasets dir)")
+    e.add_argument("--task", help="a built-in task's held-out split instead of --data (e.g. arith)")
+    e.add_argument("--reward", action="append", help="reward name or file.py:fn (repeatable); the first decides correctness")
+    e.add_argument("--correct-reward", default=None)
+    e.add_argument("-n", type=int, default=4, help="samples per problem")
+    e.add_argument("-k", type=int, nargs="+", default=[1], help="k values for pass@k and maj@k")
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--max-prompt-length", type=int, default=2048)
+    e.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
+    e.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--output", help="also write the results to this JSON file")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="offline demo: tiny model, SFT, GRPO, before/after accuracy")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--task", default="arith")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quick", action="store_true", help="a seconds-long smoke version")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("recipes", help="list recipes, or print one resolved config")
+    r.add_argument("name", nargs="?")
+    r.set_defaults(func=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("grouprl").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user, the traceback only with --debug
+        if args.debug:
+            raise
+        kind = "error" if isinstance(exc, _user_errors()) else f"error ({type(exc).__name__})"
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"grouprl: {kind}: {msg}", file=sys.stderr)
+        if not isinstance(exc, _user_errors()):
+            print("grouprl: run with --debug for the traceback", file=sys.stderr)
+        return 2 if isinstance(exc, _user_errors()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Dataclass configs, YAML loading, recipes and `section.key=value` overrides.
+
+Resolution order (later wins): dataclass defaults < recipe YAML < user YAML < command-line
+overrides. Every key is checked at start-up: an unknown key or a value of the wrong type
+fails with the key's dotted name and, for typos, a "did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from grouprl.registry import did_you_mean
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key."""
+
+
+def choice(default: Any, *choices: Any, doc: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""  # HF hub id or local directory
+    tokenizer: str | None = None  # defaults to name_or_path
+    dtype: str = choice("auto", "auto", "float32", "bfloat16", "float16")
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # jsonl / json / parquet / save_to_disk directory
+    task: str | None = None  # or a built-in offline task (e.g. "arith")
+    task_params: dict[str, Any] = field(default_factory=dict)
+    eval_path: str | None = None
+    prompt_column: str = "prompt"
+    max_prompt_length: int = 512
+    on_bad_row: str = choice("error", "error", "skip")
+    chat_template: str = choice("auto", "auto", "never")
+    system_prompt: str | None = None
+    split: str = "train"
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    num_generations: int = 8  # G, completions per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/grouprl"
+    seed: int = 0
+    max_steps: int = 100
+    prompts_per_step: int = 8  # B; the optimizer batch is B*G completions
+    micro_batch_size: int = 16  # completions per forward/backward
+    num_iterations: int = 1  # optimizer steps per rollout batch (PPO epochs, mu)
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = choice("constant", "constant", "cosine")
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    save_every: int = 50  # 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    eval_every: int = 0  # 0 = no periodic evaluation
+    eval_samples: int = 4
+
+
+@dataclass
+class Config:
+    recipe: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: list[Any] = field(default_factory=list)  # [{name|path, weight, params}] or names
+    advantage: dict[str, Any] = field(default_factory=lambda: {"name": "grpo"})
+    loss: dict[str, Any] = field(default_factory=lambda: {"name": "ppo_clip", "aggregation": "token_mean"})
+    regularizers: list[dict[str, Any]] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("grouprl.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    names = recipe_names()
+    if name not in names:
+        raise ConfigError(f"recipe: unknown recipe {name!r}{did_you_mean(name, names)}; known: {', '.join(names)}")
+    text = resources.files("grouprl.recipes").joinpath(f"{name}.yaml").read_text()
+    data = yaml.safe_load(text) or {}
+    data.pop("description", None)
+    data.pop("source", None)
+    return data
+
+
+# ---------------------------------------------------------------------------- merging
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Return base updated by over; nested dicts merge, everything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, val in over.items():
+        if isinstance(val, dict) and isinstance(out.get(key), dict):
+            # A component section that names a different component starts afresh.
+            if "name" in val and val.get("name") != out[key].get("name"):
+                out[key] = copy.deepcopy(val)
+            else:
+                out[key] = deep_merge(out[key], val)
+        else:
+            out[key] = copy.deepcopy(val)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.learning_rate=3e-4' -> (['train', 'learning_rate'], 0.0003)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
+    return key.split("."), value
+
+
+def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            node = node[_index(part, node, where)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+    last = path[-1]
+    if isinstance(node, list):
+        node[_index(last, node, ".".join(path))] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{'.'.join(path)}: {'.'.join(path[:-1])} is not a section")
+
+
+def _index(part: str, node: list, where: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise ConfigError(f"{where}: list index {part!r} out of range (length {len(node)})")
+    return int(part)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_check_value(f"{key}.{i}", v, arg) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(
+                f"{dotted}: unknown key{did_you_mean(str(key), list(fields))}; "
+                f"known keys{' of ' + prefix if prefix else ''}: {', '.join(fields)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, dotted)
+            continue
+        value = _check_value(dotted, value, tp)
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(
+                f"{dotted}: {value!r} is not one of {', '.join(map(str, choices))}"
+                f"{did_you_mean(str(value), [str(c) for c in choices])}"
+            )
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _check_component(dotted: str, spec: Any) -> None:
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ConfigError(f"{dotted}: expected a mapping with a 'name' key, got {spec!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks and component names/parameters against their registries."""
+    from grouprl.components import check_components  # late: pulls in torch
+
+    t, r = cfg.train, cfg.rollout
+    for key, val, low in [
+        ("train.max_steps", t.max_steps, 0),
+        ("train.prompts_per_step", t.prompts_per_step, 1),
+        ("train.micro_batch_size", t.micro_batch_size, 1),
+        ("train.num_iterations", t.num_iterations, 1),
+        ("rollout.num_generations", r.num_generations, 1),
+        ("rollout.max_new_tokens", r.max_new_tokens, 1),
+        ("data.max_prompt_length", cfg.data.max_prompt_length, 1),
+    ]:
+        if val < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {val}")
+    if t.learning_rate < 0:
+        raise ConfigError(f"train.learning_rate: must be >= 0, got {t.learning_rate}")
+    if r.temperature < 0:
+        raise ConfigError(f"rollout.temperature: must be >= 0, got {r.temperature}")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
+    if len(t.adam_betas) != 2:
+        raise ConfigError(f"train.adam_betas: expected two numbers, got {t.adam_betas}")
+    _check_component("advantage", cfg.advantage)
+    _check_component("loss", cfg.loss)
+    for i, reg in enumerate(cfg.regularizers):
+        _check_component(f"regularizers.{i}", reg)
+    check_components(cfg)
+    return cfg
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    *,
+    check: bool = True,
+) -> Config:
+    """Build a Config from a YAML path or dict, its recipe, and `key=value` overrides."""
+    if source is None:
+        user: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        user = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            user = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    parsed = [parse_override(o) for o in overrides or []]
+    recipe = user.get("recipe")
+    for path_, value in parsed:
+        if path_ == ["recipe"]:
+            recipe = value
+    merged = deep_merge(load_recipe(recipe), user) if recipe else user
+    for path_, value in parsed:
+        set_path(merged, path_, value)
+    if recipe:
+        merged["recipe"] = recipe
+    cfg = _build(Config, merged, "")
+    return validate(cfg) if check else cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,38 @@
+"""The task interface: rows for a split plus the rewards that score them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from grouprl.registry import Registry
+
+
+class TaskFactory(Protocol):
+    def __call__(self, **params: Any) -> Task: ...
+
+
+@dataclass
+class Task:
+    """A generated dataset: `rows(split)` gives dicts with a `prompt` and gold columns."""
+
+    name: str
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+    rewards: list[Any] = field(default_factory=list)  # reward specs that score it
+    correct_reward: str = ""  # the reward whose value 1 means "correct"
+    chars: str = ""  # characters a char tokenizer needs to cover the task
+
+    def rows(self, split: str) -> list[dict[str, Any]]:
+        if split in ("train",):
+            return self.train_rows
+        if split in ("eval", "test", "heldout", "held_out"):
+            return self.eval_rows
+        raise ValueError(f"task {self.name}: unknown split {split!r}; use train or eval")
+
+
+TASKS: Registry = Registry("task")
+
+
+def get_task(name: str, **params: Any) -> Task:
+    return TASKS.build(name, **params)

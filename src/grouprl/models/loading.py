@@ -1,0 +1,62 @@
+"""Load an HF causal LM and its tokenizer from a hub id or a local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from grouprl.config import ConfigError, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":  # bf16 where the hardware has it, fp32 on CPU for exactness
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model_and_tokenizer(cfg: ModelConfig):
+    """Returns (model, tokenizer, device). Errors name `model.name_or_path`."""
+    from transformers import AutoModelForCausalLM
+
+    if not cfg.name_or_path:
+        raise ConfigError("model.name_or_path: no model given (a hub id or a local directory)")
+    path = cfg.name_or_path
+    if (path.startswith((".", "/", "~")) or Path(path).exists()) and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"model.name_or_path: directory not found: {path}")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        tok = load_tokenizer(cfg.tokenizer or path, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(Path(path).expanduser()) if Path(path).expanduser().is_dir() else path, **kwargs)
+    except OSError as exc:
+        raise ConfigError(f"model.name_or_path: cannot load {path!r}: {str(exc).splitlines()[0]}") from None
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model.to(device), tok, device

@@ -1,0 +1,137 @@
+"""Run reports: training curves as a PNG and a short markdown summary."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_curves", "write_summary"]
+
+
+def _as_float(value: Any) -> float | None:
+    """A plottable float, or None for a missing or non-numeric value."""
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        x, y = _as_float(r.get("step")), _as_float(r.get(key))
+        if x is not None and y is not None:
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def plot_curves(
+    records: Sequence[Mapping[str, Any]],
+    png_path: str | Path,
+    *,
+    keys: Sequence[str] = ("reward",),
+    title: str = "",
+    extra_points: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+) -> Path:
+    """Plot each metric in ``keys`` against ``step``, one subplot per metric, to a PNG.
+
+    ``records`` are ``metrics.jsonl`` rows. Keys with no value in any record are skipped,
+    and so are None values. ``extra_points`` maps a name to ``(step, value)`` points (e.g.
+    evaluation accuracy), drawn with markers on the subplot of that name, which is added
+    when ``keys`` lacks it. Uses a bare Agg figure, so pyplot's global state and a user's
+    interactive backend are left alone. Parent directories are created.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    extra = dict(extra_points or {})
+    panels: list[tuple[str, tuple[list[float], list[float]], list[tuple[float, float]]]] = []
+    for key in dict.fromkeys([*keys, *extra]):  # ordered, without duplicates
+        line = _series(records, key)
+        points = [(float(x), float(y)) for x, y in extra.get(key, ()) if y is not None]
+        if line[0] or points:
+            panels.append((key, line, points))
+
+    fig = Figure(figsize=(7.0, 0.6 + 2.4 * max(1, len(panels))), layout="constrained")
+    FigureCanvasAgg(fig)
+    if title:
+        fig.suptitle(title)
+    if not panels:
+        ax = fig.subplots()
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    else:
+        axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+        for ax, (key, (xs, ys), points) in zip(axes, panels, strict=True):
+            if xs:
+                ax.plot(xs, ys, linewidth=1.2, label="train")
+            if points:
+                px, py = zip(*sorted(points), strict=True)
+                ax.plot(px, py, marker="o", linewidth=1.2, label="eval" if xs else None)
+            if xs and points:
+                ax.legend(loc="best", fontsize="small")
+            ax.set_ylabel(key)
+            ax.grid(alpha=0.3)
+        axes[-1].set_xlabel("step")
+
+    path = Path(png_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _cell(value: Any) -> str:
+    """Table cell text: floats to 4 significant digits, pipes and newlines escaped."""
+    if isinstance(value, bool) or value is None:
+        text = "" if value is None else str(value)
+    elif isinstance(value, numbers.Integral):
+        text = str(int(value))
+    elif isinstance(value, numbers.Real):
+        v = float(value)
+        text = f"{v:.4g}" if math.isfinite(v) else str(v)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |"]
+    lines.append("|" + "---|" * len(header))
+    lines.extend("| " + " | ".join(_cell(v) for v in row) + " |" for row in rows)
+    return "\n".join(lines)
+
+
+def write_summary(
+    path: str | Path,
+    title: str,
+    sections: Mapping[str, str | Mapping[str, Any] | Sequence[Mapping[str, Any]]],
+) -> Path:
+    """Write a markdown report: ``# title``, then ``## name`` and a body per section.
+
+    A section body is text as is; a mapping becomes a two-column ``key | value`` table; a
+    list of mappings becomes a table whose columns are their keys in first-seen order
+    (missing cells left empty). Floats get 4 significant digits. Parent directories are
+    created.
+    """
+    parts = [f"# {title}"]
+    for name, body in sections.items():
+        parts.append(f"## {name}")
+        if isinstance(body, str):
+            parts.append(body.strip())
+        elif isinstance(body, Mapping):
+            parts.append(_table(["key", "value"], list(body.items())))
+        elif not body:
+            parts.append("_(none)_")
+        else:
+            columns = list(dict.fromkeys(k for row in body for k in row))
+            parts.append(_table(columns, [[row.get(c) for c in columns] for row in body]))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    return path

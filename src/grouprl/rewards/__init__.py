@@ -1,0 +1,32 @@
+"""Reward functions: the TRL-compatible protocol, RewardSet, and the built-ins."""
+
+from grouprl.rewards import builtins  # noqa: F401  (registers the built-ins in REWARDS)
+from grouprl.rewards.base import (
+    REWARDS,
+    RewardResult,
+    RewardSet,
+    RewardSpec,
+    completion_text,
+    load_reward_fn,
+)
+from grouprl.rewards.builtins import (
+    choice_accuracy,
+    exact_match,
+    find_boxes,
+    format_reward,
+    math_accuracy,
+)
+
+__all__ = [
+    "REWARDS",
+    "RewardResult",
+    "RewardSet",
+    "RewardSpec",
+    "choice_accuracy",
+    "completion_text",
+    "exact_match",
+    "find_boxes",
+    "format_reward",
+    "load_reward_fn",
+    "math_accuracy",
+]

@@ -1,0 +1,64 @@
+"""Rollouts with HF transformers `generate` (CPU or one GPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from grouprl.rollout.base import ROLLOUT_ENGINES, Rollouts, SamplingParams, completion_mask_from_eos
+
+
+@ROLLOUT_ENGINES.register("hf")
+class HFEngine:
+    """Samples G completions per prompt with `model.generate` on the policy itself.
+
+    Prompts are left-padded so that every completion starts at the same column; sampling
+    uses the global torch RNG, so a seeded run (and a resumed one) draws the same samples.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, max_prompt_length: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_prompt_length = max_prompt_length
+
+    def eos_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        return [ids] if isinstance(ids, int) else list(ids)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
+        tok = self.tokenizer
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tok.padding_side = side
+        device = next(self.model.parameters()).device
+        G = params.num_generations
+        ids = enc["input_ids"].to(device).repeat_interleave(G, dim=0)
+        mask = enc["attention_mask"].to(device).repeat_interleave(G, dim=0)
+        greedy = params.temperature == 0
+        gen_kwargs = dict(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=not greedy,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=self.eos_ids(),
+        )
+        if not greedy:
+            gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+        finally:
+            self.model.train(was_training)
+        P = ids.shape[1]
+        comp = out[:, P:]
+        if comp.shape[1] == 0:  # nothing generated at all: keep one pad column
+            comp = torch.full((ids.shape[0], 1), tok.pad_token_id, dtype=ids.dtype, device=device)
+        comp_mask, truncated = completion_mask_from_eos(comp, self.eos_ids())
+        comp = torch.where(comp_mask.bool(), comp, torch.full_like(comp, tok.pad_token_id))
+        texts = tok.batch_decode(comp, skip_special_tokens=True)
+        return Rollouts(ids, mask.float(), comp, comp_mask, truncated, texts, G)

@@ -1,0 +1,363 @@
+"""The GRPO-family trainer: rollouts -> rewards -> advantages -> clipped policy updates.
+
+The trainer orchestrates; every formula it applies comes from a registered component
+(`grouprl.components`), so methods change by config, not by editing this loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grouprl.algorithms.advantages import combine_rewards, group_reward_stats
+from grouprl.algorithms.types import BatchNorm, PolicyInputs
+from grouprl.components import Components, build_components, build_rewards
+from grouprl.config import Config, ConfigError, dump_config, load_config
+from grouprl.data.datasets import PromptDataset, load_prompts
+from grouprl.data.sampler import PromptSampler
+from grouprl.models.forward import completion_logprobs
+from grouprl.models.loading import load_model_and_tokenizer
+from grouprl.monitor.progress import ProgressBar
+from grouprl.monitor.sinks import MetricsLogger
+from grouprl.rollout.base import ROLLOUT_ENGINES, Rollouts, SamplingParams
+from grouprl.train.batching import micro_batches, reward_inputs
+from grouprl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grouprl.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("grouprl")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    history: list[dict[str, float]]
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_dataset_from_config(cfg: Config, tokenizer: Any, split: str = "train") -> PromptDataset:
+    from grouprl.data.tasks import get_task
+
+    d = cfg.data
+    if d.task:
+        try:
+            task = get_task(d.task, **d.task_params)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"data.task: {exc}") from None
+        source: Any = task.rows(split)
+    elif split == "train":
+        source = d.path
+    else:
+        source = d.eval_path
+    if source is None:
+        raise ConfigError("data.path: no training data given (a file path, or data.task for a built-in task)")
+    return load_prompts(
+        source,
+        tokenizer=tokenizer,
+        prompt_column=d.prompt_column,
+        max_prompt_length=d.max_prompt_length,
+        on_bad_row=d.on_bad_row,
+        chat_template=d.chat_template,
+        split=d.split,
+        system_prompt=d.system_prompt,
+    )
+
+
+class Trainer:
+    """Runs `train.max_steps` GRPO-family steps as configured.
+
+    >>> Trainer(load_config("run.yaml")).train()  # doctest: +SKIP
+
+    model/tokenizer/train_dataset/reward_funcs, when given, replace what the config names;
+    reward_funcs may mix TRL-style callables, built-in names and reward spec dicts.
+    """
+
+    def __init__(
+        self,
+        config: Config | dict[str, Any] | str | Path,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        train_dataset: PromptDataset | Sequence[dict[str, Any]] | str | None = None,
+        reward_funcs: Sequence[Any] | None = None,
+        overrides: Sequence[str] | None = None,
+    ) -> None:
+        cfg = config if isinstance(config, Config) else load_config(config, list(overrides or []))
+        if reward_funcs is not None:
+            cfg.rewards = list(reward_funcs)
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.output_dir)
+        self.components: Components = build_components(cfg)
+        self.rewards = build_rewards(cfg)
+        seed_everything(cfg.train.seed)
+        if model is None:
+            model, tokenizer, self.device = load_model_and_tokenizer(cfg.model)
+        else:
+            if tokenizer is None:
+                raise ConfigError("a model object was given without its tokenizer")
+            self.device = next(model.parameters()).device
+        self.model, self.tokenizer = model, tokenizer
+        if train_dataset is None:
+            self.dataset = load_dataset_from_config(cfg, tokenizer)
+        elif isinstance(train_dataset, PromptDataset):
+            self.dataset = train_dataset
+        else:
+            d = cfg.data
+            self.dataset = load_prompts(
+                train_dataset if isinstance(train_dataset, str) else list(train_dataset),
+                tokenizer=tokenizer,
+                prompt_column=d.prompt_column,
+                max_prompt_length=d.max_prompt_length,
+                on_bad_row=d.on_bad_row,
+                chat_template=d.chat_template,
+                system_prompt=d.system_prompt,
+            )
+        self.sampler = PromptSampler(len(self.dataset), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        self.sampling = SamplingParams(
+            num_generations=cfg.rollout.num_generations,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+        )
+        try:
+            engine_cls = ROLLOUT_ENGINES.get(cfg.rollout.engine)
+        except Exception as exc:
+            raise ConfigError(f"rollout.engine: {exc}") from None
+        self.engine = engine_cls(self.model, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length)
+        # No reference model unless a regularizer asks for one (e.g. kl with beta > 0).
+        self.ref_model = self._make_reference() if self.components.needs_ref else None
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        total_updates = cfg.train.max_steps * cfg.train.num_iterations
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, total_updates)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.callbacks: list[Callable[[int, dict[str, float]], None]] = []
+
+    # ------------------------------------------------------------------ setup helpers
+    def _make_reference(self) -> torch.nn.Module:
+        ref = copy.deepcopy(self.model)
+        ref.eval()
+        ref.requires_grad_(False)
+        return ref
+
+    def _maybe_resume(self) -> None:
+        if not self.cfg.train.resume:
+            return
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            log.warning("train.resume=true but no checkpoint in %s: starting from step 0", self.run_dir)
+            return
+        state = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        if self.ref_model is not None and (self.run_dir / "reference").is_dir():
+            from grouprl.train.checkpoint import load_weights
+
+            load_weights(self.ref_model, self.run_dir / "reference")
+        self.sampler.load_state_dict(state["data_cursor"])
+        self.step = int(state["step"])
+        log.info("resumed from %s (step %d)", ckpt, self.step)
+
+    def _save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state={"data_cursor": self.sampler.state_dict()},
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
+    # ------------------------------------------------------------------ one step
+    def _forward(self, model: torch.nn.Module, ro: Rollouts, *, with_entropy: bool):
+        return completion_logprobs(
+            model,
+            ro.prompt_ids_NP,
+            ro.prompt_mask_NP,
+            ro.completion_ids_NT,
+            ro.completion_mask_NT,
+            temperature=self.sampling.temperature,
+            with_entropy=with_entropy,
+        )
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, model: torch.nn.Module, ro: Rollouts) -> torch.Tensor:
+        mbs = micro_batches(ro.num_rollouts, self.cfg.train.micro_batch_size)
+        return torch.cat([self._forward(model, ro.select(s), with_entropy=False)[0] for s in mbs])
+
+    def compute_advantages(self, rewards_N: torch.Tensor, B: int) -> torch.Tensor:
+        return self.components.advantage(rewards_N.view(B, -1)).reshape(-1)
+
+    def optimize(self, ro: Rollouts, adv_N: torch.Tensor) -> dict[str, float]:
+        """`num_iterations` optimizer steps over the batch, micro-batched with exact normalization."""
+        cfg, comp = self.cfg.train, self.components
+        mask = ro.completion_mask_NT
+        norm = BatchNorm.of(mask, self.sampling.max_new_tokens)
+        # With one iteration the policy has not moved when each micro-batch runs, so
+        # logp.detach() *is* π_old: same forward, ratio exactly 1, one forward saved.
+        old_logp = self._logprobs_no_grad(self.model, ro) if cfg.num_iterations > 1 else None
+        ref_logp = self._logprobs_no_grad(self.ref_model, ro) if self.ref_model is not None else None
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, float] = defaultdict(float)
+        self.model.train()
+        for _ in range(cfg.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            total_loss = 0.0
+            for s in micro_batches(ro.num_rollouts, cfg.micro_batch_size):
+                mb = ro.select(s)
+                logp, ent = self._forward(self.model, mb, with_entropy=True)
+                mask_mb = mask[s]
+                inp = PolicyInputs(
+                    logp_NT=logp,
+                    old_logp_NT=old_logp[s] if old_logp is not None else logp.detach(),
+                    mask_NT=mask_mb,
+                    adv_N=adv_N[s],
+                    entropy_NT=ent if comp.needs_entropy_grad else ent.detach(),
+                    ref_logp_NT=ref_logp[s] if ref_logp is not None else None,
+                )
+                terms = [comp.loss(inp)] + [reg(inp) for reg in comp.regularizers]
+                per_token = sum(t.per_token_NT for t in terms)
+                loss = comp.aggregation(per_token, mask_mb, norm)
+                loss.backward()
+                total_loss += float(loss.detach())
+                n_tok = float(mask_mb.sum())
+                stats = {"entropy": ent.detach()}
+                for t in terms:
+                    stats.update(t.stats_NT)
+                for k, v in stats.items():
+                    sums[k] += float((v.detach() * mask_mb).sum())
+                    counts[k] += n_tok
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            if not math.isfinite(float(grad_norm)):
+                # A NaN/inf gradient would poison the weights: skip this update, keep the run.
+                self.optimizer.zero_grad(set_to_none=True)
+                sums["train/skipped_updates"] += 1
+                counts["train/skipped_updates"] = 1
+                log.warning("step %d: non-finite gradient norm, update skipped", self.step + 1)
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+        out = {k: sums[k] / counts[k] if counts[k] else 0.0 for k in sums}
+        out["loss"] = total_loss
+        out["grad_norm"] = float(grad_norm)
+        out["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        B, G = cfg.train.prompts_per_step, self.sampling.num_generations
+        t0 = time.perf_counter()
+        examples = [self.dataset[i] for i in self.sampler.next(B)]
+        ro = self.engine.generate([ex.text for ex in examples], self.sampling)
+        t1 = time.perf_counter()
+        prompts, comps, columns = reward_inputs(examples, ro.completions, G)
+        result = self.rewards(prompts, comps, columns)
+        rewards_N = combine_rewards(result.rewards_NK, self.rewards.weights_K)
+        adv_N = self.compute_advantages(rewards_N, B)
+        t2 = time.perf_counter()
+        train_stats = self.optimize(ro, adv_N)
+        t3 = time.perf_counter()
+        metrics: dict[str, float] = dict(group_reward_stats(rewards_N.view(B, G)))
+        for k, name in enumerate(result.names):
+            col = result.rewards_NK[:, k]
+            valid = col[~torch.isnan(col)]
+            metrics[f"rewards/{name}/mean"] = float(valid.mean()) if valid.numel() else float("nan")
+            metrics[f"rewards/{name}/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
+            metrics[f"rewards/{name}/errors"] = float(result.errors.get(name, 0))
+            metrics[f"rewards/{name}/nan_count"] = float(torch.isnan(col).sum())
+        lengths = ro.lengths_N
+        metrics["completions/mean_length"] = float(lengths.mean())
+        metrics["completions/min_length"] = float(lengths.min())
+        metrics["completions/max_length"] = float(lengths.max())
+        metrics["completions/clipped_ratio"] = float(ro.truncated_N.float().mean())
+        metrics["advantage/abs_mean"] = float(adv_N.abs().mean())
+        metrics.update(train_stats)
+        tokens = float(ro.prompt_mask_NP.sum() + ro.completion_mask_NT.sum())
+        metrics["time/generate"] = t1 - t0
+        metrics["time/reward"] = t2 - t1
+        metrics["time/train"] = t3 - t2
+        metrics["time/step"] = t3 - t0
+        metrics["tokens_per_second"] = tokens / max(t3 - t0, 1e-9)
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        cfg = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        self._maybe_resume()
+        if self.ref_model is not None and not (self.run_dir / "reference").is_dir() and self.step == 0:
+            # Keep π_ref beside the run so a resumed run regularizes toward the same policy.
+            self.ref_model.save_pretrained(self.run_dir / "reference", safe_serialization=True)
+        logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
+        try:
+            with ProgressBar(cfg.max_steps, description="grpo", enabled=cfg.progress, initial=self.step) as bar:
+                while self.step < cfg.max_steps:
+                    metrics = self.train_step()
+                    self.step += 1
+                    logger.log(self.step, metrics)
+                    self.history.append({"step": self.step, **metrics})
+                    bar.update(self.step, metrics)
+                    for name, n in ((n, metrics.get(f"rewards/{n}/errors", 0)) for n in self.rewards.names):
+                        if n:
+                            bar.warn(f"step {self.step}: reward {name!r} failed on this batch (NaN rewards, run continues)")
+                    for cb in self.callbacks:
+                        cb(self.step, metrics)
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                        self._save()
+            self._save()
+        finally:
+            logger.close()
+        return TrainResult(self.run_dir, self.step, self.history)
+
+
+def train(
+    config: Config | dict[str, Any] | str | Path | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    train_dataset: Any = None,
+    reward_funcs: Sequence[Any] | None = None,
+    overrides: Sequence[str] | None = None,
+    **sections: Any,
+) -> TrainResult:
+    """One-call training: `grouprl.train(model="path", data={"path": ...}, rewards=[...])`.
+
+    Keyword sections (model=..., data=..., train=..., loss=...) are merged into `config`;
+    a string `model` is a model path, an object `model` is used as is.
+    """
+    base: dict[str, Any] = {}
+    if isinstance(config, (str, Path)):
+        import yaml
+
+        base = yaml.safe_load(Path(config).read_text()) or {}
+    elif isinstance(config, dict):
+        base = copy.deepcopy(config)
+    elif isinstance(config, Config):
+        base = config.to_dict()
+    if isinstance(model, str):
+        base.setdefault("model", {})["name_or_path"] = model
+        model = None
+    for key, val in sections.items():
+        base[key] = val
+    cfg = load_config(base, list(overrides or []), check=True)
+    return Trainer(cfg, model=model, tokenizer=tokenizer, train_dataset=train_dataset, reward_funcs=reward_funcs).train()

@@ -1,0 +1,269 @@
+"""Prompt loading: every source format, chat templates, and bad rows named by place."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from grouprl.data import DataError, PromptDataset, load_prompts
+
+ROWS = [
+    {"prompt": "what is 2 + 3 ?", "answer": "5", "id": 1},
+    {"prompt": "hello world", "answer": "x", "id": 2},
+]
+CHAT = [{"role": "user", "content": "what is 2 + 3 ?"}]
+TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def make_tokenizer(chat_template: str | None = None):
+    """A WordLevel tokenizer built locally (whitespace split), optionally with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "[UNK] [PAD] what is 2 + 3 ? hello world <user> <system> <assistant> be brief"
+    vocab = {w: i for i, w in enumerate(words.split())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]")
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def check_rows(ds: PromptDataset) -> None:
+    assert len(ds) == 2 and ds.skipped == 0
+    assert [ex.text for ex in ds] == ["what is 2 + 3 ?", "hello world"]
+    assert ds[0].columns == {"answer": "5", "id": 1}
+    assert [ex.row for ex in ds] == [1, 2]
+
+
+# ---------------------------------------------------------------- formats
+
+
+def test_jsonl(tmp_path):
+    ds = load_prompts(write_jsonl(tmp_path / "d.jsonl", ROWS))
+    check_rows(ds)
+    assert ds.source.endswith("d.jsonl")
+
+
+def test_json_list_and_json_lines_in_a_json_file(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps(ROWS))
+    check_rows(load_prompts(tmp_path / "d.json"))
+    check_rows(load_prompts(write_jsonl(tmp_path / "lines.json", ROWS)))
+
+
+def test_json_not_a_list(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps({"prompt": "x"}))
+    with pytest.raises(DataError, match=r"d\.json: expected a JSON list of objects, got dict"):
+        load_prompts(tmp_path / "d.json")
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "d.parquet")
+    check_rows(load_prompts(str(tmp_path / "d.parquet")))
+
+
+def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+    check_rows(load_prompts(tmp_path / "ds"))
+
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:1])}
+    )
+    dd.save_to_disk(str(tmp_path / "dd"))
+    check_rows(load_prompts(tmp_path / "dd"))
+    assert len(load_prompts(tmp_path / "dd", split="test")) == 1
+    with pytest.raises(DataError, match=r"no split 'validation'; available splits: test, train"):
+        load_prompts(tmp_path / "dd", split="validation")
+
+
+def test_directory_not_saved_by_datasets(tmp_path):
+    with pytest.raises(DataError, match="save_to_disk"):
+        load_prompts(tmp_path)
+
+
+def test_in_memory_list():
+    ds = load_prompts(ROWS)
+    check_rows(ds)
+    assert ds.source == "<memory>"
+
+
+def test_missing_file_and_unknown_extension(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl: no such file or directory"):
+        load_prompts(tmp_path / "nope.jsonl")
+    (tmp_path / "d.csv").write_text("prompt\nhi\n")
+    with pytest.raises(DataError, match=r"d\.csv: unsupported format '\.csv'.*\.jsonl.*\.parquet"):
+        load_prompts(tmp_path / "d.csv")
+
+
+def test_invalid_json_file(tmp_path):
+    (tmp_path / "d.json").write_text('[{"prompt": "a"},\n oops]')
+    with pytest.raises(DataError, match=r"d\.json: invalid JSON at line 2"):
+        load_prompts(tmp_path / "d.json")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match=r"e\.jsonl: no rows"):
+        load_prompts(tmp_path / "e.jsonl")
+
+
+def test_prompt_column_option():
+    ds = load_prompts([{"question": "hello", "prompt": "kept"}], prompt_column="question")
+    assert ds[0].text == "hello" and ds[0].columns == {"prompt": "kept"}
+
+
+# ---------------------------------------------------------------- chat templates
+
+
+def test_messages_with_chat_template_and_system_prompt():
+    tok = make_tokenizer(TEMPLATE)
+    ds = load_prompts(
+        [{"prompt": CHAT}, {"prompt": "hello"}], tokenizer=tok, system_prompt="be brief"
+    )
+    assert ds[0].prompt == CHAT
+    assert ds[0].text == "<system> be brief\n<user> what is 2 + 3 ?\n<assistant> "
+    assert ds[1].text == "<system> be brief\n<user> hello\n<assistant> "
+
+
+def test_messages_from_parquet_and_save_to_disk(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = make_tokenizer(TEMPLATE)
+    rows = [{"prompt": CHAT, "answer": "5"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "c"))
+    for src in (tmp_path / "c.parquet", tmp_path / "c"):
+        ex = load_prompts(src, tokenizer=tok)[0]
+        assert ex.prompt == CHAT and ex.columns == {"answer": "5"}
+        assert ex.text == "<user> what is 2 + 3 ?\n<assistant> "
+
+
+def test_data_system_message_wins_over_system_prompt():
+    tok = make_tokenizer(TEMPLATE)
+    msgs = [{"role": "system", "content": "mine"}, *CHAT]
+    ds = load_prompts([{"prompt": msgs}], tokenizer=tok, system_prompt="be brief")
+    assert ds[0].text.startswith("<system> mine\n<user>")
+
+
+def test_messages_without_template_is_an_error_even_when_skipping():
+    for tok in (make_tokenizer(), None):
+        with pytest.raises(
+            DataError, match=r"<memory>: row 2: field 'prompt': .*no.* chat template"
+        ):
+            load_prompts([{"prompt": "hi"}, {"prompt": CHAT}], tokenizer=tok, on_bad_row="skip")
+
+
+def test_string_without_template_is_used_as_is():
+    ds = load_prompts([{"prompt": "hello world"}], tokenizer=make_tokenizer())
+    assert ds[0].text == "hello world"
+
+
+def test_never_mode_joins_messages():
+    tok = make_tokenizer(TEMPLATE)
+    ds = load_prompts([{"prompt": CHAT}, {"prompt": "hi"}], tokenizer=tok, chat_template="never")
+    assert ds[0].text == "user: what is 2 + 3 ?\n"
+    assert ds[1].text == "hi"
+
+
+def test_bad_option_values():
+    with pytest.raises(ValueError, match="on_bad_row"):
+        load_prompts(ROWS, on_bad_row="ignore")
+    with pytest.raises(ValueError, match="chat_template"):
+        load_prompts(ROWS, chat_template="always")
+
+
+# ---------------------------------------------------------------- bad rows
+
+BAD_ROWS = [
+    # (row, expected message tail)
+    ({"question": "x"}, "field 'prompt': missing (columns: question)"),
+    ({"prompt": "   "}, "field 'prompt': empty prompt"),
+    ({"prompt": 7}, "field 'prompt': expected a string or a list of chat messages, got int"),
+    ({"prompt": None}, "field 'prompt': is null"),
+    ({"prompt": []}, "field 'prompt': empty list of chat messages"),
+    ({"prompt": [{"role": "user"}]}, "field 'prompt': message 1: missing 'content'"),
+    ({"prompt": ["hi"]}, "field 'prompt': message 1: expected a dict, got str"),
+    (
+        {"prompt": [{"role": "user", "content": 3}]},
+        "field 'prompt': message 1: 'content' must be a string, got int",
+    ),
+]
+
+
+@pytest.mark.parametrize("bad,tail", BAD_ROWS)
+def test_each_bad_row_kind_names_its_place(tmp_path, bad, tail):
+    path = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], bad, ROWS[1]])
+    with pytest.raises(DataError) as err:
+        load_prompts(path, chat_template="never")
+    assert str(err.value) == f"{path}: row 2: {tail}"
+
+    ds = load_prompts(path, chat_template="never", on_bad_row="skip")
+    assert len(ds) == 2 and ds.skipped == 1
+    assert ds.skipped_reasons == [f"{path}: row 2: {tail}"]
+    assert [ex.row for ex in ds] == [1, 3]
+
+
+def test_invalid_json_line_is_a_bad_row_with_its_line_number(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{not json}\n{"prompt": "b"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl: row 3: invalid JSON"):
+        load_prompts(path)
+    ds = load_prompts(path, on_bad_row="skip")
+    assert [ex.row for ex in ds] == [1, 4] and ds.skipped == 1
+
+
+def test_row_numbers_in_memory_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with pytest.raises(DataError, match=r"^<memory>: row 3: field 'prompt': empty prompt$"):
+        load_prompts([*ROWS, {"prompt": ""}])
+    pq.write_table(pa.Table.from_pylist([*ROWS, {"prompt": ""}]), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d\.parquet: row 3: field 'prompt': empty prompt$"):
+        load_prompts(tmp_path / "d.parquet")
+
+
+def test_skip_counts_several_and_all_bad_is_an_error():
+    ds = load_prompts([{"prompt": ""}, ROWS[0], {"x": 1}, {"prompt": 3}], on_bad_row="skip")
+    assert len(ds) == 1 and ds.skipped == 3 and len(ds.skipped_reasons) == 3
+    assert ds[0].row == 2
+    with pytest.raises(DataError, match=r"<memory>: every row was bad \(2 skipped\)"):
+        load_prompts([{"prompt": ""}, {"x": 1}], on_bad_row="skip")
+
+
+def test_too_long_prompt_with_tokenizer():
+    tok = make_tokenizer()
+    rows = [{"prompt": "what is 2 + 3 ?"}, {"prompt": "hello world"}]  # 6 and 2 tokens
+    with pytest.raises(
+        DataError,
+        match=r"^<memory>: row 1: field 'prompt': prompt has 6 tokens, more than max_prompt_length=5$",
+    ):
+        load_prompts(rows, tokenizer=tok, max_prompt_length=5)
+    ds = load_prompts(rows, tokenizer=tok, max_prompt_length=5, on_bad_row="skip")
+    assert [ex.text for ex in ds] == ["hello world"] and ds.skipped == 1
+    assert len(load_prompts(rows, tokenizer=tok, max_prompt_length=6)) == 2
+
+
+def test_too_long_counts_the_templated_text():
+    tok = make_tokenizer(TEMPLATE)
+    # "<user> hello world\n<assistant> " is 4 tokens, the raw prompt only 2.
+    with pytest.raises(DataError, match="prompt has 4 tokens"):
+        load_prompts([{"prompt": "hello world"}], tokenizer=tok, max_prompt_length=3)
