@@ -34,12 +34,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from grouprl.config import load_config
-    from grouprl.train.trainer import Trainer
+    from grouprl.training.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     result = Trainer(cfg).train()
     last = result.history[-1] if result.history else {}
-    print(f"trained {result.steps} steps; run directory: {result.run_dir}; last reward: {last.get('reward', float('nan')):.4f}")
+    print(
+        f"trained {result.steps} steps; run directory: {result.run_dir}; last reward: {last.get('reward', float('nan')):.4f}"
+    )
     return 0
 
 
@@ -47,8 +49,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from grouprl.config import load_config
     from grouprl.models.loading import load_model_and_tokenizer
     from grouprl.models.tiny import save_model
-    from grouprl.train.sft import sft
-    from grouprl.train.trainer import load_dataset_from_config, seed_everything
+    from grouprl.training.sft import sft
+    from grouprl.training.trainer import load_dataset_from_config, seed_everything
 
     cfg = load_config(args.config, args.overrides)
     seed_everything(cfg.train.seed)
@@ -58,14 +60,23 @@ def cmd_sft(args: argparse.Namespace) -> int:
     completions = []
     for ex in data:
         if column not in ex.columns or not isinstance(ex.columns[column], str):
-            raise UserError(f"{data.source}: row {ex.row}: field {column!r}: missing or not a string (SFT needs prompt and {column} columns)")
+            raise UserError(
+                f"{data.source}: row {ex.row}: field {column!r}: missing or not a string (SFT needs prompt and {column} columns)"
+            )
         completions.append(ex.columns[column])
     res = sft(
-        model, tok, [ex.text for ex in data], completions,
-        steps=cfg.train.max_steps, batch_size=cfg.train.prompts_per_step,
-        learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
-        max_grad_norm=cfg.train.max_grad_norm, seed=cfg.train.seed,
-        output_dir=cfg.train.output_dir, progress=cfg.train.progress,
+        model,
+        tok,
+        [ex.text for ex in data],
+        completions,
+        steps=cfg.train.max_steps,
+        batch_size=cfg.train.prompts_per_step,
+        learning_rate=cfg.train.learning_rate,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        seed=cfg.train.seed,
+        output_dir=cfg.train.output_dir,
+        progress=cfg.train.progress,
     )
     path = save_model(model, tok, Path(cfg.train.output_dir) / "final")
     print(f"sft: {res.steps} steps, final loss {res.final_loss:.4f}; model saved to {path}")
@@ -80,7 +91,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from grouprl.models.loading import load_model_and_tokenizer
     from grouprl.rewards import RewardSet
 
-    model, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=args.model, device=args.device))
+    model, tok, _ = load_model_and_tokenizer(
+        ModelConfig(name_or_path=args.model, device=args.device)
+    )
     reward_specs: list[Any] = list(args.reward or [])
     correct = args.correct_reward
     if args.task:
@@ -93,15 +106,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         raise UserError("eval: give --data FILE or --task NAME")
     if not reward_specs:
-        raise UserError("eval: give at least one --reward (e.g. math_accuracy, choice_accuracy, exact_match, or file.py:fn)")
+        raise UserError(
+            "eval: give at least one --reward (e.g. math_accuracy, choice_accuracy, exact_match, or file.py:fn)"
+        )
     specs = [{"path": r} if ":" in r and not isinstance(r, dict) else r for r in reward_specs]
-    data = load_prompts(rows, tokenizer=tok, max_prompt_length=args.max_prompt_length, on_bad_row=args.on_bad_row)
+    data = load_prompts(
+        rows, tokenizer=tok, max_prompt_length=args.max_prompt_length, on_bad_row=args.on_bad_row
+    )
     if args.limit:
         data = [data[i] for i in range(min(args.limit, len(data)))]
     res = evaluate(
-        model, tok, data, RewardSet.from_config(specs), correct_reward=correct, n=args.n, ks=args.k,
-        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-        seed=args.seed, progress=True,
+        model,
+        tok,
+        data,
+        RewardSet.from_config(specs),
+        correct_reward=correct,
+        n=args.n,
+        ks=args.k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        progress=True,
     )
     print(json.dumps(res, indent=1))
     if args.output:
@@ -126,8 +152,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    import yaml
     from importlib import resources
+
+    import yaml
 
     from grouprl.config import dump_config, load_config, recipe_names
 
@@ -135,8 +162,12 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         print(dump_config(load_config({"recipe": args.name}, check=True)))
         return 0
     for name in recipe_names():
-        meta = yaml.safe_load(resources.files("grouprl.recipes").joinpath(f"{name}.yaml").read_text())
-        print(f"{name:12s} {meta.get('description', '')}\n{'':12s} source: {meta.get('source', '')}")
+        meta = yaml.safe_load(
+            resources.files("grouprl.recipes").joinpath(f"{name}.yaml").read_text()
+        )
+        print(
+            f"{name:12s} {meta.get('description', '')}\n{'':12s} source: {meta.get('source', '')}"
+        )
     return 0
 
 
@@ -150,7 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    t = sub.add_parser("train", help="GRPO-family training from a YAML config", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = sub.add_parser(
+        "train",
+        help="GRPO-family training from a YAML config",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
     t.set_defaults(func=cmd_train)
@@ -165,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="model directory or hub id")
     e.add_argument("--data", help="prompt dataset (jsonl, json, parquet, HF datasets dir)")
     e.add_argument("--task", help="a built-in task's held-out split instead of --data (e.g. arith)")
-    e.add_argument("--reward", action="append", help="reward name or file.py:fn (repeatable); the first decides correctness")
+    e.add_argument(
+        "--reward",
+        action="append",
+        help="reward name or file.py:fn (repeatable); the first decides correctness",
+    )
     e.add_argument("--correct-reward", default=None)
     e.add_argument("-n", type=int, default=4, help="samples per problem")
     e.add_argument("-k", type=int, nargs="+", default=[1], help="k values for pass@k and maj@k")

@@ -76,7 +76,9 @@ def build_rewards(cfg: Config) -> Any:
     from grouprl.rewards import RewardSet
 
     if not cfg.rewards:
-        raise ConfigError("rewards: no reward function configured; add e.g. rewards: [math_accuracy]")
+        raise ConfigError(
+            "rewards: no reward function configured; add e.g. rewards: [math_accuracy]"
+        )
     try:
         return RewardSet.from_config(cfg.rewards)
     except ConfigError:

@@ -96,7 +96,9 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[Any] = field(default_factory=list)  # [{name|path, weight, params}] or names
     advantage: dict[str, Any] = field(default_factory=lambda: {"name": "grpo"})
-    loss: dict[str, Any] = field(default_factory=lambda: {"name": "ppo_clip", "aggregation": "token_mean"})
+    loss: dict[str, Any] = field(
+        default_factory=lambda: {"name": "ppo_clip", "aggregation": "token_mean"}
+    )
     regularizers: list[dict[str, Any]] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -108,13 +110,19 @@ class Config:
 
 
 def recipe_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("grouprl.recipes").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5]
+        for p in resources.files("grouprl.recipes").iterdir()
+        if p.name.endswith(".yaml")
+    )
 
 
 def load_recipe(name: str) -> dict[str, Any]:
     names = recipe_names()
     if name not in names:
-        raise ConfigError(f"recipe: unknown recipe {name!r}{did_you_mean(name, names)}; known: {', '.join(names)}")
+        raise ConfigError(
+            f"recipe: unknown recipe {name!r}{did_you_mean(name, names)}; known: {', '.join(names)}"
+        )
     text = resources.files("grouprl.recipes").joinpath(f"{name}.yaml").read_text()
     data = yaml.safe_load(text) or {}
     data.pop("description", None)
@@ -325,7 +333,9 @@ def load_config(
     for path_, value in parsed:
         if path_ == ["recipe"]:
             recipe = value
-    merged = deep_merge(load_recipe(recipe), user) if recipe else user
+    # defaults < recipe < user file, so `loss.eps_high=...` refines the default loss
+    merged = deep_merge(Config().to_dict(), load_recipe(recipe) if recipe else {})
+    merged = deep_merge(merged, user)
     for path_, value in parsed:
         set_path(merged, path_, value)
     if recipe:
@@ -334,5 +344,18 @@ def load_config(
     return validate(cfg) if check else cfg
 
 
+def _plain(x: Any) -> Any:
+    """Config data as YAML-safe values; Python callables (API rewards) by name."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if callable(x):
+        return f"<python function {getattr(x, '__name__', type(x).__name__)}>"
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _plain({f.name: getattr(x, f.name) for f in dataclasses.fields(x)})
+    return x
+
+
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)

@@ -13,16 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from grouprl.data.datasets import load_prompts
 from grouprl.data.tasks import get_task
 from grouprl.eval.run import evaluate
 from grouprl.models.tiny import build_char_tokenizer, build_tiny_model, save_model
 from grouprl.monitor.report import plot_curves, write_summary
 from grouprl.rewards import RewardSet
-from grouprl.train.sft import sft
-from grouprl.train.trainer import Trainer, seed_everything
+from grouprl.training.sft import sft
+from grouprl.training.trainer import Trainer, seed_everything
 
 
 @dataclass
@@ -32,10 +30,11 @@ class DemoSettings:
     sft_steps: int = 600
     sft_batch: int = 64
     sft_lr: float = 1e-3
-    grpo_steps: int = 200
+    grpo_steps: int = 300
     prompts_per_step: int = 16
     num_generations: int = 8
-    grpo_lr: float = 3e-4
+    grpo_lr: float = 1e-4
+    grpo_max_grad_norm: float = 10.0
     temperature: float = 1.0
     max_new_tokens: int = 6
     eval_problems: int = 400
@@ -45,7 +44,9 @@ class DemoSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def run_demo(output_dir: str | Path, settings: DemoSettings | None = None, *, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    output_dir: str | Path, settings: DemoSettings | None = None, *, progress: bool = True
+) -> dict[str, Any]:
     s = settings or DemoSettings()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,18 +60,32 @@ def run_demo(output_dir: str | Path, settings: DemoSettings | None = None, *, pr
 
     def held_out_accuracy() -> dict[str, float]:
         return evaluate(
-            model, tok, held_out, rewards,
-            correct_reward=task.correct_reward, n=s.eval_samples, ks=(1, s.eval_samples),
-            temperature=s.temperature, max_new_tokens=s.max_new_tokens, seed=s.seed,
+            model,
+            tok,
+            held_out,
+            rewards,
+            correct_reward=task.correct_reward,
+            n=s.eval_samples,
+            ks=(1, s.eval_samples),
+            temperature=s.temperature,
+            max_new_tokens=s.max_new_tokens,
+            seed=s.seed,
         )
 
     # 1. supervised warm start on the training split
     train_rows = task.train_rows
     t0 = time.perf_counter()
-    sft_res = sft(
-        model, tok, [r["prompt"] for r in train_rows], [r["answer"] for r in train_rows],
-        steps=s.sft_steps, batch_size=s.sft_batch, learning_rate=s.sft_lr, seed=s.seed,
-        output_dir=out / "sft", progress=progress,
+    sft(
+        model,
+        tok,
+        [r["prompt"] for r in train_rows],
+        [r["answer"] for r in train_rows],
+        steps=s.sft_steps,
+        batch_size=s.sft_batch,
+        learning_rate=s.sft_lr,
+        seed=s.seed,
+        output_dir=out / "sft",
+        progress=progress,
     )
     sft_time = time.perf_counter() - t0
     save_model(model, tok, out / "sft" / "model")
@@ -79,15 +94,26 @@ def run_demo(output_dir: str | Path, settings: DemoSettings | None = None, *, pr
     # 2. GRPO from the SFT policy
     cfg = {
         "model": {"name_or_path": str(out / "sft" / "model")},
-        "rollout": {"num_generations": s.num_generations, "temperature": s.temperature, "max_new_tokens": s.max_new_tokens},
+        "rollout": {
+            "num_generations": s.num_generations,
+            "temperature": s.temperature,
+            "max_new_tokens": s.max_new_tokens,
+        },
         "rewards": task.rewards,
         "advantage": {"name": "grpo", "scale": "group"},
         "loss": {"name": "ppo_clip", "eps_low": 0.2, "eps_high": 0.2, "aggregation": "token_mean"},
         "regularizers": [],
         "train": {
-            "output_dir": str(out / "grpo"), "seed": s.seed, "max_steps": s.grpo_steps,
-            "prompts_per_step": s.prompts_per_step, "micro_batch_size": s.prompts_per_step * s.num_generations,
-            "learning_rate": s.grpo_lr, "save_every": 0, "progress": progress, **s.extra,
+            "output_dir": str(out / "grpo"),
+            "seed": s.seed,
+            "max_steps": s.grpo_steps,
+            "prompts_per_step": s.prompts_per_step,
+            "micro_batch_size": s.prompts_per_step * s.num_generations,
+            "learning_rate": s.grpo_lr,
+            "max_grad_norm": s.grpo_max_grad_norm,
+            "save_every": 0,
+            "progress": progress,
+            **s.extra,
         },
     }
     t0 = time.perf_counter()
@@ -106,15 +132,22 @@ def run_demo(output_dir: str | Path, settings: DemoSettings | None = None, *, pr
         "heldout_pass@1_after_sft": before["pass@1"],
         "heldout_pass@1_after_grpo": after["pass@1"],
         "gain_points": 100 * gain,
-        f"heldout_maj@{s.eval_samples}_after_sft": before.get(f"maj@{s.eval_samples}", float("nan")),
-        f"heldout_maj@{s.eval_samples}_after_grpo": after.get(f"maj@{s.eval_samples}", float("nan")),
+        f"heldout_maj@{s.eval_samples}_after_sft": before.get(
+            f"maj@{s.eval_samples}", float("nan")
+        ),
+        f"heldout_maj@{s.eval_samples}_after_grpo": after.get(
+            f"maj@{s.eval_samples}", float("nan")
+        ),
         "sft_seconds": sft_time,
         "grpo_seconds": grpo_time,
         "total_seconds": time.perf_counter() - t_start,
     }
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "before": before, "after": after}, indent=1))
+    (out / "summary.json").write_text(
+        json.dumps({"summary": summary, "before": before, "after": after}, indent=1)
+    )
     plot_curves(
-        result.history, out / "curves.png",
+        result.history,
+        out / "curves.png",
         keys=("reward", "completions/mean_length", "entropy"),
         title=f"grouprl demo: {s.task}, seed {s.seed}",
         extra_points={"heldout pass@1": [(0, before["pass@1"]), (result.steps, after["pass@1"])]},

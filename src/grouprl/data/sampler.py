@@ -43,6 +43,8 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["size"] != self.size:
-            raise ValueError(f"data cursor was saved for {state['size']} prompts, the dataset has {self.size}")
+            raise ValueError(
+                f"data cursor was saved for {state['size']} prompts, the dataset has {self.size}"
+            )
         self.seed, self.epoch, self.pos = state["seed"], state["epoch"], state["pos"]
         self._perm = self._permutation(self.epoch)

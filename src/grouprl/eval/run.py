@@ -10,9 +10,9 @@ import torch
 from grouprl.eval.answers import extract_answer, normalize_answer
 from grouprl.eval.metrics import mean_ci95, summarize_samples
 from grouprl.monitor.progress import ProgressBar
-from grouprl.rollout.hf import HFEngine
 from grouprl.rollout.base import SamplingParams
-from grouprl.train.batching import reward_inputs
+from grouprl.rollout.hf import HFEngine
+from grouprl.training.batching import reward_inputs
 
 
 def evaluate(
@@ -49,7 +49,10 @@ def evaluate(
     correct: list[list[bool]] = []
     answers: list[list[str | None]] = []
     per_reward: dict[str, list[float]] = {r: [] for r in rewards.names}
-    with torch.random.fork_rng(devices=[]), ProgressBar(len(examples), description="eval", enabled=progress) as bar:
+    with (
+        torch.random.fork_rng(devices=[]),
+        ProgressBar(len(examples), description="eval", enabled=progress) as bar,
+    ):
         torch.manual_seed(seed)
         for s in range(0, len(examples), batch_prompts):
             chunk = list(examples[s : s + batch_prompts])
@@ -61,7 +64,10 @@ def evaluate(
                 rows = range(i * n, (i + 1) * n)
                 correct.append([bool(vals[r, kcol] >= correct_threshold) for r in rows])
                 answers.append(
-                    [normalize_answer(a) if (a := extract_answer(ro.completions[r])) else None for r in rows]
+                    [
+                        normalize_answer(a) if (a := extract_answer(ro.completions[r])) else None
+                        for r in rows
+                    ]
                 )
             for k, r in enumerate(rewards.names):
                 per_reward[r].extend(vals[:, k].tolist())

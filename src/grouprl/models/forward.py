@@ -26,7 +26,12 @@ def position_ids_from_mask(mask_NL: Tensor) -> Tensor:
 
 
 def logprobs_and_entropy(
-    logits_NTV: Tensor, targets_NT: Tensor, temperature: float, *, with_entropy: bool, chunk: int = 64
+    logits_NTV: Tensor,
+    targets_NT: Tensor,
+    temperature: float,
+    *,
+    with_entropy: bool,
+    chunk: int = 64,
 ) -> tuple[Tensor, Tensor | None]:
     """log softmax(logits/τ)[target] and the entropy of softmax(logits/τ), chunked over T.
 
@@ -64,7 +69,12 @@ def completion_logprobs(
     mask = torch.cat([prompt_mask_NP, completion_mask_NT], dim=1)
     # Completion padding stays visible to nothing after it, so attending to it is harmless;
     # but keeping it masked mirrors generation exactly.
-    kwargs = dict(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask), use_cache=False)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        position_ids=position_ids_from_mask(mask),
+        use_cache=False,
+    )
     if _accepts_logits_to_keep(type(model).forward):
         out = model(**kwargs, logits_to_keep=T + 1)
         logits = out.logits[:, :-1]

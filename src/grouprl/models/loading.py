@@ -21,7 +21,11 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":  # bf16 where the hardware has it, fp32 on CPU for exactness
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        return (
+            torch.bfloat16
+            if device.type == "cuda" and torch.cuda.is_bf16_supported()
+            else torch.float32
+        )
     return DTYPES[name]
 
 
@@ -42,7 +46,9 @@ def load_model_and_tokenizer(cfg: ModelConfig):
     if not cfg.name_or_path:
         raise ConfigError("model.name_or_path: no model given (a hub id or a local directory)")
     path = cfg.name_or_path
-    if (path.startswith((".", "/", "~")) or Path(path).exists()) and not Path(path).expanduser().is_dir():
+    if (path.startswith((".", "/", "~")) or Path(path).exists()) and not Path(
+        path
+    ).expanduser().is_dir():
         raise ConfigError(f"model.name_or_path: directory not found: {path}")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -51,9 +57,13 @@ def load_model_and_tokenizer(cfg: ModelConfig):
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
         tok = load_tokenizer(cfg.tokenizer or path, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(str(Path(path).expanduser()) if Path(path).expanduser().is_dir() else path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(Path(path).expanduser()) if Path(path).expanduser().is_dir() else path, **kwargs
+        )
     except OSError as exc:
-        raise ConfigError(f"model.name_or_path: cannot load {path!r}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"model.name_or_path: cannot load {path!r}: {str(exc).splitlines()[0]}"
+        ) from None
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     if cfg.gradient_checkpointing:

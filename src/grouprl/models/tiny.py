@@ -12,8 +12,15 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
-DEFAULT_CHARS = "0123456789+-*=() .,:?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\\{}<>/_\n"
+SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "eos_token": "<eos>",
+    "bos_token": "<bos>",
+    "unk_token": "<unk>",
+}
+DEFAULT_CHARS = (
+    "0123456789+-*=() .,:?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\\{}<>/_\n"
+)
 
 
 def build_char_tokenizer(chars: Iterable[str] = DEFAULT_CHARS) -> PreTrainedTokenizerFast:
@@ -72,13 +79,17 @@ def build_tiny_model(
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, attn_implementation="sdpa"
+        )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
-def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> Path:
+def save_model(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, path: str | Path
+) -> Path:
     """Save weights (safetensors) and tokenizer so `from_pretrained(path)` reloads them."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -81,12 +81,13 @@ class RewardSpec:
     weight: float = 1.0
     params: dict = field(default_factory=dict)
     alias: str | None = None
+    fn: Callable | None = None  # a Python callable (the Python API), instead of name/path
 
     def __post_init__(self) -> None:
-        if (self.name is None) == (self.path is None):
+        if sum(x is not None for x in (self.name, self.path, self.fn)) != 1:
             raise ValueError(
-                f"a reward needs exactly one of 'name' (a built-in) or 'path' "
-                f"('file.py:function'), got name={self.name!r}, path={self.path!r}"
+                f"a reward needs exactly one of 'name' (a built-in), 'path' "
+                f"('file.py:function') or 'fn' (a callable), got name={self.name!r}, path={self.path!r}"
             )
         if not isinstance(self.params, dict):
             raise ValueError(f"reward {self.display_name!r}: params must be a mapping")
@@ -103,6 +104,8 @@ class RewardSpec:
             return self.alias
         if self.name:
             return self.name
+        if self.fn is not None:
+            return getattr(self.fn, "__name__", type(self.fn).__name__)
         return _split_path(self.path or "")[1]
 
     @classmethod
@@ -136,9 +139,12 @@ def load_reward_fn(spec: RewardSpec) -> RewardFn:
         _check_builtin_params(spec.name, fn, spec.params, spec.display_name)
         where = f"reward {spec.name!r}"
     else:
-        file, fn_name = _split_path(spec.path or "")
-        fn = _load_from_file(file, fn_name)
-        where = f"{file}:{fn_name}"
+        if spec.fn is not None:
+            fn, where = spec.fn, f"reward {spec.display_name!r}"
+        else:
+            file, fn_name = _split_path(spec.path or "")
+            fn = _load_from_file(file, fn_name)
+            where = f"{file}:{fn_name}"
         accepted = keyword_params(fn)
         for key in spec.params:
             if accepted is not None and key not in accepted:
@@ -299,7 +305,7 @@ class RewardSet:
             logger.warning(msg, name, type(e).__name__, e, exc_info=e)
 
 
-def _as_spec(item: RewardSpec | dict | str) -> RewardSpec:
+def _as_spec(item: RewardSpec | dict | str | Callable) -> RewardSpec:
     if isinstance(item, RewardSpec):
         return item
     if isinstance(item, dict):
@@ -309,6 +315,8 @@ def _as_spec(item: RewardSpec | dict | str) -> RewardSpec:
         if ".py:" in item:
             return RewardSpec(path=item)
         return RewardSpec(name=item)
+    if callable(item):
+        return RewardSpec(fn=item)
     raise ValueError(
         f"a reward must be a name, a mapping or a RewardSpec, got {type(item).__name__}"
     )

@@ -75,7 +75,9 @@ class RolloutEngine(Protocol):
 ROLLOUT_ENGINES: Registry = Registry("rollout engine")
 
 
-def completion_mask_from_eos(completion_ids_NT: Tensor, eos_ids: list[int]) -> tuple[Tensor, Tensor]:
+def completion_mask_from_eos(
+    completion_ids_NT: Tensor, eos_ids: list[int]
+) -> tuple[Tensor, Tensor]:
     """Mask up to and including the first EOS; truncated where no EOS appears.
 
     Returns (mask_NT float32, truncated_N bool).
@@ -85,7 +87,9 @@ def completion_mask_from_eos(completion_ids_NT: Tensor, eos_ids: list[int]) -> t
         is_eos |= completion_ids_NT == e
     T = completion_ids_NT.shape[1]
     has_eos = is_eos.any(dim=1)
-    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, T, dtype=torch.long))
+    first = torch.where(
+        has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, T, dtype=torch.long)
+    )
     pos = torch.arange(T, device=completion_ids_NT.device).unsqueeze(0)
     mask = (pos <= first.unsqueeze(1)) & (pos < T)
     return mask.float(), ~has_eos

@@ -47,7 +47,9 @@ class HFEngine:
             eos_token_id=self.eos_ids(),
         )
         if not greedy:
-            gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+            gen_kwargs.update(
+                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k
+            )
         was_training = self.model.training
         self.model.eval()
         try:

@@ -16,7 +16,9 @@ _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b}
 
 
 @TASKS.register("arith")
-def arith(*, digits: int = 2, ops: str = "+", eval_fraction: float = 0.2, split_seed: int = 1234) -> Task:
+def arith(
+    *, digits: int = 2, ops: str = "+", eval_fraction: float = 0.2, split_seed: int = 1234
+) -> Task:
     """Every pair of `digits`-digit operands for each op in `ops`; `eval_fraction` held out."""
     if digits < 1 or digits > 4:
         raise ValueError(f"arith: digits must be in 1..4, got {digits}")

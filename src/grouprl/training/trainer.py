@@ -10,6 +10,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ from grouprl.models.loading import load_model_and_tokenizer
 from grouprl.monitor.progress import ProgressBar
 from grouprl.monitor.sinks import MetricsLogger
 from grouprl.rollout.base import ROLLOUT_ENGINES, Rollouts, SamplingParams
-from grouprl.train.batching import micro_batches, reward_inputs
-from grouprl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from grouprl.train.optim import build_optimizer, build_scheduler
+from grouprl.training.batching import micro_batches, reward_inputs
+from grouprl.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grouprl.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("grouprl")
 
@@ -68,7 +69,9 @@ def load_dataset_from_config(cfg: Config, tokenizer: Any, split: str = "train") 
     else:
         source = d.eval_path
     if source is None:
-        raise ConfigError("data.path: no training data given (a file path, or data.task for a built-in task)")
+        raise ConfigError(
+            "data.path: no training data given (a file path, or data.task for a built-in task)"
+        )
     return load_prompts(
         source,
         tokenizer=tokenizer,
@@ -130,7 +133,9 @@ class Trainer:
                 chat_template=d.chat_template,
                 system_prompt=d.system_prompt,
             )
-        self.sampler = PromptSampler(len(self.dataset), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        self.sampler = PromptSampler(
+            len(self.dataset), seed=cfg.train.seed, shuffle=cfg.data.shuffle
+        )
         self.sampling = SamplingParams(
             num_generations=cfg.rollout.num_generations,
             temperature=cfg.rollout.temperature,
@@ -142,7 +147,9 @@ class Trainer:
             engine_cls = ROLLOUT_ENGINES.get(cfg.rollout.engine)
         except Exception as exc:
             raise ConfigError(f"rollout.engine: {exc}") from None
-        self.engine = engine_cls(self.model, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length)
+        self.engine = engine_cls(
+            self.model, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length
+        )
         # No reference model unless a regularizer asks for one (e.g. kl with beta > 0).
         self.ref_model = self._make_reference() if self.components.needs_ref else None
         self.optimizer = build_optimizer(self.model, cfg.train)
@@ -164,11 +171,15 @@ class Trainer:
             return
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
-            log.warning("train.resume=true but no checkpoint in %s: starting from step 0", self.run_dir)
+            log.warning(
+                "train.resume=true but no checkpoint in %s: starting from step 0", self.run_dir
+            )
             return
-        state = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        state = load_checkpoint(
+            ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
+        )
         if self.ref_model is not None and (self.run_dir / "reference").is_dir():
-            from grouprl.train.checkpoint import load_weights
+            from grouprl.training.checkpoint import load_weights
 
             load_weights(self.ref_model, self.run_dir / "reference")
         self.sampler.load_state_dict(state["data_cursor"])
@@ -215,7 +226,9 @@ class Trainer:
         # With one iteration the policy has not moved when each micro-batch runs, so
         # logp.detach() *is* π_old: same forward, ratio exactly 1, one forward saved.
         old_logp = self._logprobs_no_grad(self.model, ro) if cfg.num_iterations > 1 else None
-        ref_logp = self._logprobs_no_grad(self.ref_model, ro) if self.ref_model is not None else None
+        ref_logp = (
+            self._logprobs_no_grad(self.ref_model, ro) if self.ref_model is not None else None
+        )
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, float] = defaultdict(float)
         self.model.train()
@@ -253,9 +266,12 @@ class Trainer:
                 sums["train/skipped_updates"] += 1
                 counts["train/skipped_updates"] = 1
                 log.warning("step %d: non-finite gradient norm, update skipped", self.step + 1)
+                with warnings.catch_warnings():  # the schedule still advances one update
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.scheduler.step()
             else:
                 self.optimizer.step()
-            self.scheduler.step()
+                self.scheduler.step()
         out = {k: sums[k] / counts[k] if counts[k] else 0.0 for k in sums}
         out["loss"] = total_loss
         out["grad_norm"] = float(grad_norm)
@@ -305,25 +321,39 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         self._maybe_resume()
-        if self.ref_model is not None and not (self.run_dir / "reference").is_dir() and self.step == 0:
+        if (
+            self.ref_model is not None
+            and not (self.run_dir / "reference").is_dir()
+            and self.step == 0
+        ):
             # Keep π_ref beside the run so a resumed run regularizes toward the same policy.
             self.ref_model.save_pretrained(self.run_dir / "reference", safe_serialization=True)
         logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
         try:
-            with ProgressBar(cfg.max_steps, description="grpo", enabled=cfg.progress, initial=self.step) as bar:
+            with ProgressBar(
+                cfg.max_steps, description="grpo", enabled=cfg.progress, initial=self.step
+            ) as bar:
                 while self.step < cfg.max_steps:
                     metrics = self.train_step()
                     self.step += 1
                     logger.log(self.step, metrics)
                     self.history.append({"step": self.step, **metrics})
                     bar.update(self.step, metrics)
-                    for name, n in ((n, metrics.get(f"rewards/{n}/errors", 0)) for n in self.rewards.names):
+                    for name, n in (
+                        (n, metrics.get(f"rewards/{n}/errors", 0)) for n in self.rewards.names
+                    ):
                         if n:
-                            bar.warn(f"step {self.step}: reward {name!r} failed on this batch (NaN rewards, run continues)")
+                            bar.warn(
+                                f"step {self.step}: reward {name!r} failed on this batch (NaN rewards, run continues)"
+                            )
+                    if (
+                        cfg.save_every
+                        and self.step % cfg.save_every == 0
+                        and self.step < cfg.max_steps
+                    ):
+                        self._save()
                     for cb in self.callbacks:
                         cb(self.step, metrics)
-                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                        self._save()
             self._save()
         finally:
             logger.close()
@@ -360,4 +390,10 @@ def train(
     for key, val in sections.items():
         base[key] = val
     cfg = load_config(base, list(overrides or []), check=True)
-    return Trainer(cfg, model=model, tokenizer=tokenizer, train_dataset=train_dataset, reward_funcs=reward_funcs).train()
+    return Trainer(
+        cfg,
+        model=model,
+        tokenizer=tokenizer,
+        train_dataset=train_dataset,
+        reward_funcs=reward_funcs,
+    ).train()

@@ -68,7 +68,9 @@ def sft(
         raise ValueError("sft: prompts and completions must be non-empty lists of equal length")
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=learning_rate,
+        weight_decay=weight_decay,
     )
     g = torch.Generator().manual_seed(seed)
     logger = MetricsLogger(output_dir) if output_dir else None
@@ -78,10 +80,14 @@ def sft(
     with ProgressBar(steps, description="sft", enabled=progress) as bar:
         for step in range(1, steps + 1):
             t0 = time.perf_counter()
-            idx = torch.randint(len(prompts), (min(batch_size, len(prompts)),), generator=g).tolist()
+            idx = torch.randint(
+                len(prompts), (min(batch_size, len(prompts)),), generator=g
+            ).tolist()
             pid, pmask, cid, cmask = (
                 t.to(device)
-                for t in encode_pairs(tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx])
+                for t in encode_pairs(
+                    tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx]
+                )
             )
             logp, _ = completion_logprobs(model, pid, pmask, cid, cmask)
             loss = -(logp * cmask).sum() / cmask.sum()

@@ -22,7 +22,11 @@ STEP_PREFIX = "step_"
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -83,7 +87,11 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and not p.name.endswith(".tmp")]
+    done = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(STEP_PREFIX) and not p.name.endswith(".tmp")
+    ]
     return sorted(done, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
@@ -104,7 +112,9 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     tied = _tied_names(model)
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
-        raise RuntimeError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise RuntimeError(
+            f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:
@@ -130,7 +140,9 @@ def load_checkpoint(
     load_weights(model, path)
     device = next(model.parameters()).device
     if optimizer is not None and (path / "optimizer.pt").is_file():
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+        )
     if scheduler is not None and (path / "scheduler.pt").is_file():
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))

@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny char-level model saved to a temp dir, and small prompt sets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grouprl.models.tiny import build_char_tokenizer, build_tiny_model, save_model
+
+CHARS = "0123456789+-="
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    tok = build_char_tokenizer(CHARS)
+    model = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    return save_model(model, tok, tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def tiny():
+    tok = build_char_tokenizer(CHARS)
+    return build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2, seed=0), tok
+
+
+def arith_rows(n: int = 24) -> list[dict]:
+    rows = []
+    for i in range(n):
+        a, b = 10 + (7 * i) % 80, 11 + (13 * i) % 70
+        rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+    return rows
+
+
+def base_config(out_dir, model_dir, **train) -> dict:
+    """A 3-step GRPO config on the tiny model (no KL unless asked)."""
+    return {
+        "model": {"name_or_path": str(model_dir)},
+        "rollout": {"num_generations": 4, "max_new_tokens": 4, "temperature": 1.0},
+        "rewards": ["exact_match"],
+        "advantage": {"name": "grpo"},
+        "loss": {"name": "ppo_clip", "aggregation": "token_mean"},
+        "regularizers": [],
+        "train": {
+            "output_dir": str(out_dir),
+            "max_steps": 3,
+            "prompts_per_step": 3,
+            "micro_batch_size": 5,
+            "learning_rate": 1e-2,
+            "save_every": 0,
+            "progress": False,
+            **train,
+        },
+    }
