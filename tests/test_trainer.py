@@ -218,3 +218,31 @@ def test_no_reference_model_without_kl(tmp_path, tiny_model_dir):
     assert Trainer(cfg, train_dataset=arith_rows()).ref_model is None
     cfg["regularizers"] = [{"name": "kl", "beta": 0.01}]
     assert Trainer(cfg, train_dataset=arith_rows()).ref_model is not None
+
+
+def test_builtin_task_eval_and_tensorboard(tmp_path, tiny_model_dir):
+    cfg = base_config(
+        tmp_path / "run",
+        tiny_model_dir,
+        max_steps=2,
+        eval_every=2,
+        eval_limit=5,
+        eval_samples=2,
+        tensorboard=True,
+    )
+    cfg["data"] = {"task": "arith"}
+    cfg["rewards"] = []  # the task brings its own (exact_match)
+    res = Trainer(cfg).train()
+    last = res.history[-1]
+    assert "rewards/exact_match/mean" in last
+    assert 0.0 <= last["eval/pass@1"] <= last["eval/pass@2"] <= 1.0
+    assert "eval/maj@2" in last and "eval/pass@1" not in res.history[0]
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_eval_every_needs_eval_data(tmp_path, tiny_model_dir):
+    from grouprl.config import ConfigError, load_config
+
+    cfg = base_config(tmp_path / "run", tiny_model_dir, eval_every=2)
+    with pytest.raises(ConfigError, match="train.eval_every: set data.eval_path"):
+        load_config(cfg)

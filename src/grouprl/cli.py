@@ -239,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("grouprl").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    try:  # our own progress bars are enough; hide transformers' per-file load/save bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -84,8 +84,11 @@ class TrainConfig:
     resume: bool = False
     tensorboard: bool = False
     progress: bool = True
-    eval_every: int = 0  # 0 = no periodic evaluation
-    eval_samples: int = 4
+    eval_every: int = (
+        0  # held-out evaluation every N steps (0 = never); needs data.eval_path or data.task
+    )
+    eval_samples: int = 4  # samples per held-out problem (pass@1 over them, and pass@n / maj@n)
+    eval_limit: int = 200  # held-out problems per evaluation (0 = all)
 
 
 @dataclass
@@ -299,6 +302,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
     if len(t.adam_betas) != 2:
         raise ConfigError(f"train.adam_betas: expected two numbers, got {t.adam_betas}")
+    if t.eval_every and not (cfg.data.eval_path or cfg.data.task):
+        raise ConfigError(
+            "train.eval_every: set data.eval_path (or use data.task) to evaluate during training"
+        )
     _check_component("advantage", cfg.advantage)
     _check_component("loss", cfg.loss)
     for i, reg in enumerate(cfg.regularizers):

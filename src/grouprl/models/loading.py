@@ -50,6 +50,11 @@ def load_model_and_tokenizer(cfg: ModelConfig):
         path
     ).expanduser().is_dir():
         raise ConfigError(f"model.name_or_path: directory not found: {path}")
+    local = Path(path).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ConfigError(
+            f"model.name_or_path: cannot load {path!r}: no config.json there (not a model directory)"
+        )
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)

@@ -54,16 +54,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_dataset_from_config(cfg: Config, tokenizer: Any, split: str = "train") -> PromptDataset:
+def _task(cfg: Config) -> Any:
     from grouprl.data.tasks import get_task
 
+    try:
+        return get_task(str(cfg.data.task), **cfg.data.task_params)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"data.task: {exc}") from None
+
+
+def load_dataset_from_config(cfg: Config, tokenizer: Any, split: str = "train") -> PromptDataset:
     d = cfg.data
     if d.task:
-        try:
-            task = get_task(d.task, **d.task_params)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"data.task: {exc}") from None
-        source: Any = task.rows(split)
+        source: Any = _task(cfg).rows(split)
     elif split == "train":
         source = d.path
     else:
@@ -106,6 +109,8 @@ class Trainer:
         cfg = config if isinstance(config, Config) else load_config(config, list(overrides or []))
         if reward_funcs is not None:
             cfg.rewards = list(reward_funcs)
+        elif not cfg.rewards and cfg.data.task:
+            cfg.rewards = list(_task(cfg).rewards)  # a built-in task knows how it is scored
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
         self.components: Components = build_components(cfg)
@@ -133,6 +138,14 @@ class Trainer:
                 chat_template=d.chat_template,
                 system_prompt=d.system_prompt,
             )
+        if self.dataset.skipped:
+            log.warning(
+                "%s: skipped %d bad rows (data.on_bad_row=skip); first: %s",
+                self.dataset.source,
+                self.dataset.skipped,
+                "; ".join(self.dataset.skipped_reasons[:3]),
+            )
+        self._eval_set: PromptDataset | None = None
         self.sampler = PromptSampler(
             len(self.dataset), seed=cfg.train.seed, shuffle=cfg.data.shuffle
         )
@@ -315,6 +328,29 @@ class Trainer:
         metrics["tokens_per_second"] = tokens / max(t3 - t0, 1e-9)
         return metrics
 
+    def evaluate(self) -> dict[str, float]:
+        """Held-out pass@1 / pass@n / maj@n and reward means (`eval/...` metrics)."""
+        from grouprl.eval.run import evaluate
+
+        if self._eval_set is None:
+            data = load_dataset_from_config(self.cfg, self.tokenizer, split="eval")
+            limit = self.cfg.train.eval_limit
+            self._eval_set = data if not limit else [data[i] for i in range(min(limit, len(data)))]
+        n = self.cfg.train.eval_samples
+        res = evaluate(
+            self.model,
+            self.tokenizer,
+            self._eval_set,
+            self.rewards,
+            n=n,
+            ks=(1, n),
+            temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p,
+            max_new_tokens=self.sampling.max_new_tokens,
+            seed=self.cfg.train.seed,
+        )
+        return {f"eval/{k}": v for k, v in res.items()}
+
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
         cfg = self.cfg.train
@@ -336,6 +372,10 @@ class Trainer:
                 while self.step < cfg.max_steps:
                     metrics = self.train_step()
                     self.step += 1
+                    if cfg.eval_every and (
+                        self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
+                    ):
+                        metrics.update(self.evaluate())
                     logger.log(self.step, metrics)
                     self.history.append({"step": self.step, **metrics})
                     bar.update(self.step, metrics)

@@ -1,0 +1,166 @@
+"""The command line: one-line errors with exit codes, help, and the quick demo end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import arith_rows, base_config
+
+from grouprl.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("train", "sft", "eval", "demo", "recipes", "examples:"):
+        assert cmd in out
+
+
+def test_missing_config_is_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "train", str(tmp_path / "missing.yaml"))
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"grouprl: error: config file not found: {tmp_path / 'missing.yaml'}"
+    ]
+
+
+def test_bad_key_suggests(capsys, tmp_path, tiny_model_dir):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(base_config(tmp_path / "out", tiny_model_dir)))
+    code, _, err = run(capsys, "train", str(cfg), "train.max_stpes=3")
+    assert code == 2
+    assert 'train.max_stpes: unknown key (did you mean "max_steps"?)' in err
+    assert "Traceback" not in err
+
+
+def test_bad_row_names_file_row_field(capsys, tmp_path, tiny_model_dir):
+    data = tmp_path / "prompts.jsonl"
+    rows = arith_rows(3)
+    rows[1]["prompt"] = "   "
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = base_config(tmp_path / "out", tiny_model_dir)
+    cfg["data"] = {"path": str(data)}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = run(capsys, "train", str(tmp_path / "run.yaml"))
+    assert code == 2
+    assert "prompts.jsonl: row 2: field 'prompt'" in err
+    # skip mode trains on the good rows and counts the bad one
+    code, out, _ = run(
+        capsys, "train", str(tmp_path / "run.yaml"), "data.on_bad_row=skip", "train.max_steps=1"
+    )
+    assert code == 0 and "trained 1 steps" in out
+
+
+def test_train_then_eval(capsys, tmp_path, tiny_model_dir):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in arith_rows(6)))
+    cfg = base_config(tmp_path / "out", tiny_model_dir, max_steps=2)
+    cfg["data"] = {"path": str(data)}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = run(capsys, "train", str(tmp_path / "run.yaml"))
+    assert code == 0, err
+    ckpt = tmp_path / "out" / "checkpoints" / "step_0000002"
+    assert ckpt.is_dir()
+    code, out, err = run(
+        capsys,
+        "eval",
+        "--model",
+        str(ckpt),
+        "--data",
+        str(data),
+        "--reward",
+        "exact_match",
+        "-n",
+        "4",
+        "-k",
+        "1",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--output",
+        str(tmp_path / "eval.json"),
+    )
+    assert code == 0, err
+    res = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("pass@1", "pass@4", "maj@4", "pass@1_ci_low", "rewards/exact_match/mean"):
+        assert key in res
+    assert 0.0 <= res["pass@1"] <= res["pass@4"] <= 1.0
+
+
+def test_sft_command(capsys, tmp_path, tiny_model_dir):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) for r in arith_rows(8)
+        )
+    )
+    cfg = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"path": str(data)},
+        "train": {
+            "output_dir": str(tmp_path / "sft"),
+            "max_steps": 5,
+            "learning_rate": 1e-3,
+            "progress": False,
+        },
+    }
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = run(capsys, "sft", str(tmp_path / "sft.yaml"))
+    assert code == 0, err
+    assert (tmp_path / "sft" / "final" / "model.safetensors").is_file()
+    # a row without the completion column names its place
+    data.write_text(json.dumps({"prompt": "1+1="}))
+    code, _, err = run(capsys, "sft", str(tmp_path / "sft.yaml"))
+    assert code == 2 and "row 1: field 'completion'" in err
+
+
+def test_unloadable_model_is_one_line(capsys, tmp_path):
+    # a model directory that exists but holds no model: an OSError from transformers
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "eval", "--model", str(tmp_path / "empty"), "--task", "arith")
+    assert code == 2 and "model.name_or_path: cannot load" in err and "Traceback" not in err
+
+
+def test_recipes(capsys):
+    code, out, _ = run(capsys, "recipes")
+    assert code == 0 and "dr_grpo" in out and "2503.20783" in out
+    code, out, _ = run(capsys, "recipes", "dr_grpo")
+    assert code == 0 and "seq_mean_token_sum_norm" in out
+
+
+def test_quick_demo_writes_a_run_directory(capsys, tmp_path):
+    code, out, err = run(
+        capsys, "demo", "--quick", "--output-dir", str(tmp_path / "demo"), "--no-progress"
+    )
+    assert code == 0, err
+    d = tmp_path / "demo"
+    for f in (
+        "summary.md",
+        "summary.json",
+        "curves.png",
+        "grpo/metrics.jsonl",
+        "sft/metrics.jsonl",
+        "final_model/model.safetensors",
+    ):
+        assert (d / f).is_file(), f
+    assert (d / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((d / "summary.json").read_text())["summary"]
+    assert 0.0 <= summary["heldout_pass@1_after_grpo"] <= 1.0
+    assert "held-out pass@1" in out
+
+
+def test_debug_shows_the_exception(tmp_path):
+    from grouprl.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "train", str(tmp_path / "missing.yaml")])
