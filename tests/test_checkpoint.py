@@ -38,7 +38,6 @@ def test_weights_round_trip_with_tied_embeddings(tmp_path, tiny):
     path = save_checkpoint(
         tmp_path, 1, model=model, tokenizer=tok, optimizer=None, scheduler=None, trainer_state={}
     )
-    other, _ = tiny.__class__, None
     fresh, _tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(path), device="cpu"))
     with torch.no_grad():
         for p in fresh.parameters():
