@@ -22,6 +22,13 @@ class PolicyInputs:
     adv_N:        advantage per completion; a loss may also accept [N, T] advantages.
     entropy_NT:   entropy H of the policy at each position (with grad) or None.
     ref_logp_NT:  log π_ref of each token, or None when no reference model is loaded.
+    rewards_N:    combined scalar reward of each completion (NaN = unscorable), or None.
+    group_N:      index of each row's prompt group (long); rows of a group are contiguous
+                  and a loss that declares `needs_whole_groups` gets whole groups only.
+    token_weight_NT: weights of a token mask / selection for the policy term (1 = keep,
+                  0 = drop, 2 = upweight), or None for "all ones". Regularizers ignore it.
+    norm:         the whole optimizer batch's normalizers (for terms that aggregate themselves).
+    step:         the optimizer step index (0-based), for schedules inside a component.
     """
 
     logp_NT: Tensor
@@ -30,6 +37,11 @@ class PolicyInputs:
     adv_N: Tensor
     entropy_NT: Tensor | None = None
     ref_logp_NT: Tensor | None = None
+    rewards_N: Tensor | None = None
+    group_N: Tensor | None = None
+    token_weight_NT: Tensor | None = None
+    norm: BatchNorm | None = None
+    step: int = 0
 
 
 @dataclass
@@ -43,6 +55,11 @@ class TermOutput:
 
     per_token_NT: Tensor
     stats_NT: dict[str, Tensor] = field(default_factory=dict)
+    # A term that is not a sum over tokens (e.g. DisCO's per-group log-mean-exp) returns its
+    # micro-batch loss here, already normalized with `PolicyInputs.norm` so that summing
+    # over micro-batches gives the whole-batch value; the trainer then skips aggregation.
+    aggregated: Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)  # scalar metrics (e.g. "disco/kl_penalty")
 
 
 @dataclass(frozen=True)
@@ -52,15 +69,19 @@ class BatchNorm:
     num_tokens:  Σ mask over every completion of the optimizer batch.
     num_seqs:    number of completions N in the optimizer batch.
     max_len:     constant length normalizer (the configured max completion length; Dr.GRPO).
+    num_groups:  number of prompt groups B in the optimizer batch.
     """
 
     num_tokens: float
     num_seqs: float
     max_len: float
+    num_groups: float = 0.0  # prompt groups B in the optimizer batch (0 = unknown)
 
     @staticmethod
-    def of(mask_NT: Tensor, max_len: int) -> BatchNorm:
-        return BatchNorm(float(mask_NT.sum().item()), float(mask_NT.shape[0]), float(max_len))
+    def of(mask_NT: Tensor, max_len: int, num_groups: int = 0) -> BatchNorm:
+        return BatchNorm(
+            float(mask_NT.sum().item()), float(mask_NT.shape[0]), float(max_len), float(num_groups)
+        )
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
