@@ -35,6 +35,10 @@ REQUIRED_METRICS = [
 ]
 
 
+def length_reward(prompts, completions, **kw):
+    return [float(len(c)) for c in completions]
+
+
 def params_of(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -42,7 +46,8 @@ def params_of(model):
 def test_three_steps_update_log_and_checkpoint(tmp_path, tiny_model_dir):
     cfg = base_config(tmp_path / "run", tiny_model_dir)
     cfg["regularizers"] = [{"name": "kl", "beta": 0.1, "estimator": "k3"}]
-    tr = Trainer(cfg, train_dataset=arith_rows())
+    # exact_match is 0 everywhere for a random model; a length reward gives the groups spread
+    tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=["exact_match", length_reward])
     before = params_of(tr.model)
     res = tr.train()
     after = params_of(tr.model)

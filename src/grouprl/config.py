@@ -38,6 +38,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
+    # Prefix Grouper: encode each prompt once per group in training (exact same gradients).
+    # auto = on when a quick self-check passes on this model, else off with a one-line reason.
+    shared_prefix: str = choice("auto", "auto", "on", "off")
+    logprob_chunk_size: int = 1024  # positions per LM-head chunk (fp32 logits of one chunk at a time)
 
 
 @dataclass

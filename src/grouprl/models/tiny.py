@@ -59,6 +59,7 @@ def build_tiny_model(
     intermediate_size: int | None = None,
     max_position_embeddings: int = 512,
     seed: int = 0,
+    **config_overrides: object,
 ) -> torch.nn.Module:
     """A randomly initialized decoder-only model sized for CPU (fp32, SDPA attention)."""
     if arch not in ARCHITECTURES:
@@ -76,6 +77,7 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
+        **config_overrides,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

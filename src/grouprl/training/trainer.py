@@ -163,6 +163,7 @@ class Trainer:
         self.engine = engine_cls(
             self.model, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length
         )
+        self.shared_prefix = self._decide_shared_prefix()
         # No reference model unless a regularizer asks for one (e.g. kl with beta > 0).
         self.ref_model = self._make_reference() if self.components.needs_ref else None
         self.optimizer = build_optimizer(self.model, cfg.train)
@@ -173,6 +174,20 @@ class Trainer:
         self.callbacks: list[Callable[[int, dict[str, float]], None]] = []
 
     # ------------------------------------------------------------------ setup helpers
+    def _decide_shared_prefix(self) -> bool:
+        from grouprl.models.shared_prefix import check_support
+
+        mode = self.cfg.model.shared_prefix
+        if mode == "off":
+            return False
+        ok, reason = check_support(self.model)
+        if ok:
+            return True
+        if mode == "on":
+            raise ConfigError(f"model.shared_prefix=on: this model cannot use it: {reason}")
+        log.warning("shared prefix off (model.shared_prefix=auto): %s; using the repeated layout", reason)
+        return False
+
     def _make_reference(self) -> torch.nn.Module:
         ref = copy.deepcopy(self.model)
         ref.eval()
@@ -221,6 +236,8 @@ class Trainer:
             ro.completion_mask_NT,
             temperature=self.sampling.temperature,
             with_entropy=with_entropy,
+            shared_prefix=self.shared_prefix,
+            chunk_size=self.cfg.model.logprob_chunk_size,
         )
 
     @torch.no_grad()
