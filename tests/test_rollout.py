@@ -45,3 +45,39 @@ def test_greedy_is_repeatable(tiny):
     params = SamplingParams(num_generations=2, temperature=0.0, max_new_tokens=4)
     ro = eng.generate(["7+8="], params)
     assert torch.equal(ro.completion_ids_NT[0], ro.completion_ids_NT[1])
+
+
+def test_shared_prefill_draws_the_same_samples():
+    from grouprl.models.tiny import build_char_tokenizer, build_tiny_model
+
+    tok = build_char_tokenizer("0123456789+=")
+    model = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2, seed=3)
+    prompts = ["12+34=", "1+2=", "999+1="]  # uneven lengths: left padding in the cache
+    params = SamplingParams(num_generations=4, temperature=1.0, max_new_tokens=6)
+    outs = []
+    for share in (False, True):
+        torch.manual_seed(7)
+        outs.append(HFEngine(model, tok, share_prefill=share).generate(prompts, params))
+    assert torch.equal(outs[0].completion_ids_NT, outs[1].completion_ids_NT)
+    assert outs[0].completions == outs[1].completions
+
+
+def test_prefill_is_computed_once_per_prompt(monkeypatch):
+    from grouprl.models.tiny import build_char_tokenizer, build_tiny_model
+
+    tok = build_char_tokenizer("0123456789+=")
+    model = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2, seed=3)
+    seen = []
+    real = model.forward
+
+    def spy(*a, **kw):
+        seen.append(tuple(kw["input_ids"].shape))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(model, "forward", spy)
+    HFEngine(model, tok).generate(
+        ["12+34=", "1+2="], SamplingParams(num_generations=4, max_new_tokens=3)
+    )
+    # one prefill of 2 prompts x (6-1) tokens, then one token per row and step
+    assert seen[0] == (2, 5)
+    assert all(s[1] == 1 for s in seen[1:]) and all(s[0] == 8 for s in seen[1:])

@@ -185,9 +185,9 @@ def test_forking_tokens_random_batch_keeps_about_rho() -> None:
 
 
 def test_forking_tokens_top_k_float_ceiling() -> None:
-    # 15·0.2 = 3.0000000000000004 in floats: ⌈·⌉ must give 3, not 4
-    out = forking_tokens(torch.arange(15.0)[None, :], torch.ones(1, 15), mode="top_k")
-    close(out.token_weight_NT, [[0.0] * 12 + [1.0] * 3])
+    # 0.7·10 = 7.000000000000001 in floats: ⌈·⌉ must give 7, not 8
+    out = forking_tokens(torch.arange(10.0)[None, :], torch.ones(1, 10), rho=0.7, mode="top_k")
+    close(out.token_weight_NT, [[0.0] * 3 + [1.0] * 7])
 
 
 def test_forking_tokens_rejects_bad_config() -> None:

@@ -21,7 +21,16 @@ ARCHS = {
 
 def model_for(arch: str):
     tok = build_char_tokenizer("0123456789+=")
-    model = build_tiny_model(tok, arch=arch, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, seed=1, **ARCHS[arch])
+    model = build_tiny_model(
+        tok,
+        arch=arch,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        seed=1,
+        **ARCHS[arch],
+    )
     return model, tok
 
 
@@ -45,7 +54,10 @@ CASES = {
     "G=1": (["12+34="], [["46"]]),
     "uneven lengths": (["12+34=", "7+8="], [["4", "46", "4611", "46="], ["15", "1", "150"]]),
     "one-token completions": (["9+9="], [["1", "8", "="]]),
-    "several groups, left padding": (["1+1=", "123+456=", "55+5="], [["2", "22"], ["579", "5", "57"], ["60", "6"]]),
+    "several groups, left padding": (
+        ["1+1=", "123+456=", "55+5="],
+        [["2", "22"], ["579", "5", "57"], ["60", "6"]],
+    ),
 }
 
 
@@ -65,7 +77,9 @@ def test_logprobs_and_gradients_match_repeated_layout(arch, case):
     mask = args[3]
     ref, ref_h = completion_logprobs(model, *args, temperature=0.9, with_entropy=True)
     g_ref = grads(model, ref, mask)
-    got, got_h = completion_logprobs(model, *args, temperature=0.9, with_entropy=True, shared_prefix=True)
+    got, got_h = completion_logprobs(
+        model, *args, temperature=0.9, with_entropy=True, shared_prefix=True
+    )
     g_got = grads(model, got, mask)
     assert (ref - got).abs().max() <= 1e-5
     assert (ref_h - got_h).abs().max() <= 1e-5
@@ -144,7 +158,9 @@ def test_chunked_head_equals_naive_values_and_gradients():
     ref_ent = -(lsm.exp() * lsm).sum(-1)
     (ref_lp.sum() + 0.3 * ref_ent.sum()).backward()
     assert torch.allclose(lp, ref_lp, atol=1e-6) and torch.allclose(ent, ref_ent, atol=1e-6)
-    assert torch.allclose(g_h, h.grad, atol=1e-6) and torch.allclose(g_w, head.weight.grad, atol=1e-6)
+    assert torch.allclose(g_h, h.grad, atol=1e-6) and torch.allclose(
+        g_w, head.weight.grad, atol=1e-6
+    )
 
 
 def test_trainer_same_parameters_with_and_without_shared_prefix(tmp_path, tiny_model_dir):

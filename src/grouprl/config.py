@@ -41,7 +41,9 @@ class ModelConfig:
     # Prefix Grouper: encode each prompt once per group in training (exact same gradients).
     # auto = on when a quick self-check passes on this model, else off with a one-line reason.
     shared_prefix: str = choice("auto", "auto", "on", "off")
-    logprob_chunk_size: int = 1024  # positions per LM-head chunk (fp32 logits of one chunk at a time)
+    logprob_chunk_size: int = (
+        1024  # positions per LM-head chunk (fp32 logits of one chunk at a time)
+    )
 
 
 @dataclass
@@ -67,6 +69,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 256
+    share_prefill: bool = True  # prefill each prompt once and reuse its KV cache for the G samples
 
 
 @dataclass

@@ -59,7 +59,9 @@ class TermOutput:
     # micro-batch loss here, already normalized with `PolicyInputs.norm` so that summing
     # over micro-batches gives the whole-batch value; the trainer then skips aggregation.
     aggregated: Tensor | None = None
-    stats: dict[str, float] = field(default_factory=dict)  # scalar metrics (e.g. "disco/kl_penalty")
+    stats: dict[str, float] = field(
+        default_factory=dict
+    )  # scalar metrics (e.g. "disco/kl_penalty")
 
 
 @dataclass(frozen=True)

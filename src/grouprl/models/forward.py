@@ -25,7 +25,12 @@ from grouprl.models.shared_prefix import pack_groups, packed_attention_active
 
 DEFAULT_CHUNK = 1024
 # Config attributes that change logits after the LM head; such models use the plain forward.
-_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_HEAD_EXTRAS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+)
 
 
 @lru_cache(maxsize=32)
@@ -52,7 +57,12 @@ def plain_head(model: torch.nn.Module) -> bool:
 
 
 def logprobs_and_entropy(
-    logits_NTV: Tensor, targets_NT: Tensor, temperature: float, *, with_entropy: bool, chunk: int = 64
+    logits_NTV: Tensor,
+    targets_NT: Tensor,
+    temperature: float,
+    *,
+    with_entropy: bool,
+    chunk: int = 64,
 ) -> tuple[Tensor, Tensor | None]:
     """log softmax(logits/τ)[target] and the entropy of softmax(logits/τ), chunked over T.
 
@@ -70,7 +80,9 @@ def logprobs_and_entropy(
     return logp, (torch.cat(ents, dim=1) if with_entropy else None)
 
 
-def _head_chunk(hidden_Md: Tensor, targets_M: Tensor, weight_Vd: Tensor, bias_V: Tensor | None, tau: float) -> tuple[Tensor, Tensor]:
+def _head_chunk(
+    hidden_Md: Tensor, targets_M: Tensor, weight_Vd: Tensor, bias_V: Tensor | None, tau: float
+) -> tuple[Tensor, Tensor]:
     logits = torch.nn.functional.linear(hidden_Md, weight_Vd, bias_V).float() / tau
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets_M[:, None]).squeeze(-1) - lse
@@ -135,15 +147,29 @@ def completion_logprobs(
     """
     if not plain_head(model):
         if shared_prefix:
-            raise NotImplementedError("shared-prefix forward needs a plain LM head (no logit scaling/softcapping)")
-        return _full_logits_path(model, prompt_ids_NP, prompt_mask_NP, completion_ids_NT, completion_mask_NT, temperature, with_entropy)
+            raise NotImplementedError(
+                "shared-prefix forward needs a plain LM head (no logit scaling/softcapping)"
+            )
+        return _full_logits_path(
+            model,
+            prompt_ids_NP,
+            prompt_mask_NP,
+            completion_ids_NT,
+            completion_mask_NT,
+            temperature,
+            with_entropy,
+        )
     T = completion_ids_NT.shape[1]
-    valid_NT = completion_mask_NT.bool() & (torch.arange(T, device=completion_ids_NT.device) < completion_mask_NT.sum(1, keepdim=True))
+    valid_NT = completion_mask_NT.bool() & (
+        torch.arange(T, device=completion_ids_NT.device) < completion_mask_NT.sum(1, keepdim=True)
+    )
     decoder = model.get_decoder()
     if shared_prefix:
         layout = pack_groups(prompt_ids_NP, prompt_mask_NP, completion_ids_NT, completion_mask_NT)
         with packed_attention_active(model, layout):
-            hidden = decoder(input_ids=layout.input_ids_RL, position_ids=layout.position_ids_RL, use_cache=False).last_hidden_state
+            hidden = decoder(
+                input_ids=layout.input_ids_RL, position_ids=layout.position_ids_RL, use_cache=False
+            ).last_hidden_state
         rows = layout.row_N[:, None].expand(-1, T)[valid_NT]
         cols = layout.src_col_NT[valid_NT]
         hidden_Md = hidden[rows, cols]
@@ -152,25 +178,47 @@ def completion_logprobs(
         ids = torch.cat([prompt_ids_NP, completion_ids_NT], dim=1)
         mask = torch.cat([prompt_mask_NP, completion_mask_NT], dim=1)
         hidden = decoder(
-            input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask), use_cache=False
+            input_ids=ids,
+            attention_mask=mask.long(),
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
         ).last_hidden_state
         hidden_Md = hidden[:, P - 1 : P - 1 + T][valid_NT]
     logp_M, ent_M = chunked_head_logprobs(
-        hidden_Md, completion_ids_NT[valid_NT], model.get_output_embeddings(), temperature=temperature, chunk_size=chunk_size
+        hidden_Md,
+        completion_ids_NT[valid_NT],
+        model.get_output_embeddings(),
+        temperature=temperature,
+        chunk_size=chunk_size,
     )
     return _scatter_NT(logp_M, valid_NT), (_scatter_NT(ent_M, valid_NT) if with_entropy else None)
 
 
-def _full_logits_path(model, prompt_ids_NP, prompt_mask_NP, completion_ids_NT, completion_mask_NT, temperature, with_entropy):
+def _full_logits_path(
+    model,
+    prompt_ids_NP,
+    prompt_mask_NP,
+    completion_ids_NT,
+    completion_mask_NT,
+    temperature,
+    with_entropy,
+):
     """Models whose logits are post-processed: the model's own forward, completion positions only."""
     T = completion_ids_NT.shape[1]
     ids = torch.cat([prompt_ids_NP, completion_ids_NT], dim=1)
     mask = torch.cat([prompt_mask_NP, completion_mask_NT], dim=1)
-    kwargs = dict(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask), use_cache=False)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        position_ids=position_ids_from_mask(mask),
+        use_cache=False,
+    )
     if _accepts_logits_to_keep(type(model).forward):
         logits = model(**kwargs, logits_to_keep=T + 1).logits[:, :-1]
     else:
         logits = model(**kwargs).logits[:, -(T + 1) : -1]
-    logp, ent = logprobs_and_entropy(logits, completion_ids_NT, temperature, with_entropy=with_entropy)
+    logp, ent = logprobs_and_entropy(
+        logits, completion_ids_NT, temperature, with_entropy=with_entropy
+    )
     keep = completion_mask_NT.bool()
     return logp.masked_fill(~keep, 0.0), (ent.masked_fill(~keep, 0.0) if ent is not None else None)

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ATTN_NAME = "grouprl_packed"
-_ACTIVE: contextvars.ContextVar[PackedLayout | None] = contextvars.ContextVar("grouprl_packed_layout", default=None)
+_ACTIVE: contextvars.ContextVar[PackedLayout | None] = contextvars.ContextVar(
+    "grouprl_packed_layout", default=None
+)
 
 
 @dataclass
@@ -54,11 +56,15 @@ class PackedLayout:
     def attention_mask(self, sliding_window: int | None = None) -> Tensor:
         """Boolean [R, 1, L, L] mask (True = may attend), cached per sliding window."""
         if sliding_window not in self._masks:
-            self._masks[sliding_window] = build_packed_mask(self.segment_RL, self.position_ids_RL, sliding_window)
+            self._masks[sliding_window] = build_packed_mask(
+                self.segment_RL, self.position_ids_RL, sliding_window
+            )
         return self._masks[sliding_window]
 
 
-def build_packed_mask(segment_RL: Tensor, position_ids_RL: Tensor, sliding_window: int | None = None) -> Tensor:
+def build_packed_mask(
+    segment_RL: Tensor, position_ids_RL: Tensor, sliding_window: int | None = None
+) -> Tensor:
     """Split causal attention of packed rows as a boolean [R, 1, L, L] mask.
 
     allowed(q, k) = k real and k <= q (causal in packing order) and
@@ -87,7 +93,8 @@ def group_spans(prompt_ids_NP: Tensor, prompt_mask_NP: Tensor) -> list[tuple[int
     spans, start = [], 0
     for n in range(1, N + 1):
         if n == N or not (
-            torch.equal(prompt_ids_NP[n], prompt_ids_NP[start]) and torch.equal(prompt_mask_NP[n], prompt_mask_NP[start])
+            torch.equal(prompt_ids_NP[n], prompt_ids_NP[start])
+            and torch.equal(prompt_mask_NP[n], prompt_mask_NP[start])
         ):
             spans.append((start, n))
             start = n
@@ -123,7 +130,9 @@ def pack_groups(
     for r, ((s, e), p) in enumerate(zip(spans, prompts, strict=True)):
         P = len(p)
         if P == 0:
-            raise ValueError("cannot pack an empty prompt: the first completion token has no predictor")
+            raise ValueError(
+                "cannot pack an empty prompt: the first completion token has no predictor"
+            )
         ids[r, :P] = p
         pos[r, :P] = torch.arange(P, device=device)
         seg[r, :P] = 0
@@ -160,7 +169,9 @@ def packed_attention(
     if layout is None:
         raise RuntimeError(f"attention '{ATTN_NAME}' called outside grouprl's packed forward")
     if kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None:
-        raise NotImplementedError("attention sinks / logit softcapping are not supported by the packed layout")
+        raise NotImplementedError(
+            "attention sinks / logit softcapping are not supported by the packed layout"
+        )
     mask = layout.attention_mask(sliding_window)
     out = F.scaled_dot_product_attention(
         query,
@@ -239,9 +250,15 @@ def check_support(model: torch.nn.Module, *, tolerance: float | None = None) -> 
             a, _ = completion_logprobs(model, prompt, pmask, comp, cmask)
             b, _ = completion_logprobs(model, prompt, pmask, comp, cmask, shared_prefix=True)
     except Exception as exc:  # an attention path we cannot drive
-        return False, f"the packed forward failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return (
+            False,
+            f"the packed forward failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+        )
     tol = tolerance if tolerance is not None else (1e-4 if param.dtype == torch.float32 else 2e-2)
     err = float((a - b).abs().max())
     if not err <= tol:
-        return False, f"packed and repeated log-probs differ by {err:.2e} > {tol:.0e} on a self-check"
+        return (
+            False,
+            f"packed and repeated log-probs differ by {err:.2e} > {tol:.0e} on a self-check",
+        )
     return True, "self-check passed"

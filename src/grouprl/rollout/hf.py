@@ -15,10 +15,40 @@ class HFEngine:
     uses the global torch RNG, so a seeded run (and a resumed one) draws the same samples.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, max_prompt_length: int | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        max_prompt_length: int | None = None,
+        share_prefill: bool = True,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
+        self.share_prefill = share_prefill
+
+    def _prefill_once(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, G: int):
+        """KV cache of each prompt but its last token, computed once and repeated G times.
+
+        `generate` then runs only the last prompt token per row, so prefill costs P tokens
+        per prompt instead of G*P. Same positions and masks as generate's own prefill, so the
+        logits, and hence the samples for a given seed, are the same (tests check it).
+        """
+        if ids_BP.shape[1] < 2:
+            return None
+        pos = (mask_BP.long().cumsum(1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=ids_BP[:, :-1],
+            attention_mask=mask_BP[:, :-1],
+            position_ids=pos[:, :-1],
+            use_cache=True,
+        )
+        cache = getattr(out, "past_key_values", None)
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        cache.batch_repeat_interleave(G)
+        return cache
 
     def eos_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
@@ -37,8 +67,9 @@ class HFEngine:
             tok.padding_side = side
         device = next(self.model.parameters()).device
         G = params.num_generations
-        ids = enc["input_ids"].to(device).repeat_interleave(G, dim=0)
-        mask = enc["attention_mask"].to(device).repeat_interleave(G, dim=0)
+        ids_BP, mask_BP = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        ids = ids_BP.repeat_interleave(G, dim=0)
+        mask = mask_BP.repeat_interleave(G, dim=0)
         greedy = params.temperature == 0
         gen_kwargs = dict(
             max_new_tokens=params.max_new_tokens,
@@ -53,6 +84,10 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
+            if self.share_prefill and G > 1:
+                cache = self._prefill_once(ids_BP, mask_BP, G)
+                if cache is not None:
+                    gen_kwargs["past_key_values"] = cache
             out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
         finally:
             self.model.train(was_training)

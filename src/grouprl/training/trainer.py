@@ -63,20 +63,24 @@ def _task(cfg: Config) -> Any:
         raise ConfigError(f"data.task: {exc}") from None
 
 
-def load_dataset_from_config(cfg: Config, tokenizer: Any, split: str = "train") -> PromptDataset:
+def load_dataset_from_config(
+    cfg: Config, tokenizer: Any, split: str = "train", source: Any = None
+) -> PromptDataset:
+    """The prompts of `split` (train: data.path or data.task; eval: data.eval_path or the
+    task's held-out split), or of `source` (a path or a list of dicts) when given."""
     d = cfg.data
-    if d.task:
-        source: Any = _task(cfg).rows(split)
-    elif split == "train":
-        source = d.path
-    else:
-        source = d.eval_path
     if source is None:
+        if d.task:
+            source = _task(cfg).rows(split)
+        else:
+            source = d.path if split == "train" else d.eval_path
+    if source is None:
+        key = "data.path" if split == "train" else "data.eval_path"
         raise ConfigError(
-            "data.path: no training data given (a file path, or data.task for a built-in task)"
+            f"{key}: no {split} data given (a file path, or data.task for a built-in task)"
         )
     return load_prompts(
-        source,
+        source if isinstance(source, (str, Path)) else list(source),
         tokenizer=tokenizer,
         prompt_column=d.prompt_column,
         max_prompt_length=d.max_prompt_length,
@@ -123,21 +127,10 @@ class Trainer:
                 raise ConfigError("a model object was given without its tokenizer")
             self.device = next(model.parameters()).device
         self.model, self.tokenizer = model, tokenizer
-        if train_dataset is None:
-            self.dataset = load_dataset_from_config(cfg, tokenizer)
-        elif isinstance(train_dataset, PromptDataset):
+        if isinstance(train_dataset, PromptDataset):
             self.dataset = train_dataset
         else:
-            d = cfg.data
-            self.dataset = load_prompts(
-                train_dataset if isinstance(train_dataset, str) else list(train_dataset),
-                tokenizer=tokenizer,
-                prompt_column=d.prompt_column,
-                max_prompt_length=d.max_prompt_length,
-                on_bad_row=d.on_bad_row,
-                chat_template=d.chat_template,
-                system_prompt=d.system_prompt,
-            )
+            self.dataset = load_dataset_from_config(cfg, tokenizer, source=train_dataset)
         if self.dataset.skipped:
             log.warning(
                 "%s: skipped %d bad rows (data.on_bad_row=skip); first: %s",
@@ -161,7 +154,10 @@ class Trainer:
         except Exception as exc:
             raise ConfigError(f"rollout.engine: {exc}") from None
         self.engine = engine_cls(
-            self.model, self.tokenizer, max_prompt_length=cfg.data.max_prompt_length
+            self.model,
+            self.tokenizer,
+            max_prompt_length=cfg.data.max_prompt_length,
+            share_prefill=cfg.rollout.share_prefill,
         )
         self.shared_prefix = self._decide_shared_prefix()
         # No reference model unless a regularizer asks for one (e.g. kl with beta > 0).
@@ -185,7 +181,9 @@ class Trainer:
             return True
         if mode == "on":
             raise ConfigError(f"model.shared_prefix=on: this model cannot use it: {reason}")
-        log.warning("shared prefix off (model.shared_prefix=auto): %s; using the repeated layout", reason)
+        log.warning(
+            "shared prefix off (model.shared_prefix=auto): %s; using the repeated layout", reason
+        )
         return False
 
     def _make_reference(self) -> torch.nn.Module:
