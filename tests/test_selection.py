@@ -184,10 +184,13 @@ def test_forking_tokens_random_batch_keeps_about_rho() -> None:
     assert entropy[kept_mask].min() >= entropy[(mask == 1) & ~kept_mask].max()
 
 
-def test_forking_tokens_top_k_float_ceiling() -> None:
-    # 0.7·10 = 7.000000000000001 in floats: ⌈·⌉ must give 7, not 8
-    out = forking_tokens(torch.arange(10.0)[None, :], torch.ones(1, 10), rho=0.7, mode="top_k")
-    close(out.token_weight_NT, [[0.0] * 3 + [1.0] * 7])
+def test_top_k_float_ceiling() -> None:
+    # 0.07·100 = 7.000000000000001 in floats: ⌈·⌉ must give 7, not 8
+    out = forking_tokens(torch.arange(100.0)[None, :], torch.ones(1, 100), rho=0.07, mode="top_k")
+    close(out.token_weight_NT, [[0.0] * 93 + [1.0] * 7])
+    # d3s curriculum halfway: r = 0.2 + 0.8·0.5 = 0.6000000000000001; 10 tokens -> 6, not 7
+    out = d3s_tokens(torch.arange(10.0)[None, :], torch.ones(1, 10), 1, 3, adv_N=torch.ones(1))
+    close(out.token_weight_NT, [[0.0] * 4 + [1.0] * 6])
 
 
 def test_forking_tokens_rejects_bad_config() -> None:

@@ -191,8 +191,8 @@ def _weights_like(mask_NT: Tensor) -> Tensor:
 
 
 def _ceil_count(n: int, ratio: float) -> int:
-    """⌈ratio·n⌉, robust to float error (15·0.2 = 3.0000000000000004 gives 3, not 4)."""
-    return min(n, math.ceil(ratio * n))
+    """⌈ratio·n⌉, robust to float error (0.07·100 = 7.000000000000001 gives 7, not 8)."""
+    return min(n, math.ceil(round(ratio * n, 9)))
 
 
 def _check_ratio(name: str, value: float, *, allow_zero: bool = False) -> float:
