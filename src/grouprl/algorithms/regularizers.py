@@ -303,7 +303,8 @@ class ClipCov:
     there exactly. Pair it with ppo_clip using the same eps_low/eps_high and no dual clip
     (the authors' loss); with another loss the term still removes −A·ρ, not that loss. It
     carries the token weights (unlike other regularizers) because it cancels a weighted
-    policy term; tokens of weight 0 are not candidates. Defaults r = 2e-4, lb = 1, ub = 5.
+    policy term; tokens of weight 0 are not candidates. Defaults r = 2e-4, lb = 1, ub = 5;
+    r = 0 selects nothing (the authors' code would still take 1).
 
     Selection is over the rows this call sees (per micro-batch, as in the authors' code):
     the trainer must call it on the whole optimizer batch for a selection over the batch.
@@ -362,7 +363,7 @@ class ClipCov:
             weight_NT = inp.token_weight_NT.detach().to(dtype)
             candidate_NT = candidate_NT & (weight_NT != 0)
         total = float(inp.mask_NT.sum())
-        count = max(int(self.r * total), 1)
+        count = max(int(self.r * total), 1) if self.r > 0 else 0  # r = 0: off
         selected_NT = clip_cov_select(candidate_NT, count, self.generator(inp))
         term_NT = (adv_NT * ratio_NT).where(selected_NT, 0.0)
         if weight_NT is not None:
