@@ -100,10 +100,12 @@ def test_rloo_hand_computed() -> None:
 
 
 def test_rloo_edges() -> None:
-    # G = 2: A_i = r_i − r_j -> [1, 0] gives [1, −1]; all-equal [0.7]*5 -> exactly 0;
-    # one valid reward -> no leave-one-out baseline -> 0
+    # G = 2: A_i = r_i − r_j -> [1, 0] gives [1, −1]; one valid reward -> no baseline -> 0
     assert torch.equal(rloo(T([[1.0, 0.0]])), T([[1.0, -1.0]]))
-    assert torch.equal(rloo(T([[0.7] * 5, [0.7, NAN, NAN, NAN, NAN]])), torch.zeros(2, 5))
+    assert torch.equal(rloo(T([[0.7, NAN, NAN, NAN, NAN]])), torch.zeros(1, 5))
+    # all-equal: in float64 the mean of three 0.05 is 0.05000000000000001, so the group must
+    # be detected exactly rather than trusted to cancel
+    assert torch.equal(rloo(T([[0.05] * 3], dtype=torch.float64)), torch.zeros(1, 3))
 
 
 # ------------------------------------------------------------------------------ remax
@@ -142,11 +144,13 @@ def test_bnpo_hand_computed() -> None:
     # [1,0,0,0]: (r − .25)·8/9 = [.75, −.25]·8/9 = [2/3, −2/9]
     # [1,1,1,0]: (r − .75)·8/9 = [.25, −.75]·8/9 = [2/9, −2/3]
     # [1,1,0,0]: (r − .5)·2/3 = ±1/3
+    # A last group with a single valid reward gets 0 and stays out of the fit (its p = 0
+    # would move m and v).
     rows = [[1.0, 0, 0, 0]] * 2 + [[1.0, 1, 1, 0]] * 2 + [[1.0, 1, 0, 0]] * 4
-    adv = bnpo(T(rows))
+    adv = bnpo(T(rows + [[0.0, NAN, NAN, NAN]]))
     a, b, c = 2 / 3, 2 / 9, 1 / 3
     expected = [[a, -b, -b, -b]] * 2 + [[b, b, b, -a]] * 2 + [[c, c, -c, -c]] * 4
-    close(adv, expected)
+    close(adv, expected + [[0, 0, 0, 0]])
     # max_weight clamps 1/pdf: 8/9 and 2/3 both become 0.5 -> [.75, −.25]·.5 and ±.25
     clamped = bnpo(T(rows), max_weight=0.5)
     close(clamped[[0, 4]], [[0.375, -0.125, -0.125, -0.125], [0.25, 0.25, -0.25, -0.25]])
@@ -167,6 +171,9 @@ def test_bnpo_edges() -> None:
     # G = 2: p = [.5, 1, 0] -> α = β = 1 (see the fit test) -> [1, 0] gets ±0.5;
     # the all-equal groups [1, 1] and [0, 0] enter the fit but get exactly 0
     close(bnpo(T([[1.0, 0], [1, 1], [0, 0]])), [[0.5, -0.5], [0, 0], [0, 0]])
+    # all-equal [0.05]*3 in float64 (its mean is off by 1e-17): exactly 0, not noise·1/pdf
+    flat = bnpo(T([[0.05] * 3, [1.0, 0.0, 0.0]], dtype=torch.float64))
+    assert torch.equal(flat[0], torch.zeros(3))
     # NaN: [1, NaN, 0, 0] has p = 1/3 (one group -> uniform) -> [2/3, 0, −1/3, −1/3];
     # the [1, NaN] group has one valid reward: left out of the fit, A = 0
     adv = bnpo(T([[1.0, NAN, 0, 0], [1.0, NAN, NAN, NAN]]))
@@ -201,8 +208,8 @@ def test_ngrpo_edges() -> None:
     # G = 2: [0, 0] + 1 -> μ' = 1/3, Σ dev² = 2/9 + 4/9, var 1/3 -> A = −(1/3)/0.5773503 each
     # all equal below r_max [0.5, 0.5] + 1 -> μ' = 2/3, Σ dev² = 2/36 + 4/36 = 1/6,
     #   var 1/12, σ' = 0.2886751 -> A = −(1/6)/0.2886751 = −0.5773503 (non-zero, by design)
-    # one valid reward -> 0
-    adv = ngrpo(T([[0.0, 0.0], [0.5, 0.5], [1.0, NAN]]), eps=0.0)
+    # one valid reward -> 0 (with the virtual reward it would be {0, 1} -> −0.7071)
+    adv = ngrpo(T([[0.0, 0.0], [0.5, 0.5], [0.0, NAN]]), eps=0.0)
     a = (1 / 3) / math.sqrt(1 / 3)
     close(adv, [[-a, -a], [-a, -a], [0, 0]])
 
@@ -235,6 +242,24 @@ def test_gdpo_keeps_reward_combinations_apart_g2() -> None:
     c = 0.5 / (math.sqrt(0.5) + 1e-4)
     d = c / (c * math.sqrt(2.4) + 1e-4)
     close(adv, [[-d, d], [-2 * d, 2 * d], [-d, d]])
+
+
+def test_gdpo_eps_damps_tiny_variance_rewards() -> None:
+    # K = 1, G = 2: [1, 0] -> ±0.5/(sqrt(.5) + 1e-4) = ±a; [1e-4, 0] -> ±0.5e-4/(sqrt(.5)·1e-4
+    #   + 1e-4) = ±0.5/(sqrt(.5) + 1) = ±b = ±0.2928932: the eps keeps a tiny spread small
+    # batch: mean 0, std = sqrt((2a² + 2b²)/3) -> A = ±a/(std + 1e-4), ±b/(std + 1e-4)
+    adv = gdpo(T([[[1.0], [0.0]], [[1e-4], [0.0]]], dtype=torch.float64))
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    b = 0.5e-4 / (math.sqrt(0.5) * 1e-4 + 1e-4)
+    std = math.sqrt((2 * a * a + 2 * b * b) / 3) + 1e-4
+    close(adv, [[a / std, -a / std], [b / std, -b / std]])
+
+
+def test_gdpo_all_equal_group_is_exactly_zero() -> None:
+    # S of [0.1, 0.2, 0.4] sums to 2e-16, not 0, so the batch mean is not exactly 0 and an
+    # all-equal group would get −mean/std ≈ 1e-16 unless it is zeroed explicitly
+    adv = gdpo(T([[[0.1], [0.2], [0.4]], [[0.3], [0.3], [0.3]]], dtype=torch.float64))
+    assert torch.equal(adv[1], torch.zeros(3)) and adv[0, 2] > 0
 
 
 def test_gdpo_nan_and_all_equal() -> None:
@@ -402,8 +427,10 @@ def test_single_stream_unnormalized_nan_and_g2() -> None:
 
 
 def test_single_stream_all_equal_and_validation() -> None:
-    # two unseen prompts, both R = 1: raw A = [.5, .5] all equal -> normalized to exactly 0
-    assert torch.equal(SingleStream()(T([[1.0], [1.0]]), ["a", "b"]), torch.zeros(2, 1))
+    # three unseen prompts, all R = 0.9: raw A = [.4, .4, .4] all equal (in float64 their mean
+    # is off by 1e-17) -> normalized to exactly 0, not noise/eps
+    adv = SingleStream()(T([[0.9]] * 3, dtype=torch.float64), ["a", "b", "c"])
+    assert torch.equal(adv, torch.zeros(3, 1))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         SingleStream()(T([[2.0]]), ["a"])
     with pytest.raises(ValueError, match="prompt keys"):
@@ -441,10 +468,11 @@ def test_seed_length_normalization_g2() -> None:
 
 
 def test_seed_edges() -> None:
-    # one cluster -> SE = 0 -> unchanged; all different with equal ℓ -> SE = log G -> 1/(1+α)
+    # one cluster -> SE = 0 -> unchanged; all different with equal ℓ (each None answer is its
+    # own cluster) -> SE = log G -> scale 1/(1+α)
     adv = T([[1.0, -1.0, 0.0], [1.0, -1.0, 0.0]])
     out = seed(
-        adv, [["a", "a", "a"], [None, "b", "c"]], torch.zeros(2, 3), torch.ones(2, 3), alpha=1.0
+        adv, [["a", "a", "a"], [None, None, "c"]], torch.zeros(2, 3), torch.ones(2, 3), alpha=1.0
     )
     close(out, [[1, -1, 0], [0.5, -0.5, 0]])
     # G = 1 is left unchanged; zero advantages (NaN rewards, all-equal groups) stay 0
@@ -480,9 +508,10 @@ def test_xrpo_novelty_hand_computed() -> None:
 
 def test_xrpo_novelty_edges() -> None:
     # G = 2 with a NaN reward: the NaN one is left out of the mean ℓ and gets no bonus:
-    #   ℓ = [−1, −3]; mean over valid = −1 -> novelty of the valid one = 0 -> unchanged
+    #   ℓ = [−3, −1]; mean over valid = −3 -> novelty of the valid one = 0 -> unchanged
+    #   (a mean over both, −2, would give it 1 − e⁻¹)
     adv = xrpo_novelty(
-        T([[0.7, 0.0]]), T([[1.0, NAN]]), T([[-1.0, -3.0]]), T([[1.0, 1.0]]), lam=1.0
+        T([[0.7, 0.0]]), T([[1.0, NAN]]), T([[-3.0, -1.0]]), T([[1.0, 1.0]]), lam=1.0
     )
     close(adv, [[0.7, 0.0]])
     # all-equal group (A = 0) stays exactly 0 even for an unlikely completion

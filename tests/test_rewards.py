@@ -327,3 +327,15 @@ def test_load_from_file_errors_name_file_and_function(tmp_path, monkeypatch):
         load_reward_fn(RewardSpec(path="my_rewards.py:strict", params={"factr": 1}))
     with pytest.raises(ValueError, match="must look like"):
         load_reward_fn(RewardSpec(path="my_rewards.py"))
+
+
+def test_overlong_penalty_dapo_shape():
+    from grouprl.rewards.builtins import overlong_penalty
+
+    # L_max = 10, buffer 4: free up to 6 tokens, then (6 - L)/4, then -1 past 10
+    ids = [[1] * n for n in (3, 6, 7, 8, 10, 11)]
+    got = overlong_penalty(["p"] * 6, ["c"] * 6, completion_ids=ids, max_length=10, buffer=4)
+    assert got == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    # L_max from the trainer's column, buffer as a fraction (0.2 * 10 = 2): 9 tokens -> (8-9)/2
+    got = overlong_penalty(["p"], ["c"], completion_ids=[[1] * 9], max_completion_length=[10])
+    assert got == [-0.5]

@@ -1,35 +1,75 @@
 """Build the configured algorithm components from their registries.
 
 The trainer only ever sees the objects built here, so adding a method means registering
-a component and writing a recipe, never editing the trainer.
+a component and writing a recipe, never editing the trainer. Compatibility between
+components is checked here too, at start-up, with the config key to blame.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from grouprl.config import Config, ConfigError
-from grouprl.registry import RegistryError
+from grouprl.registry import BoundComponent, Registry, RegistryError
+
+# Inputs the trainer can hand to advantage estimators / modifiers, by parameter name.
+ADVANTAGE_INPUTS = (
+    "rewards_BG",
+    "rewards_BGK",
+    "weights_K",
+    "lengths_BG",
+    "truncated_BG",
+    "seq_logp_BG",
+    "answers_BG",
+    "baseline_B",
+    "prompt_keys_B",
+    "adv_BG",
+)
 
 
 @dataclass
 class Components:
-    advantage: Callable[..., Any]  # rewards_BG -> adv_BG
+    advantage: BoundComponent  # inputs by name -> adv_BG
+    modifiers: list[BoundComponent]  # (adv_BG, inputs...) -> adv_BG
     loss: Callable[..., Any]  # PolicyInputs -> TermOutput
+    loss_fn: Any  # the registered function (its attributes: needs_whole_groups, needs_ref)
     aggregation: Callable[..., Any]  # (values_NT, mask_NT, BatchNorm) -> scalar
     aggregation_name: str
     regularizers: list[Any]
+    token_mask: BoundComponent | None = None
+    sample_filters: list[BoundComponent] = field(default_factory=list)
 
     @property
     def needs_ref(self) -> bool:
-        return any(getattr(r, "needs_ref", False) for r in self.regularizers)
+        return bool(getattr(self.loss_fn, "needs_ref", False)) or any(
+            getattr(r, "needs_ref", False) for r in self.regularizers
+        )
 
     @property
     def needs_entropy_grad(self) -> bool:
         return any(getattr(r, "needs_entropy", False) for r in self.regularizers)
+
+    @property
+    def needs_whole_groups(self) -> bool:
+        return bool(getattr(self.loss_fn, "needs_whole_groups", False))
+
+    def advantage_inputs(self) -> set[str]:
+        names = set(self.advantage.input_names)
+        for m in self.modifiers:
+            names |= set(m.input_names)
+        return names
+
+    def stateful(self) -> dict[str, BoundComponent]:
+        """Components that keep state across steps (saved in checkpoints)."""
+        out = {f"advantage/{self.advantage.name}": self.advantage}
+        out.update({f"modifier/{m.name}": m for m in self.modifiers})
+        if self.token_mask is not None:
+            out[f"token_mask/{self.token_mask.name}"] = self.token_mask
+        out.update({f"sample_filter/{f.name}": f for f in self.sample_filters})
+        return {k: v for k, v in out.items() if v.instance is not None}
 
 
 def split_spec(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -37,25 +77,50 @@ def split_spec(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return str(params.pop("name")), params
 
 
-def _partial(registry: Any, key: str, spec: dict[str, Any]) -> Callable[..., Any]:
+def _bind(
+    registry: Registry, key: str, spec: dict[str, Any], allowed: tuple[str, ...] | None = None
+) -> BoundComponent:
     name, params = split_spec(spec)
     try:
-        registry.get(name)
-        registry.check_params(name, params, where=key)
-    except RegistryError as exc:
+        bound = BoundComponent.build(registry, name, params)
+    except (RegistryError, ValueError, TypeError) as exc:
         raise ConfigError(f"{key}: {exc}") from None
-    return functools.partial(registry.get(name), **params)
+    if allowed is not None:
+        unknown = [n for n in bound.required_inputs if n not in allowed]
+        if unknown:
+            raise ConfigError(
+                f"{key}: {registry.kind} {name!r} needs inputs the trainer does not provide: {unknown}"
+            )
+    return bound
 
 
 def build_components(cfg: Config) -> Components:
     from grouprl.algorithms import ADVANTAGES, AGGREGATIONS, LOSSES, REGULARIZERS
+    from grouprl.algorithms.advantages import ADVANTAGE_MODIFIERS
+    from grouprl.algorithms.selection import (
+        SAMPLE_FILTER_INPUTS,
+        SAMPLE_FILTERS,
+        TOKEN_MASK_INPUTS,
+        TOKEN_MASKS,
+    )
 
+    adv_spec = dict(cfg.advantage)
+    modifier_specs = adv_spec.pop("modifiers", None) or []
+    if not isinstance(modifier_specs, list):
+        raise ConfigError("advantage.modifiers: expected a list of {name: ..., params...}")
     loss_spec = dict(cfg.loss)
     agg_name = str(loss_spec.pop("aggregation", "token_mean"))
     try:
         aggregation = AGGREGATIONS.get(agg_name)
     except RegistryError as exc:
         raise ConfigError(f"loss.aggregation: {exc}") from None
+    loss_name, loss_params = split_spec(loss_spec)
+    try:
+        loss_fn = LOSSES.get(loss_name)
+        LOSSES.check_params(loss_name, loss_params, where="loss")
+        loss = functools.partial(loss_fn, **loss_params)
+    except RegistryError as exc:
+        raise ConfigError(f"loss: {exc}") from None
     regs = []
     for i, spec in enumerate(cfg.regularizers):
         name, params = split_spec(spec)
@@ -63,24 +128,57 @@ def build_components(cfg: Config) -> Components:
             regs.append(REGULARIZERS.build(name, **params))
         except (RegistryError, ValueError, TypeError) as exc:
             raise ConfigError(f"regularizers.{i}: {exc}") from None
-    return Components(
-        advantage=_partial(ADVANTAGES, "advantage", cfg.advantage),
-        loss=_partial(LOSSES, "loss", loss_spec),
+    comps = Components(
+        advantage=_bind(ADVANTAGES, "advantage", adv_spec, ADVANTAGE_INPUTS),
+        modifiers=[
+            _bind(ADVANTAGE_MODIFIERS, f"advantage.modifiers.{i}", m, ADVANTAGE_INPUTS)
+            for i, m in enumerate(modifier_specs)
+        ],
+        loss=loss,
+        loss_fn=loss_fn,
         aggregation=aggregation,
         aggregation_name=agg_name,
         regularizers=regs,
+        token_mask=_bind(TOKEN_MASKS, "token_mask", cfg.token_mask, TOKEN_MASK_INPUTS)
+        if cfg.token_mask
+        else None,
+        sample_filters=[
+            _bind(SAMPLE_FILTERS, f"sample_filters.{i}", f, SAMPLE_FILTER_INPUTS)
+            for i, f in enumerate(cfg.sample_filters)
+        ],
     )
+    check_compatible(comps, cfg)
+    return comps
+
+
+def check_compatible(comps: Components, cfg: Config) -> None:
+    """Combinations that cannot work, refused at start-up with the reason."""
+    if comps.token_mask is not None and comps.needs_whole_groups:
+        raise ConfigError(
+            f"token_mask: loss {comps.loss_fn.__name__!r} scores whole sequences per group and "
+            f"cannot use a per-token mask ({comps.token_mask.name}); drop one of them"
+        )
+    refills = [f.name for f in comps.sample_filters if f.refill]
+    if len(refills) > 1:
+        raise ConfigError(f"sample_filters: only one refilling filter at a time, got {refills}")
+    if "baseline_B" in comps.advantage_inputs() and cfg.rollout.temperature == 0:
+        raise ConfigError("advantage: remax's greedy baseline equals the samples at temperature 0")
+    if comps.advantage.name == "single_stream" and cfg.rollout.num_generations != 1:
+        raise ConfigError(
+            f"rollout.num_generations: single_stream samples one completion per prompt, got {cfg.rollout.num_generations}"
+        )
 
 
 def build_rewards(cfg: Config) -> Any:
     from grouprl.rewards import RewardSet
 
-    if not cfg.rewards:
+    items = list(cfg.rewards) + list(cfg.extra_rewards)
+    if not items:
         raise ConfigError(
             "rewards: no reward function configured; add e.g. rewards: [math_accuracy]"
         )
     try:
-        return RewardSet.from_config(cfg.rewards)
+        return RewardSet.from_config(items)
     except ConfigError:
         raise
     except Exception as exc:  # file not found, bad function name, unknown key...

@@ -110,6 +110,13 @@ class Config:
         default_factory=lambda: {"name": "ppo_clip", "aggregation": "token_mean"}
     )
     regularizers: list[dict[str, Any]] = field(default_factory=list)
+    token_mask: dict[str, Any] | None = None  # e.g. {name: forking_tokens, rho: 0.2}
+    sample_filters: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # e.g. [{name: dynamic_sampling}]
+    extra_rewards: list[Any] = field(
+        default_factory=list
+    )  # recipe-level shaping, added to `rewards`
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -317,6 +324,10 @@ def validate(cfg: Config) -> Config:
     _check_component("loss", cfg.loss)
     for i, reg in enumerate(cfg.regularizers):
         _check_component(f"regularizers.{i}", reg)
+    for i, flt in enumerate(cfg.sample_filters):
+        _check_component(f"sample_filters.{i}", flt)
+    if cfg.token_mask is not None:
+        _check_component("token_mask", cfg.token_mask)
     check_components(cfg)
     return cfg
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -97,3 +97,86 @@ def keyword_params(obj: Any) -> set[str] | None:
         if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self":
             names.add(p.name)
     return names
+
+
+def _call_target(component: Any) -> Callable[..., Any]:
+    return component.__call__ if inspect.isclass(component) else component
+
+
+def input_params(component: Any) -> dict[str, inspect.Parameter]:
+    """Positional-or-keyword parameters (the inputs) of a function or of a class's __call__."""
+    sig = inspect.signature(_call_target(component))
+    return {
+        n: p for n, p in sig.parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD and n != "self"
+    }
+
+
+def config_params(component: Any) -> dict[str, inspect.Parameter]:
+    """Keyword-only parameters (the config) of a function or of a class's __init__."""
+    target = component.__init__ if inspect.isclass(component) else component
+    sig = inspect.signature(target)
+    return {n: p for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+class BoundComponent:
+    """A component bound to its config, called with the inputs it names.
+
+    Calling convention (advantage estimators, their modifiers, token masks, sample filters):
+    the positional-or-keyword parameters of the function (or of a class's `__call__`) name
+    the inputs it wants, by name, from what the trainer has (e.g. `rewards_BG`,
+    `entropy_NT`); a parameter with a default is optional. Keyword-only parameters (or a
+    class's `__init__` ones) are config. A class is instantiated once per run (state).
+
+    >>> from grouprl.algorithms.selection import TOKEN_MASKS
+    >>> sel = BoundComponent.build(TOKEN_MASKS, "forking_tokens", {"rho": 0.2})
+    >>> sel.required_inputs
+    ['entropy_NT', 'mask_NT']
+    """
+
+    def __init__(self, name: str, fn: Callable[..., Any], component: Any, refill: bool) -> None:
+        self.name = name
+        self._fn = fn
+        params = input_params(component)
+        self.input_names = list(params)
+        self.required_inputs = [n for n, p in params.items() if p.default is p.empty]
+        self.refill = refill
+        self.instance: Any = None  # the object, for stateful (class) components
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.instance.state_dict() if hasattr(self.instance, "state_dict") else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and hasattr(self.instance, "load_state_dict"):
+            self.instance.load_state_dict(state)
+
+    @staticmethod
+    def build(
+        registry: Registry, name: str, params: Mapping[str, Any] | None = None
+    ) -> BoundComponent:
+        """Check `params` against the component's keyword-only parameters and bind them."""
+        component = registry.get(name)
+        params = dict(params or {})
+        accepted = config_params(component)
+        for key in params:
+            if key not in accepted:
+                raise RegistryError(
+                    f"{registry.kind} {name!r} has no parameter {key!r}"
+                    f"{did_you_mean(key, sorted(accepted))}; accepted: "
+                    f"{', '.join(sorted(accepted)) or 'none'}"
+                )
+        if inspect.isclass(component):
+            fn: Callable[..., Any] = component(**params)  # stateful: one instance per run
+        else:
+
+            def fn(**inputs: Any) -> Any:
+                return component(**inputs, **params)
+
+        bound = BoundComponent(name, fn, component, bool(getattr(component, "refill", False)))
+        bound.instance = fn if inspect.isclass(component) else None
+        return bound
+
+    def __call__(self, inputs: Mapping[str, Any]) -> Any:
+        missing = [n for n in self.required_inputs if inputs.get(n) is None]
+        if missing:
+            raise ValueError(f"{self.name}: missing inputs {', '.join(missing)}")
+        return self._fn(**{n: inputs[n] for n in self.input_names if inputs.get(n) is not None})

@@ -295,7 +295,7 @@ def bnpo(
     keep_BG = valid_BG & ~_no_signal(r_BG, valid_BG, n_B)[:, None]  # exact, on raw rewards
     p_B = torch.where(valid_BG, x_BG, 0.0).sum(dim=-1) / n_B.clamp(min=1)
     a, b = bnpo_beta_params(p_B[n_B >= 2])
-    weight_B = torch.exp(_beta_log_pdf(p_B, a, b)).clamp(min=0.0, max=max_weight)
+    weight_B = torch.exp(-_beta_log_pdf(p_B, a, b)).clamp(min=0.0, max=max_weight)
     return torch.where(keep_BG, centered_BG * weight_B[:, None], 0.0).float()
 
 

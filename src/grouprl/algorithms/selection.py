@@ -30,16 +30,15 @@ B prompts, G completions per prompt.
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from grouprl.registry import Registry, RegistryError, did_you_mean
+from grouprl.registry import BoundComponent, Registry, config_params, input_params  # noqa: F401
 
 TOKEN_MASKS: Registry = Registry("token mask")
 SAMPLE_FILTERS: Registry = Registry("sample filter")
@@ -115,68 +114,8 @@ class FilterOutput:
 # ---------------------------------------------------------------------------------------
 
 
-def _call_target(component: Any) -> Callable[..., Any]:
-    return component.__call__ if inspect.isclass(component) else component
-
-
-def input_params(component: Any) -> dict[str, inspect.Parameter]:
-    """Positional-or-keyword parameters (the inputs) of a function or of a class's __call__."""
-    sig = inspect.signature(_call_target(component))
-    return {
-        n: p for n, p in sig.parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD and n != "self"
-    }
-
-
-def config_params(component: Any) -> dict[str, inspect.Parameter]:
-    """Keyword-only parameters (the config) of a function or of a class's __init__."""
-    target = component.__init__ if inspect.isclass(component) else component
-    sig = inspect.signature(target)
-    return {n: p for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
-
-
-class Selector:
-    """A token mask or sample filter bound to its config: call it with the available inputs.
-
-    >>> sel = Selector.build(TOKEN_MASKS, "forking_tokens", {"rho": 0.2})
-    >>> sel.required_inputs
-    ['entropy_NT', 'mask_NT']
-    """
-
-    def __init__(self, name: str, fn: Callable[..., Any], component: Any, refill: bool) -> None:
-        self.name = name
-        self._fn = fn
-        params = input_params(component)
-        self.input_names = list(params)
-        self.required_inputs = [n for n, p in params.items() if p.default is p.empty]
-        self.refill = refill
-
-    @staticmethod
-    def build(registry: Registry, name: str, params: Mapping[str, Any] | None = None) -> Selector:
-        """Check `params` against the component's keyword-only parameters and bind them."""
-        component = registry.get(name)
-        params = dict(params or {})
-        accepted = config_params(component)
-        for key in params:
-            if key not in accepted:
-                raise RegistryError(
-                    f"{registry.kind} {name!r} has no parameter {key!r}"
-                    f"{did_you_mean(key, sorted(accepted))}; accepted: "
-                    f"{', '.join(sorted(accepted)) or 'none'}"
-                )
-        if inspect.isclass(component):
-            fn: Callable[..., Any] = component(**params)  # stateful: one instance per run
-        else:
-
-            def fn(**inputs: Any) -> Any:
-                return component(**inputs, **params)
-
-        return Selector(name, fn, component, bool(getattr(component, "refill", False)))
-
-    def __call__(self, inputs: Mapping[str, Any]) -> Any:
-        missing = [n for n in self.required_inputs if inputs.get(n) is None]
-        if missing:
-            raise ValueError(f"{self.name}: missing inputs {', '.join(missing)}")
-        return self._fn(**{n: inputs[n] for n in self.input_names if inputs.get(n) is not None})
+# The by-name calling convention lives in the registry (shared with advantage estimators).
+Selector = BoundComponent
 
 
 # ---------------------------------------------------------------------------------------

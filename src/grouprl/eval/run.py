@@ -12,7 +12,7 @@ from grouprl.eval.metrics import mean_ci95, summarize_samples
 from grouprl.monitor.progress import ProgressBar
 from grouprl.rollout.base import SamplingParams
 from grouprl.rollout.hf import HFEngine
-from grouprl.training.batching import reward_inputs
+from grouprl.training.batching import reward_inputs, rollout_columns
 
 
 def evaluate(
@@ -58,6 +58,8 @@ def evaluate(
             chunk = list(examples[s : s + batch_prompts])
             ro = engine.generate([ex.text for ex in chunk], params)
             prompts, comps, cols = reward_inputs(chunk, ro.completions, n)
+            for key, values in rollout_columns(ro, max_new_tokens).items():
+                cols.setdefault(key, values)
             res = rewards(prompts, comps, cols)
             vals = res.rewards_NK
             for i in range(len(chunk)):

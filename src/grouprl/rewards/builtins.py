@@ -230,3 +230,45 @@ def exact_match(
         None if gold is None else float(norm(completion_text(c)) == norm(str(gold)))
         for c, gold in zip(completions, golds, strict=True)
     ]
+
+
+# ---------------------------------------------------------------- length shaping
+
+
+@REWARDS.register("overlong_penalty")
+def overlong_penalty(
+    prompts: list,
+    completions: list,
+    completion_ids: list | None = None,
+    max_completion_length: list | None = None,
+    *,
+    max_length: int | None = None,
+    buffer: int | None = None,
+    buffer_fraction: float = 0.2,
+    **kw: Any,
+) -> list[float | None]:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13).
+
+    With L the completion's token count, L_max the max completion length and L_c the
+    buffer: R = 0 if L <= L_max - L_c; R = ((L_max - L_c) - L) / L_c inside the buffer;
+    R = -1 beyond L_max. L_max is `max_length`, or the trainer's max completion length
+    (passed as the `max_completion_length` column); L_c is `buffer`, or
+    `buffer_fraction` * L_max (DAPO: 4096 of 20480 = 0.2). Lengths come from the
+    `completion_ids` column (token ids, as TRL passes them); without it, characters.
+    """
+    out: list[float | None] = []
+    for i, c in enumerate(completions):
+        L_max = max_length or (max_completion_length[i] if max_completion_length else None)
+        if not L_max:
+            raise ValueError(
+                "overlong_penalty: set params.max_length (no max_completion_length column)"
+            )
+        L_c = buffer if buffer is not None else max(1, int(round(buffer_fraction * L_max)))
+        L = len(completion_ids[i]) if completion_ids is not None else len(completion_text(c))
+        if L <= L_max - L_c:
+            out.append(0.0)
+        elif L <= L_max:
+            out.append(((L_max - L_c) - L) / L_c)
+        else:
+            out.append(-1.0)
+    return out

@@ -29,3 +29,15 @@ def reward_inputs(
 
 def micro_batches(n: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def rollout_columns(ro: Any, max_new_tokens: int) -> dict[str, list[Any]]:
+    """Extra reward kwargs from the rollouts: token ids (as TRL passes `completion_ids`) and
+    the max completion length (for length shaping such as DAPO's overlong penalty)."""
+    return {
+        "completion_ids": [
+            row[: int(n)].tolist()
+            for row, n in zip(ro.completion_ids_NT, ro.lengths_N, strict=True)
+        ],
+        "max_completion_length": [max_new_tokens] * ro.num_rollouts,
+    }

@@ -13,7 +13,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,15 @@ from grouprl.components import Components, build_components, build_rewards
 from grouprl.config import Config, ConfigError, dump_config, load_config
 from grouprl.data.datasets import PromptDataset, load_prompts
 from grouprl.data.sampler import PromptSampler
+from grouprl.eval.answers import extract_answer
 from grouprl.models.forward import completion_logprobs
 from grouprl.models.loading import load_model_and_tokenizer
 from grouprl.monitor.progress import ProgressBar
 from grouprl.monitor.sinks import MetricsLogger
 from grouprl.rollout.base import ROLLOUT_ENGINES, Rollouts, SamplingParams
-from grouprl.training.batching import micro_batches, reward_inputs
+from grouprl.training.batching import micro_batches, reward_inputs, rollout_columns
 from grouprl.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from grouprl.training.collect import ScoredBatch, batch_inputs, concat_batches
 from grouprl.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("grouprl")
@@ -209,6 +211,10 @@ class Trainer:
 
             load_weights(self.ref_model, self.run_dir / "reference")
         self.sampler.load_state_dict(state["data_cursor"])
+        for key, comp_state in state.get("components", {}).items():
+            stateful = self.components.stateful()
+            if key in stateful:
+                stateful[key].load_state_dict(comp_state)
         self.step = int(state["step"])
         log.info("resumed from %s (step %d)", ckpt, self.step)
 
@@ -220,7 +226,10 @@ class Trainer:
             tokenizer=self.tokenizer,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            trainer_state={"data_cursor": self.sampler.state_dict()},
+            trainer_state={
+                "data_cursor": self.sampler.state_dict(),
+                "components": {k: c.state_dict() for k, c in self.components.stateful().items()},
+            },
             keep=self.cfg.train.keep_checkpoints,
         )
 
@@ -243,47 +252,168 @@ class Trainer:
         mbs = micro_batches(ro.num_rollouts, self.cfg.train.micro_batch_size)
         return torch.cat([self._forward(model, ro.select(s), with_entropy=False)[0] for s in mbs])
 
-    def compute_advantages(self, rewards_N: torch.Tensor, B: int) -> torch.Tensor:
-        return self.components.advantage(rewards_N.view(B, -1)).reshape(-1)
+    # ------------------------------------------------------------------ sampling and scoring
+    def _generate_and_score(self, n_prompts: int) -> ScoredBatch:
+        indices = self.sampler.next(n_prompts)
+        examples = [self.dataset[i] for i in indices]
+        ro = self.engine.generate([ex.text for ex in examples], self.sampling)
+        prompts, comps, columns = reward_inputs(examples, ro.completions, ro.group_size)
+        for key, values in rollout_columns(ro, self.sampling.max_new_tokens).items():
+            columns.setdefault(key, values)
+        result = self.rewards(prompts, comps, columns)
+        return ScoredBatch(examples, indices, ro, result.rewards_NK, dict(result.errors))
 
-    def optimize(self, ro: Rollouts, adv_N: torch.Tensor) -> dict[str, float]:
-        """`num_iterations` optimizer steps over the batch, micro-batched with exact normalization."""
+    def collect(self, B: int) -> tuple[ScoredBatch, dict[str, float]]:
+        """B scored groups; a refilling filter (dynamic sampling) replaces dropped groups."""
+        refill = next((f for f in self.components.sample_filters if f.refill), None)
+        if refill is None:
+            return self._generate_and_score(B), {}
+        parts, kept, dropped, tries = [], 0, 0, 0
+        while True:
+            batch = self._generate_and_score(B - kept)
+            tries += 1
+            rewards_N = combine_rewards(batch.rewards_NK, self.rewards.weights_K)
+            out = refill(batch_inputs(batch, rewards_N, self.rewards.weights_K))
+            keep = [g for g in range(batch.num_groups) if not bool(out.drop_groups_B[g])]
+            dropped += batch.num_groups - len(keep)
+            if keep:
+                parts.append(batch.select_groups(keep))
+                kept += len(keep)
+            if kept >= B or tries > out.max_tries:
+                break
+        stats = {
+            f"{refill.name}/dropped_groups": float(dropped),
+            f"{refill.name}/sampling_rounds": float(tries),
+            f"{refill.name}/kept_groups": float(kept),
+        }
+        if not parts:  # every group was dropped: train on the last batch (its advantages are 0)
+            return batch, stats
+        return concat_batches(parts, self.tokenizer.pad_token_id), stats
+
+    def _greedy_baseline(self, batch: ScoredBatch) -> torch.Tensor:
+        """ReMax's baseline: the combined reward of one greedy completion per prompt."""
+        params = replace(self.sampling, num_generations=1, temperature=0.0)
+        ro = self.engine.generate([ex.text for ex in batch.examples], params)
+        prompts, comps, columns = reward_inputs(batch.examples, ro.completions, 1)
+        for key, values in rollout_columns(ro, self.sampling.max_new_tokens).items():
+            columns.setdefault(key, values)
+        res = self.rewards(prompts, comps, columns)
+        return combine_rewards(res.rewards_NK, self.rewards.weights_K)
+
+    def compute_advantages(
+        self, batch: ScoredBatch, rewards_N: torch.Tensor, old: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """adv_N from the configured estimator and modifiers, fed by the inputs they name."""
+        comp = self.components
+        inputs = batch_inputs(batch, rewards_N, self.rewards.weights_K)
+        B, G = batch.num_groups, batch.rollouts.group_size
+        wanted = comp.advantage_inputs()
+        if "baseline_B" in wanted:
+            inputs["baseline_B"] = self._greedy_baseline(batch)
+        if "seq_logp_BG" in wanted:
+            inputs["seq_logp_BG"] = old["old_logp_NT"].sum(1).view(B, G)
+        if "answers_BG" in wanted:
+            ans = [extract_answer(c) for c in batch.rollouts.completions]
+            inputs["answers_BG"] = [ans[b * G : (b + 1) * G] for b in range(B)]
+        adv_BG = comp.advantage(inputs)
+        for mod in comp.modifiers:
+            adv_BG = mod({**inputs, "adv_BG": adv_BG})
+        return adv_BG.reshape(-1).float()
+
+    # ------------------------------------------------------------------ the update
+    def _micro_batches(self, ro: Rollouts) -> list[slice]:
+        size = self.cfg.train.micro_batch_size
+        if self.components.needs_whole_groups:  # losses that couple a group's rows
+            G = ro.group_size
+            size = max(G, size - size % G)
+        return micro_batches(ro.num_rollouts, size)
+
+    @torch.no_grad()
+    def _old_policy_pass(self, ro: Rollouts, with_entropy: bool) -> dict[str, torch.Tensor]:
+        logps, ents = [], []
+        for s in self._micro_batches(ro):
+            lp, ent = self._forward(self.model, ro.select(s), with_entropy=with_entropy)
+            logps.append(lp)
+            if ent is not None:
+                ents.append(ent)
+        out = {"old_logp_NT": torch.cat(logps)}
+        if ents:
+            out["entropy_NT"] = torch.cat(ents)
+        return out
+
+    def optimize(
+        self,
+        ro: Rollouts,
+        adv_N: torch.Tensor,
+        *,
+        rewards_N: torch.Tensor | None = None,
+        token_weight_NT: torch.Tensor | None = None,
+        denominator: str = "all",
+        old_logp_NT: torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """`num_iterations` optimizer steps over the batch, micro-batched with exact normalization.
+
+        The policy term is normalized over the tokens it trains on (all completion tokens,
+        or only the selected ones for a token mask with denominator "selected"); the
+        regularizers over all completion tokens. Both normalizers span the whole batch.
+        """
         cfg, comp = self.cfg.train, self.components
         mask = ro.completion_mask_NT
-        norm = BatchNorm.of(mask, self.sampling.max_new_tokens)
+        G = ro.group_size
+        num_groups = ro.num_rollouts // G
+        group_N = torch.arange(ro.num_rollouts, device=mask.device) // G
+        policy_mask = (
+            mask
+            if token_weight_NT is None or denominator == "all"
+            else mask * (token_weight_NT > 0)
+        )
+        policy_norm = BatchNorm.of(policy_mask, self.sampling.max_new_tokens, num_groups)
+        reg_norm = BatchNorm.of(mask, self.sampling.max_new_tokens, num_groups)
         # With one iteration the policy has not moved when each micro-batch runs, so
         # logp.detach() *is* π_old: same forward, ratio exactly 1, one forward saved.
-        old_logp = self._logprobs_no_grad(self.model, ro) if cfg.num_iterations > 1 else None
+        if old_logp_NT is None and cfg.num_iterations > 1:
+            old_logp_NT = self._old_policy_pass(ro, with_entropy=False)["old_logp_NT"]
         ref_logp = (
             self._logprobs_no_grad(self.ref_model, ro) if self.ref_model is not None else None
         )
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, float] = defaultdict(float)
+        scalar_stats: dict[str, list[float]] = defaultdict(list)
         self.model.train()
-        for _ in range(cfg.num_iterations):
+        for it in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             total_loss = 0.0
-            for s in micro_batches(ro.num_rollouts, cfg.micro_batch_size):
+            for s in self._micro_batches(ro):
                 mb = ro.select(s)
                 logp, ent = self._forward(self.model, mb, with_entropy=True)
                 mask_mb = mask[s]
                 inp = PolicyInputs(
                     logp_NT=logp,
-                    old_logp_NT=old_logp[s] if old_logp is not None else logp.detach(),
+                    old_logp_NT=old_logp_NT[s] if old_logp_NT is not None else logp.detach(),
                     mask_NT=mask_mb,
                     adv_N=adv_N[s],
                     entropy_NT=ent if comp.needs_entropy_grad else ent.detach(),
                     ref_logp_NT=ref_logp[s] if ref_logp is not None else None,
+                    rewards_N=rewards_N[s] if rewards_N is not None else None,
+                    group_N=group_N[s],
+                    token_weight_NT=token_weight_NT[s] if token_weight_NT is not None else None,
+                    norm=policy_norm,
+                    step=self.step * cfg.num_iterations + it,
                 )
-                terms = [comp.loss(inp)] + [reg(inp) for reg in comp.regularizers]
-                per_token = sum(t.per_token_NT for t in terms)
-                loss = comp.aggregation(per_token, mask_mb, norm)
+                policy = comp.loss(inp)
+                inp.norm = reg_norm
+                regs = [reg(inp) for reg in comp.regularizers]
+                loss = self._aggregate(policy, policy_mask[s], policy_norm)
+                for term in regs:
+                    loss = loss + self._aggregate(term, mask_mb, reg_norm)
                 loss.backward()
                 total_loss += float(loss.detach())
                 n_tok = float(mask_mb.sum())
                 stats = {"entropy": ent.detach()}
-                for t in terms:
-                    stats.update(t.stats_NT)
+                for term in [policy, *regs]:
+                    stats.update(term.stats_NT)
+                    for k, v in term.stats.items():
+                        scalar_stats[k].append(float(v))
                 for k, v in stats.items():
                     sums[k] += float((v.detach() * mask_mb).sum())
                     counts[k] += n_tok
@@ -301,32 +431,87 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
         out = {k: sums[k] / counts[k] if counts[k] else 0.0 for k in sums}
+        out.update({k: sum(v) / len(v) for k, v in scalar_stats.items()})
         out["loss"] = total_loss
         out["grad_norm"] = float(grad_norm)
         out["learning_rate"] = self.scheduler.get_last_lr()[0]
         return out
 
+    def _aggregate(self, term: Any, mask_NT: torch.Tensor, norm: BatchNorm) -> torch.Tensor:
+        if term.aggregated is not None:  # a term that normalizes itself (e.g. DisCO)
+            return term.aggregated
+        return self.components.aggregation(term.per_token_NT, mask_NT, norm)
+
     def train_step(self) -> dict[str, float]:
-        cfg = self.cfg
-        B, G = cfg.train.prompts_per_step, self.sampling.num_generations
+        cfg, comp = self.cfg, self.components
         t0 = time.perf_counter()
-        examples = [self.dataset[i] for i in self.sampler.next(B)]
-        ro = self.engine.generate([ex.text for ex in examples], self.sampling)
+        batch, metrics = self.collect(cfg.train.prompts_per_step)
+        ro = batch.rollouts
+        B, G = batch.num_groups, ro.group_size
         t1 = time.perf_counter()
-        prompts, comps, columns = reward_inputs(examples, ro.completions, G)
-        result = self.rewards(prompts, comps, columns)
-        rewards_N = combine_rewards(result.rewards_NK, self.rewards.weights_K)
-        adv_N = self.compute_advantages(rewards_N, B)
+        rewards_N = combine_rewards(batch.rewards_NK, self.rewards.weights_K)
+        # One no-grad pass of the sampling policy when a component needs its entropy or
+        # log-probs over the whole batch (token masks, SEED-GRPO, XRPO, ...).
+        mask_inputs = set(comp.token_mask.input_names) if comp.token_mask else set()
+        need_old = (
+            bool(mask_inputs & {"entropy_NT", "old_logp_NT"})
+            or "seq_logp_BG" in comp.advantage_inputs()
+        )
+        old = (
+            self._old_policy_pass(ro, with_entropy="entropy_NT" in mask_inputs) if need_old else {}
+        )
+        adv_N = self.compute_advantages(batch, rewards_N, old)
         t2 = time.perf_counter()
-        train_stats = self.optimize(ro, adv_N)
+        token_weight, denominator = None, "all"
+        inputs = batch_inputs(batch, rewards_N, self.rewards.weights_K)
+        inputs["adv_BG"] = adv_N.view(B, G)
+        for flt in comp.sample_filters:
+            if flt.refill:
+                continue
+            out = flt(inputs)
+            row_w = out.keep_BG.reshape(-1, 1).to(ro.completion_mask_NT.dtype)
+            token_weight = (
+                row_w * ro.completion_mask_NT if token_weight is None else token_weight * row_w
+            )
+            metrics.update(out.stats)
+        if comp.token_mask is not None:
+            sel = comp.token_mask(
+                {
+                    "entropy_NT": old.get("entropy_NT"),
+                    "old_logp_NT": old.get("old_logp_NT"),
+                    "mask_NT": ro.completion_mask_NT,
+                    "adv_N": adv_N,
+                    "completion_ids_NT": ro.completion_ids_NT,
+                    "group_N": torch.arange(ro.num_rollouts) // G,
+                    "step": self.step,
+                    "max_steps": cfg.train.max_steps,
+                }
+            )
+            token_weight = (
+                sel.token_weight_NT if token_weight is None else token_weight * sel.token_weight_NT
+            )
+            denominator = sel.denominator
+            if sel.adv_N is not None:
+                adv_N = sel.adv_N.float()
+            metrics.update(sel.stats)
+        # with num_iterations == 1, the pre-pass log-probs are the same numbers the update's
+        # forward gives (same inputs, same micro-batches), so reuse keeps the ratio exactly 1
+        train_stats = self.optimize(
+            ro,
+            adv_N,
+            rewards_N=rewards_N,
+            token_weight_NT=token_weight,
+            denominator=denominator,
+            old_logp_NT=old.get("old_logp_NT") if cfg.train.num_iterations > 1 else None,
+        )
         t3 = time.perf_counter()
-        metrics: dict[str, float] = dict(group_reward_stats(rewards_N.view(B, G)))
-        for k, name in enumerate(result.names):
-            col = result.rewards_NK[:, k]
+        metrics.update(group_reward_stats(rewards_N.view(B, G)))
+        for k, name in enumerate(self.rewards.names):
+            col = batch.rewards_NK[:, k]
             valid = col[~torch.isnan(col)]
             metrics[f"rewards/{name}/mean"] = float(valid.mean()) if valid.numel() else float("nan")
             metrics[f"rewards/{name}/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
-            metrics[f"rewards/{name}/errors"] = float(result.errors.get(name, 0))
+            metrics[f"rewards/{name}/errors"] = float(batch.errors.get(name, 0))
             metrics[f"rewards/{name}/nan_count"] = float(torch.isnan(col).sum())
         lengths = ro.lengths_N
         metrics["completions/mean_length"] = float(lengths.mean())
@@ -334,6 +519,11 @@ class Trainer:
         metrics["completions/max_length"] = float(lengths.max())
         metrics["completions/clipped_ratio"] = float(ro.truncated_N.float().mean())
         metrics["advantage/abs_mean"] = float(adv_N.abs().mean())
+        if token_weight is not None:
+            kept = (token_weight > 0).float() * ro.completion_mask_NT
+            metrics["selection/kept_token_frac"] = float(
+                kept.sum() / ro.completion_mask_NT.sum().clamp(min=1)
+            )
         metrics.update(train_stats)
         tokens = float(ro.prompt_mask_NP.sum() + ro.completion_mask_NT.sum())
         metrics["time/generate"] = t1 - t0
