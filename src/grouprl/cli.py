@@ -152,22 +152,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from importlib import resources
-
-    import yaml
-
-    from grouprl.config import dump_config, load_config, recipe_names
+    from grouprl.config import dump_config, load_config, recipe_info, recipe_names
 
     if args.name:
+        info = recipe_info(args.name)
+        print(
+            f"# {args.name}: {info['description']}\n# source: {info['source']} ({info['confidence']})"
+        )
         print(dump_config(load_config({"recipe": args.name}, check=True)))
         return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="grouprl recipes (grouprl recipes NAME prints the resolved config)")
+    for col in ("name", "what it changes", "paper", "confidence"):
+        table.add_column(col, overflow="fold")
     for name in recipe_names():
-        meta = yaml.safe_load(
-            resources.files("grouprl.recipes").joinpath(f"{name}.yaml").read_text()
-        )
-        print(
-            f"{name:12s} {meta.get('description', '')}\n{'':12s} source: {meta.get('source', '')}"
-        )
+        info = recipe_info(name)
+        table.add_row(name, info["changes"], info["source"], info["confidence"])
+    Console(width=max(100, Console().width)).print(table)
     return 0
 
 

@@ -142,9 +142,22 @@ def load_recipe(name: str) -> dict[str, Any]:
         )
     text = resources.files("grouprl.recipes").joinpath(f"{name}.yaml").read_text()
     data = yaml.safe_load(text) or {}
-    data.pop("description", None)
-    data.pop("source", None)
+    for key in RECIPE_META:
+        data.pop(key, None)
     return data
+
+
+RECIPE_META = ("description", "changes", "source", "confidence")
+
+
+def recipe_info(name: str) -> dict[str, str]:
+    """A recipe's metadata: description, what it changes, source paper, confidence."""
+    load_recipe(name)  # validates the name
+    data = (
+        yaml.safe_load(resources.files("grouprl.recipes").joinpath(f"{name}.yaml").read_text())
+        or {}
+    )
+    return {k: str(data.get(k, "")) for k in RECIPE_META}
 
 
 # ---------------------------------------------------------------------------- merging

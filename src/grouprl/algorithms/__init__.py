@@ -1,11 +1,21 @@
-"""Pure tensor math of grouprl: advantages, policy losses, aggregations, regularizers.
+"""Pure tensor math of grouprl: advantages, policy losses, aggregations, regularizers,
+token masks and sample filters.
 
 Each kind of component lives in a registry and is looked up by its config name.
 """
 
-from grouprl.algorithms.advantages import ADVANTAGES
+from grouprl.algorithms.advantages import ADVANTAGE_MODIFIERS, ADVANTAGES
 from grouprl.algorithms.aggregation import AGGREGATIONS
 from grouprl.algorithms.losses import LOSSES
 from grouprl.algorithms.regularizers import REGULARIZERS
+from grouprl.algorithms.selection import SAMPLE_FILTERS, TOKEN_MASKS
 
-__all__ = ["ADVANTAGES", "AGGREGATIONS", "LOSSES", "REGULARIZERS"]
+__all__ = [
+    "ADVANTAGES",
+    "ADVANTAGE_MODIFIERS",
+    "AGGREGATIONS",
+    "LOSSES",
+    "REGULARIZERS",
+    "SAMPLE_FILTERS",
+    "TOKEN_MASKS",
+]
