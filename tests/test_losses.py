@@ -121,3 +121,19 @@ def test_reinforce() -> None:
     torch.testing.assert_close(out.per_token_NT, torch.tensor([[1.0], [-2.0]]))
     out.per_token_NT.sum().backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[-2.0], [1.0]]))
+
+
+def test_ppo_clip_and_reinforce_apply_token_weights():
+    # weights 0 / 1 / 2 scale each token's objective: 0 -> no gradient, 2 -> twice the push
+    from grouprl.algorithms.losses import reinforce
+
+    logp = torch.zeros(1, 3, requires_grad=True)
+    w = torch.tensor([[0.0, 1.0, 2.0]])
+    for loss_fn in (ppo_clip, reinforce):
+        logp.grad = None
+        inp = PolicyInputs(
+            logp, logp.detach(), torch.ones(1, 3), torch.tensor([1.5]), token_weight_NT=w
+        )
+        loss_fn(inp).per_token_NT.sum().backward()
+        # d(-A·ρ·w)/dlogp at ρ = 1 is -A·w = -1.5·w
+        assert logp.grad.tolist() == [[0.0, -1.5, -3.0]]

@@ -72,7 +72,7 @@ def ppo_clip(
     high_NT = (ratio > 1.0 + eps_high) & (adv_NT > 0)
     dtype = logp_NT.dtype
     return TermOutput(
-        per_token_NT=-objective_NT,
+        per_token_NT=-_token_weighted(objective_NT, inp),
         stats_NT={
             "clip_ratio/low_mean": low_NT.to(dtype),
             "clip_ratio/high_mean": high_NT.to(dtype),
@@ -90,7 +90,7 @@ def reinforce(inp: PolicyInputs) -> TermOutput:
     Its gradient equals ppo_clip's when π_old = π_θ (on-policy, one update per batch).
     """
     adv_NT = broadcast_adv(inp.adv_N, inp.logp_NT)
-    return TermOutput(per_token_NT=-adv_NT * inp.logp_NT)
+    return TermOutput(per_token_NT=-_token_weighted(adv_NT * inp.logp_NT, inp))
 
 
 # ---------------------------------------------------------------------------------------
