@@ -41,6 +41,8 @@ class ModelConfig:
     # Prefix Grouper: encode each prompt once per group in training (exact same gradients).
     # auto = on when a quick self-check passes on this model, else off with a one-line reason.
     shared_prefix: str = choice("auto", "auto", "on", "off")
+    # attention of the packed layout: flex (block-sparse; default on CUDA) or sdpa (dense mask)
+    shared_prefix_backend: str = choice("auto", "auto", "sdpa", "flex")
     logprob_chunk_size: int = (
         1024  # positions per LM-head chunk (fp32 logits of one chunk at a time)
     )

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from grouprl.models.shared_prefix import pack_groups, packed_attention_active
+from grouprl.models.shared_prefix import pack_groups, packed_attention_active, resolve_backend
 
 DEFAULT_CHUNK = 1024
 # Config attributes that change logits after the LM head; such models use the plain forward.
@@ -138,6 +138,7 @@ def completion_logprobs(
     with_entropy: bool = False,
     shared_prefix: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
+    attn_backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs [N, T] of each completion token given its prompt, and optionally entropy [N, T].
 
@@ -166,6 +167,7 @@ def completion_logprobs(
     decoder = model.get_decoder()
     if shared_prefix:
         layout = pack_groups(prompt_ids_NP, prompt_mask_NP, completion_ids_NT, completion_mask_NT)
+        layout.backend = resolve_backend(attn_backend, completion_ids_NT.device)
         with packed_attention_active(model, layout):
             hidden = decoder(
                 input_ids=layout.input_ids_RL, position_ids=layout.position_ids_RL, use_cache=False

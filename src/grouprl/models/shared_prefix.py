@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,8 @@ class PackedLayout:
     row_N: Tensor
     src_col_NT: Tensor
     length_N: Tensor
-    _masks: dict[int | None, Tensor] = field(default_factory=dict)
+    backend: str = "sdpa"  # "sdpa" (dense boolean mask) or "flex" (block-sparse FlexAttention)
+    _masks: dict[Any, Any] = field(default_factory=dict)
 
     def attention_mask(self, sliding_window: int | None = None) -> Tensor:
         """Boolean [R, 1, L, L] mask (True = may attend), cached per sliding window."""
@@ -60,6 +62,27 @@ class PackedLayout:
                 self.segment_RL, self.position_ids_RL, sliding_window
             )
         return self._masks[sliding_window]
+
+    def block_mask(self, sliding_window: int | None = None) -> Any:
+        """FlexAttention BlockMask of the same rule, built from segment ids (never [L, L] dense)."""
+        key = ("flex", sliding_window)
+        if key not in self._masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            seg, pos = self.segment_RL, self.position_ids_RL
+
+            def mask_mod(b, h, q, k):
+                sq, sk = seg[b, q], seg[b, k]
+                ok = (k <= q) & (sk >= 0) & ((sk == 0) | (sk == sq))
+                if sliding_window is not None:
+                    ok = ok & (pos[b, q] - pos[b, k] < sliding_window)
+                return ok
+
+            R, L = seg.shape
+            self._masks[key] = create_block_mask(
+                mask_mod, B=R, H=None, Q_LEN=L, KV_LEN=L, device=seg.device
+            )
+        return self._masks[key]
 
 
 def build_packed_mask(
@@ -172,6 +195,16 @@ def packed_attention(
         raise NotImplementedError(
             "attention sinks / logit softcapping are not supported by the packed layout"
         )
+    if layout.backend == "flex":
+        out = _flex()(
+            query,
+            key,
+            value,
+            block_mask=layout.block_mask(sliding_window),
+            scale=scaling,
+            enable_gqa=key.shape[1] != query.shape[1],
+        )
+        return out.transpose(1, 2).contiguous(), None
     mask = layout.attention_mask(sliding_window)
     out = F.scaled_dot_product_attention(
         query,
@@ -183,6 +216,43 @@ def packed_attention(
         enable_gqa=key.shape[1] != query.shape[1],
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+_FLEX_FN: Any = None
+
+
+def _flex() -> Any:
+    """flex_attention, compiled on GPU (dynamic shapes: packed lengths change every step).
+
+    On CPU it runs eagerly (a reference implementation, used by the equivalence tests)."""
+    global _FLEX_FN
+    if _FLEX_FN is None:
+        import warnings
+
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if torch.cuda.is_available():
+            _FLEX_FN = torch.compile(flex_attention, dynamic=True)
+        else:
+
+            def _eager(*args: Any, **kwargs: Any) -> Tensor:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return flex_attention(*args, **kwargs)
+
+            _FLEX_FN = _eager
+    return _FLEX_FN
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """auto -> flex on CUDA (block-sparse, no dense mask), sdpa elsewhere."""
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if name not in ("sdpa", "flex"):
+        raise ValueError(
+            f"unknown shared-prefix attention backend {name!r}; use auto, sdpa or flex"
+        )
+    return name
 
 
 def register() -> None:

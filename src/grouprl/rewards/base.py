@@ -136,6 +136,11 @@ def load_reward_fn(spec: RewardSpec) -> RewardFn:
     """
     if spec.name is not None:
         fn = REWARDS.get(spec.name)  # RegistryError (a ValueError) with did-you-mean
+        if inspect.isclass(fn):  # a stateful reward (e.g. majority_vote): params configure it
+            REWARDS.check_params(spec.name, spec.params, where=f"rewards.{spec.display_name}")
+            instance = fn(**spec.params)
+            instance.__name__ = spec.name  # type: ignore[attr-defined]
+            return instance
         _check_builtin_params(spec.name, fn, spec.params, spec.display_name)
         where = f"reward {spec.name!r}"
     else:
@@ -235,6 +240,7 @@ class RewardResult:
     names: list[str]
     errors: dict[str, int]
     nones: dict[str, int]
+    metrics: dict[str, float] = field(default_factory=dict)  # from functions' `last_metrics`
 
 
 class _BadOutput(Exception):
@@ -277,6 +283,7 @@ class RewardSet:
         rewards_NK = torch.full((n, len(self.fns)), float("nan"), dtype=torch.float32)
         errors = dict.fromkeys(self.names, 0)
         nones = dict.fromkeys(self.names, 0)
+        metrics: dict[str, float] = {}
         # Columns first, so that a column can never shadow prompts or completions.
         kwargs = {**columns, "prompts": prompts, "completions": completions}
         for k, (name, fn) in enumerate(zip(self.names, self.fns, strict=True)):
@@ -292,8 +299,17 @@ class RewardSet:
                 continue
             rewards_NK[:, k] = torch.tensor(values, dtype=torch.float32)
             nones[name] += n_none
+            # A function may report diagnostics of this call (e.g. TTRL's majority ratio).
+            target = getattr(fn, "func", fn)
+            extra = getattr(target, "last_metrics", None)
+            if isinstance(extra, dict):
+                metrics.update({str(key): float(val) for key, val in extra.items()})
         return RewardResult(
-            rewards_NK=rewards_NK, names=list(self.names), errors=errors, nones=nones
+            rewards_NK=rewards_NK,
+            names=list(self.names),
+            errors=errors,
+            nones=nones,
+            metrics=metrics,
         )
 
     def _log_failure(self, name: str, e: Exception) -> None:

@@ -25,6 +25,7 @@ class ScoredBatch:
     rollouts: Rollouts
     rewards_NK: Tensor
     errors: dict[str, int] = field(default_factory=dict)
+    reward_metrics: dict[str, float] = field(default_factory=dict)  # e.g. ttrl/majority_ratio
 
     @property
     def num_groups(self) -> int:
@@ -39,6 +40,7 @@ class ScoredBatch:
             self.rollouts.select(rows),
             self.rewards_NK[rows],
             dict(self.errors),
+            dict(self.reward_metrics),
         )
 
 
@@ -78,6 +80,7 @@ def concat_batches(parts: list[ScoredBatch], pad_token_id: int) -> ScoredBatch:
         concat_rollouts([p.rollouts for p in parts], pad_token_id),
         torch.cat([p.rewards_NK for p in parts]),
         errors,
+        parts[-1].reward_metrics,
     )
 
 

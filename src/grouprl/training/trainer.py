@@ -245,6 +245,7 @@ class Trainer:
             with_entropy=with_entropy,
             shared_prefix=self.shared_prefix,
             chunk_size=self.cfg.model.logprob_chunk_size,
+            attn_backend=self.cfg.model.shared_prefix_backend,
         )
 
     @torch.no_grad()
@@ -261,7 +262,9 @@ class Trainer:
         for key, values in rollout_columns(ro, self.sampling.max_new_tokens).items():
             columns.setdefault(key, values)
         result = self.rewards(prompts, comps, columns)
-        return ScoredBatch(examples, indices, ro, result.rewards_NK, dict(result.errors))
+        return ScoredBatch(
+            examples, indices, ro, result.rewards_NK, dict(result.errors), dict(result.metrics)
+        )
 
     def collect(self, B: int) -> tuple[ScoredBatch, dict[str, float]]:
         """B scored groups; a refilling filter (dynamic sampling) replaces dropped groups."""
@@ -506,6 +509,7 @@ class Trainer:
         )
         t3 = time.perf_counter()
         metrics.update(group_reward_stats(rewards_N.view(B, G)))
+        metrics.update(batch.reward_metrics)
         for k, name in enumerate(self.rewards.names):
             col = batch.rewards_NK[:, k]
             valid = col[~torch.isnan(col)]
