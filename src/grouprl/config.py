@@ -71,6 +71,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 256
+    num_train_samples: int = 0  # train on the first k of each group's G samples (TTRL); 0 = all
     share_prefill: bool = True  # prefill each prompt once and reuse its KV cache for the G samples
 
 
@@ -93,9 +94,10 @@ class TrainConfig:
     resume: bool = False
     tensorboard: bool = False
     progress: bool = True
-    eval_every: int = (
-        0  # held-out evaluation every N steps (0 = never); needs data.eval_path or data.task
-    )
+    collapse_monitor: str = choice("auto", "auto", "on", "off")  # auto: on with majority_vote
+    stop_on_collapse: bool = False
+    # held-out evaluation every N steps (0 = never); needs data.eval_path or data.task
+    eval_every: int = 0
     eval_samples: int = 4  # samples per held-out problem (pass@1 over them, and pass@n / maj@n)
     eval_limit: int = 200  # held-out problems per evaluation (0 = all)
 
@@ -331,6 +333,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
     if len(t.adam_betas) != 2:
         raise ConfigError(f"train.adam_betas: expected two numbers, got {t.adam_betas}")
+    if not 0 <= r.num_train_samples <= r.num_generations:
+        raise ConfigError(
+            f"rollout.num_train_samples: must be between 0 (all) and rollout.num_generations "
+            f"({r.num_generations}), got {r.num_train_samples}"
+        )
     if t.eval_every and not (cfg.data.eval_path or cfg.data.task):
         raise ConfigError(
             "train.eval_every: set data.eval_path (or use data.task) to evaluate during training"

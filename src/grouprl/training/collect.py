@@ -44,6 +44,25 @@ class ScoredBatch:
         )
 
 
+def first_per_group(batch: ScoredBatch, k: int) -> ScoredBatch:
+    """Keep the first k completions of every group (TTRL trains on the first N_train of the
+    N_vote samples that voted); the group size becomes k."""
+    G = batch.rollouts.group_size
+    rows = torch.tensor(
+        [g * G + j for g in range(batch.num_groups) for j in range(k)], dtype=torch.long
+    )
+    ro = batch.rollouts.select(rows)
+    ro.group_size = k
+    return ScoredBatch(
+        batch.examples,
+        batch.indices,
+        ro,
+        batch.rewards_NK[rows],
+        dict(batch.errors),
+        dict(batch.reward_metrics),
+    )
+
+
 def _pad_to(x: Tensor, width: int, value: float, left: bool) -> Tensor:
     extra = width - x.shape[1]
     if extra <= 0:

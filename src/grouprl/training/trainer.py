@@ -28,12 +28,18 @@ from grouprl.data.sampler import PromptSampler
 from grouprl.eval.answers import extract_answer
 from grouprl.models.forward import completion_logprobs
 from grouprl.models.loading import load_model_and_tokenizer
+from grouprl.monitor.collapse import CollapseMonitor
 from grouprl.monitor.progress import ProgressBar
 from grouprl.monitor.sinks import MetricsLogger
 from grouprl.rollout.base import ROLLOUT_ENGINES, Rollouts, SamplingParams
 from grouprl.training.batching import micro_batches, reward_inputs, rollout_columns
 from grouprl.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from grouprl.training.collect import ScoredBatch, batch_inputs, concat_batches
+from grouprl.training.collect import (
+    ScoredBatch,
+    batch_inputs,
+    concat_batches,
+    first_per_group,
+)
 from grouprl.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("grouprl")
@@ -168,6 +174,13 @@ class Trainer:
         total_updates = cfg.train.max_steps * cfg.train.num_iterations
         self.scheduler = build_scheduler(self.optimizer, cfg.train, total_updates)
         self.step = 0
+        self.stopped_early = False
+        mode = cfg.train.collapse_monitor
+        self.monitor = (
+            CollapseMonitor()
+            if mode == "on" or (mode == "auto" and "majority_vote" in self.rewards.names)
+            else None
+        )
         self.history: list[dict[str, float]] = []
         self.callbacks: list[Callable[[int, dict[str, float]], None]] = []
 
@@ -211,6 +224,8 @@ class Trainer:
 
             load_weights(self.ref_model, self.run_dir / "reference")
         self.sampler.load_state_dict(state["data_cursor"])
+        if self.monitor and state.get("collapse_monitor"):
+            self.monitor.load_state_dict(state["collapse_monitor"])
         for key, comp_state in state.get("components", {}).items():
             stateful = self.components.stateful()
             if key in stateful:
@@ -229,6 +244,7 @@ class Trainer:
             trainer_state={
                 "data_cursor": self.sampler.state_dict(),
                 "components": {k: c.state_dict() for k, c in self.components.stateful().items()},
+                "collapse_monitor": self.monitor.state_dict() if self.monitor else None,
             },
             keep=self.cfg.train.keep_checkpoints,
         )
@@ -449,6 +465,9 @@ class Trainer:
         cfg, comp = self.cfg, self.components
         t0 = time.perf_counter()
         batch, metrics = self.collect(cfg.train.prompts_per_step)
+        k = cfg.rollout.num_train_samples
+        if 0 < k < batch.rollouts.group_size:
+            batch = first_per_group(batch, k)
         ro = batch.rollouts
         B, G = batch.num_groups, ro.group_size
         t1 = time.perf_counter()
@@ -456,13 +475,12 @@ class Trainer:
         # One no-grad pass of the sampling policy when a component needs its entropy or
         # log-probs over the whole batch (token masks, SEED-GRPO, XRPO, ...).
         mask_inputs = set(comp.token_mask.input_names) if comp.token_mask else set()
+        calibrating = [r for r in comp.regularizers if getattr(r, "needs_calibration", False)]
+        need_entropy = "entropy_NT" in mask_inputs or bool(calibrating)
         need_old = (
-            bool(mask_inputs & {"entropy_NT", "old_logp_NT"})
-            or "seq_logp_BG" in comp.advantage_inputs()
+            need_entropy or "old_logp_NT" in mask_inputs or "seq_logp_BG" in comp.advantage_inputs()
         )
-        old = (
-            self._old_policy_pass(ro, with_entropy="entropy_NT" in mask_inputs) if need_old else {}
-        )
+        old = self._old_policy_pass(ro, with_entropy=need_entropy) if need_old else {}
         adv_N = self.compute_advantages(batch, rewards_N, old)
         t2 = time.perf_counter()
         token_weight, denominator = None, "all"
@@ -497,6 +515,8 @@ class Trainer:
             if sel.adv_N is not None:
                 adv_N = sel.adv_N.float()
             metrics.update(sel.stats)
+        for reg in calibrating:  # e.g. entropy-band bounds from the first batch's distribution
+            reg.calibrate(old["entropy_NT"], ro.completion_mask_NT, token_weight)
         # with num_iterations == 1, the pre-pass log-probs are the same numbers the update's
         # forward gives (same inputs, same micro-batches), so reuse keeps the ratio exactly 1
         train_stats = self.optimize(
@@ -585,9 +605,14 @@ class Trainer:
                         self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
                     ):
                         metrics.update(self.evaluate())
+                    warnings_now = self.monitor.check(metrics) if self.monitor else []
+                    if warnings_now:
+                        metrics["collapse/warning"] = 1.0
                     logger.log(self.step, metrics)
                     self.history.append({"step": self.step, **metrics})
                     bar.update(self.step, metrics)
+                    for msg in warnings_now:
+                        bar.warn(f"step {self.step}: {msg}")
                     for name, n in (
                         (n, metrics.get(f"rewards/{n}/errors", 0)) for n in self.rewards.names
                     ):
@@ -603,6 +628,10 @@ class Trainer:
                         self._save()
                     for cb in self.callbacks:
                         cb(self.step, metrics)
+                    if warnings_now and cfg.stop_on_collapse:
+                        bar.warn(f"step {self.step}: stopping (train.stop_on_collapse=true)")
+                        self.stopped_early = True
+                        break
             self._save()
         finally:
             logger.close()
