@@ -164,3 +164,45 @@ def test_debug_shows_the_exception(tmp_path):
 
     with pytest.raises(ConfigError):
         main(["--debug", "train", str(tmp_path / "missing.yaml")])
+
+
+def test_ttrl_on_unlabeled_questions(capsys, tmp_path, tiny_model_dir):
+    data = tmp_path / "questions.jsonl"
+    rows = arith_rows(6)
+    data.write_text(
+        "\n".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) for r in rows)
+    )
+    code, out, err = run(
+        capsys,
+        "ttrl",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--recipe",
+        "spine",
+        "--output-dir",
+        str(tmp_path / "tt"),
+        "--mode",
+        "math",
+        "rollout.num_generations=4",
+        "rollout.num_train_samples=2",
+        "rollout.max_new_tokens=4",
+        "train.max_steps=2",
+        "train.prompts_per_step=2",
+        "train.progress=false",
+        "train.learning_rate=1e-3",
+    )
+    assert code == 0, err
+    assert "spine: 2 steps" in out
+    lines = [json.loads(x) for x in (tmp_path / "tt" / "metrics.jsonl").read_text().splitlines()]
+    for key in (
+        "ttrl/majority_ratio",
+        "ttrl/label_accuracy",
+        "ttrl/reward_accuracy",
+        "forking_tokens/kept_frac",
+        "entropy_band/low",
+        "completions/mean_length",
+        "selection/kept_token_frac",
+    ):
+        assert key in lines[-1], key

@@ -75,3 +75,14 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(write(tmp_path, "train: [1, 2\n"))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_exponent_floats_are_numbers(tmp_path):
+    # PyYAML's YAML 1.1 rules would read "1e-6" as a string; configs must not
+    p = write(tmp_path, "train: {learning_rate: 1e-6}\nloss: {eps_high: 2e-1}\n")
+    cfg = load_config(p, ["train.weight_decay=1e-2"])
+    assert (
+        cfg.train.learning_rate == 1e-6
+        and cfg.loss["eps_high"] == 0.2
+        and cfg.train.weight_decay == 0.01
+    )

@@ -16,6 +16,7 @@ examples:
   grouprl train run.yaml recipe=dr_grpo train.learning_rate=1e-6 rollout.num_generations=16
   grouprl sft sft.yaml train.max_steps=500            # warm start on prompt/completion pairs
   grouprl eval --model runs/x/checkpoints/step_0000100 --data test.jsonl --reward math_accuracy -n 8 -k 1 8
+  grouprl ttrl --model runs/demo/sft/model --data questions.jsonl rollout.num_generations=16
   grouprl recipes                                     # list the named methods
 """
 
@@ -41,6 +42,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = result.history[-1] if result.history else {}
     print(
         f"trained {result.steps} steps; run directory: {result.run_dir}; last reward: {last.get('reward', float('nan')):.4f}"
+    )
+    return 0
+
+
+def cmd_ttrl(args: argparse.Namespace) -> int:
+    from grouprl.config import load_config
+    from grouprl.training.trainer import Trainer
+
+    base: dict[str, Any] = {}
+    if args.config:
+        from grouprl.config import yaml_load
+
+        base = yaml_load(Path(args.config).read_text()) or {}
+    base["recipe"] = args.recipe
+    if args.model:
+        base.setdefault("model", {})["name_or_path"] = args.model
+    base.setdefault("data", {})["path"] = args.data
+    base.setdefault("train", {})["output_dir"] = args.output_dir
+    # labels, when the file has them, only feed ttrl/label_accuracy and friends
+    base["rewards"] = [
+        {"name": "majority_vote", "params": {"mode": args.mode, "label_column": args.label_column}}
+    ]
+    cfg = load_config(base, args.overrides)
+    result = Trainer(cfg).train()
+    last = result.history[-1] if result.history else {}
+    print(
+        f"{args.recipe}: {result.steps} steps; run directory: {result.run_dir}; "
+        f"majority ratio {last.get('ttrl/majority_ratio', float('nan')):.3f}; "
+        f"mean length {last.get('completions/mean_length', float('nan')):.1f}"
+        + ("; stopped early on collapse" if getattr(result, "stopped_early", False) else "")
     )
     return 0
 
@@ -222,6 +253,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", help="also write the results to this JSON file")
     e.set_defaults(func=cmd_eval)
+
+    tt = sub.add_parser(
+        "ttrl",
+        help="label-free test-time RL (TTRL / SPINE) on unlabeled questions",
+        description="Adapt a model on questions with no answers: majority-vote pseudo-rewards. "
+        "An answer column, if present, is used only for evaluation metrics (ttrl/label_accuracy).",
+    )
+    tt.add_argument(
+        "--data", required=True, help="questions (jsonl/json/parquet/HF dir) with a prompt column"
+    )
+    tt.add_argument("--model", help="model directory or hub id (or model.name_or_path in --config)")
+    tt.add_argument("--recipe", default="spine", choices=["ttrl", "spine"])
+    tt.add_argument("--config", help="optional YAML with more settings")
+    tt.add_argument(
+        "--mode", default="auto", choices=["auto", "math", "choice"], help="answer extraction"
+    )
+    tt.add_argument(
+        "--label-column", default="answer", help="used for metrics only, never for rewards"
+    )
+    tt.add_argument("--output-dir", default="runs/ttrl")
+    tt.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    tt.set_defaults(func=cmd_ttrl)
 
     d = sub.add_parser("demo", help="offline demo: tiny model, SFT, GRPO, before/after accuracy")
     d.add_argument("--output-dir", default="runs/demo")

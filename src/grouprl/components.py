@@ -62,14 +62,18 @@ class Components:
             names |= set(m.input_names)
         return names
 
-    def stateful(self) -> dict[str, BoundComponent]:
+    def stateful(self) -> dict[str, Any]:
         """Components that keep state across steps (saved in checkpoints)."""
         out = {f"advantage/{self.advantage.name}": self.advantage}
         out.update({f"modifier/{m.name}": m for m in self.modifiers})
         if self.token_mask is not None:
             out[f"token_mask/{self.token_mask.name}"] = self.token_mask
         out.update({f"sample_filter/{f.name}": f for f in self.sample_filters})
-        return {k: v for k, v in out.items() if v.instance is not None}
+        stateful: dict[str, Any] = {k: v for k, v in out.items() if v.instance is not None}
+        for i, reg in enumerate(self.regularizers):  # e.g. entropy-band bounds
+            if hasattr(reg, "state_dict"):
+                stateful[f"regularizer/{i}/{type(reg).__name__}"] = reg
+        return stateful
 
 
 def split_spec(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,28 @@ from grouprl.registry import did_you_mean
 
 class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: `1e-6` is a number (PyYAML's 1.1 rules read a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def choice(default: Any, *choices: Any, doc: str = "") -> Any:
@@ -145,7 +168,7 @@ def load_recipe(name: str) -> dict[str, Any]:
             f"recipe: unknown recipe {name!r}{did_you_mean(name, names)}; known: {', '.join(names)}"
         )
     text = resources.files("grouprl.recipes").joinpath(f"{name}.yaml").read_text()
-    data = yaml.safe_load(text) or {}
+    data = yaml_load(text) or {}
     for key in RECIPE_META:
         data.pop(key, None)
     return data
@@ -157,10 +180,7 @@ RECIPE_META = ("description", "changes", "source", "confidence")
 def recipe_info(name: str) -> dict[str, str]:
     """A recipe's metadata: description, what it changes, source paper, confidence."""
     load_recipe(name)  # validates the name
-    data = (
-        yaml.safe_load(resources.files("grouprl.recipes").joinpath(f"{name}.yaml").read_text())
-        or {}
-    )
+    data = yaml_load(resources.files("grouprl.recipes").joinpath(f"{name}.yaml").read_text()) or {}
     return {k: str(data.get(k, "")) for k in RECIPE_META}
 
 
@@ -191,7 +211,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
     return key.split("."), value
@@ -370,7 +390,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            user = yaml.safe_load(path.read_text()) or {}
+            user = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(user, dict):

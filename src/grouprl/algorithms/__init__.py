@@ -4,6 +4,7 @@ token masks and sample filters.
 Each kind of component lives in a registry and is looked up by its config name.
 """
 
+from grouprl.algorithms import entropy_band  # noqa: F401  (registers entropy_band)
 from grouprl.algorithms.advantages import ADVANTAGE_MODIFIERS, ADVANTAGES
 from grouprl.algorithms.aggregation import AGGREGATIONS
 from grouprl.algorithms.losses import LOSSES

@@ -13,9 +13,10 @@ order of priority a piece is:
    leading space;
 4. one whitespace character (a newline, or a space that no piece above absorbed).
 
-The vocabulary holds every piece seen in `texts`, plus ``<pad>``, ``<eos>``, ``<bos>`` and
-``<unk>``. The decoder joins pieces with nothing in between (``Fuse``). Tokenization
-cleanup is off, so ``decode(encode(x)) == x`` exactly for any text whose pieces are all
+The vocabulary holds every piece seen in `texts`, each both with and without its leading
+space (so a word seen only mid-sentence still encodes at the start of a line), plus
+``<pad>``, ``<eos>``, ``<bos>`` and ``<unk>``. The decoder joins pieces with nothing in
+between (``Fuse``). Tokenization cleanup is off, so ``decode(encode(x)) == x`` exactly for any text whose pieces are all
 in the vocabulary. Spaces and newlines are kept as they are, and nothing is normalised.
 A piece outside the vocabulary becomes ``<unk>``, which decodes to nothing with
 ``skip_special_tokens=True`` (or to ``"<unk>"`` without it). A parser of generated text
@@ -67,7 +68,11 @@ def build_word_tokenizer(
     for tag in tags:
         pieces.update((tag, " " + tag))
     for text in texts:
-        pieces.update(p for p, _ in pre.pre_tokenize_str(text))
+        for piece, _ in pre.pre_tokenize_str(text):
+            bare = piece[1:] if piece.startswith(" ") and piece.strip() else piece
+            pieces.add(bare)
+            if bare.strip():  # a word, tag or punctuation mark: both with and without a space
+                pieces.add(" " + bare)
     vocab: dict[str, int] = {}
     for tok in SPECIAL_TOKENS.values():
         vocab[tok] = len(vocab)

@@ -1,6 +1,9 @@
 """Reward functions: the TRL-compatible protocol, RewardSet, and the built-ins."""
 
-from grouprl.rewards import builtins  # noqa: F401  (registers the built-ins in REWARDS)
+from grouprl.rewards import (
+    builtins,  # noqa: F401  (registers the built-ins in REWARDS)
+    majority,  # noqa: F401  (registers majority_vote)
+)
 from grouprl.rewards.base import (
     REWARDS,
     RewardResult,

@@ -50,6 +50,7 @@ class TrainResult:
     run_dir: Path
     steps: int
     history: list[dict[str, float]]
+    stopped_early: bool = False  # train.stop_on_collapse ended the run
 
 
 def seed_everything(seed: int) -> None:
@@ -635,7 +636,7 @@ class Trainer:
             self._save()
         finally:
             logger.close()
-        return TrainResult(self.run_dir, self.step, self.history)
+        return TrainResult(self.run_dir, self.step, self.history, self.stopped_early)
 
 
 def train(
@@ -655,9 +656,9 @@ def train(
     """
     base: dict[str, Any] = {}
     if isinstance(config, (str, Path)):
-        import yaml
+        from grouprl.config import yaml_load
 
-        base = yaml.safe_load(Path(config).read_text()) or {}
+        base = yaml_load(Path(config).read_text()) or {}
     elif isinstance(config, dict):
         base = copy.deepcopy(config)
     elif isinstance(config, Config):
