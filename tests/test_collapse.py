@@ -19,7 +19,10 @@ def test_majority_takeover_needs_low_entropy():
     (msg,) = m.check({**base, "ttrl/majority_ratio": 0.97, "entropy": 0.1})
     assert "majority ratio 0.97" in msg
     # the entropy band's lower bound, when logged, is the floor
-    assert m.check({**base, "ttrl/majority_ratio": 0.97, "entropy": 0.1, "entropy_band/low": 0.05}) == []
+    assert (
+        m.check({**base, "ttrl/majority_ratio": 0.97, "entropy": 0.1, "entropy_band/low": 0.05})
+        == []
+    )
 
 
 def test_state_round_trip():

@@ -16,7 +16,12 @@ pytestmark = [
 
 def _batch(tok):
     tok.padding_side = "left"
-    enc = tok(["12+34=", "12+34=", "7+8=", "7+8="], return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(
+        ["12+34=", "12+34=", "7+8=", "7+8="],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     cid = torch.tensor([[4, 6, 1], [4, 1, 0], [1, 5, 1], [9, 9, 9]])
     cmask = torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]])
     return [t.cuda() for t in (enc["input_ids"], enc["attention_mask"].float(), cid, cmask)]
@@ -41,7 +46,9 @@ def test_shared_prefix_gradients_on_gpu(backend):
 
 def test_bf16_shared_prefix_close_to_repeated():
     tok = build_char_tokenizer("0123456789+=")
-    model = build_tiny_model(tok, hidden_size=64, num_layers=2, num_heads=4).cuda().to(torch.bfloat16)
+    model = (
+        build_tiny_model(tok, hidden_size=64, num_layers=2, num_heads=4).cuda().to(torch.bfloat16)
+    )
     args = _batch(tok)
     with torch.no_grad():
         ref, _ = completion_logprobs(model, *args)

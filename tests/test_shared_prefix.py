@@ -81,7 +81,12 @@ def test_logprobs_and_gradients_match_repeated_layout(arch, case, backend):
     with torch.set_grad_enabled(with_grad):
         ref, ref_h = completion_logprobs(model, *args, temperature=0.9, with_entropy=True)
         got, got_h = completion_logprobs(
-            model, *args, temperature=0.9, with_entropy=True, shared_prefix=True, attn_backend=backend
+            model,
+            *args,
+            temperature=0.9,
+            with_entropy=True,
+            shared_prefix=True,
+            attn_backend=backend,
         )
     assert (ref - got).abs().max() <= 1e-5
     assert (ref_h - got_h).abs().max() <= 1e-5
