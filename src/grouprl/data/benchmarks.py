@@ -90,7 +90,7 @@ def _check_options(options: dict[str, Any], field: str) -> dict[str, str]:
         if not text.strip():
             raise _Bad(f"option {letter} is empty", field)
     letters = sorted(options)
-    if len(letters) < 2:
+    if len(letters) < 2 or letters != _letters(len(letters)):
         raise _Bad(
             f"expected options lettered A, B, C... without gaps (at least 2), "
             f"got {', '.join(letters) or 'none'}",
