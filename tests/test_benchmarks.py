@@ -21,10 +21,8 @@ from grouprl.registry import RegistryError
 from grouprl.rewards import choice_accuracy
 from grouprl.rewards.clinical import mcq_comprehensiveness, mcq_faithfulness
 
-INSTRUCTION = (
-    "Think step by step inside <think> </think>, then give the answer as "
-    "<answer>\\boxed{LETTER}</answer>."
-)
+# the shared template of the synthetic clinical task (written out, so a change shows here)
+INSTRUCTION = "answer as <think> reasoning </think><answer>\\boxed{letter}</answer>"
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

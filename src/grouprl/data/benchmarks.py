@@ -27,10 +27,7 @@ from grouprl.registry import Registry
 
 logger = logging.getLogger("grouprl.data")
 
-INSTRUCTION = (
-    "Think step by step inside <think> </think>, then give the answer as "
-    "<answer>\\boxed{LETTER}</answer>."
-)
+
 ON_BAD_ROW = ("error", "skip")
 MEDMCQA_OPTION_FIELDS = ("opa", "opb", "opc", "opd")
 
@@ -40,16 +37,13 @@ _CHOICES_HEADER = re.compile(r"answer\s+choices\s*:", re.IGNORECASE)
 
 
 def render_mcq(question: str, options: Mapping[str, str]) -> str:
-    r"""The prompt of a multiple-choice question.
+    r"""The prompt of a multiple-choice question: the same template as the synthetic
+    `clinical` task (`grouprl.data.tasks.clinical.render_mcq`), so a model trained there is
+    evaluated on real benchmarks with the prompt it knows; option texts are
+    whitespace-normalized first."""
+    from grouprl.data.tasks.clinical import render_mcq as task_render
 
-    The question text, then one line per option "A. text" (in the mapping's order),
-    then the instruction "Think step by step inside <think> </think>, then give the
-    answer as <answer>\boxed{LETTER}</answer>.", joined by newlines.
-    """
-    lines = [question.strip()]
-    lines += [f"{letter}. {' '.join(str(text).split())}" for letter, text in options.items()]
-    lines.append(INSTRUCTION)
-    return "\n".join(lines)
+    return task_render(question, {k: " ".join(str(v).split()) for k, v in options.items()})
 
 
 # ---------------------------------------------------------------- row checks
