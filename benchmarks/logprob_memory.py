@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/logprob_memory.py [--V 32000] [--T 512] [--N 16] [--d 256]
-                                        [--chunk 1024] [--device cpu|cuda] [--out FILE.md]
+                                        [--chunk 0] [--device cpu|cuda] [--out FILE.md]
 
 Inputs: random hidden states h [N*T, d] (requires_grad), a Linear(d, V, bias=False) head,
 random targets. Loss = sum of the target log-probs; forward + backward.
@@ -10,19 +10,10 @@ random targets. Loss = sum of the target log-probs; forward + backward.
 - naive:   logits = head(h) -> log_softmax -> gather (the [N*T, V] fp32 logits, their
            log-softmax and their gradients all exist at once);
 - chunked: `grouprl.models.forward.chunked_head_logprobs` (chunks of `--chunk` positions,
-           each checkpointed: its logits are freed after the forward and recomputed in
-           backward), loss = sum of log-probs, its entropy output unused (the Trainer's
-           default: entropy enters the loss detached);
-- chunked+ent: the same with 0 * sum(entropy) added to the loss, so that the entropy
-           branch's recomputed tensors are consumed by the backward;
-- chunked-fix: a benchmark-local variant (not grouprl code) computing the entropy under
-           no_grad inside the checkpointed chunk: what a fix in grouprl would look like.
-
-Why three chunked rows: a non-reentrant checkpoint recomputes every tensor its region
-saved, and frees each one only when a backward node unpacks it. The entropy branch of
-grouprl's `_head_chunk` (softmax probs, probs * logits) is never reached by the backward
-when the loss ignores the entropy, so those [chunk, V] tensors stay alive until the whole
-backward ends: the peak grows with N*T again.
+           0 = grouprl's automatic size, each checkpointed: its logits are freed after the
+           forward and recomputed in backward); the entropy is computed without gradient,
+           as the Trainer does unless an entropy regularizer needs it;
+- chunked+ent: the same with `entropy_grad=True` and 0.1 * sum(entropy) in the loss.
 
 Each path runs in its own child process; on CPU the peak is the VmHWM high-water mark
 above the resting RSS (see `shared_prefix.peak_rss_delta`), on CUDA
@@ -40,7 +31,6 @@ import sys
 import tempfile
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from grouprl.models.forward import chunked_head_logprobs
 
@@ -58,37 +48,10 @@ def make_inputs(N, T, d, V, device):
     return h, head.to(device), y
 
 
-def _chunk_entropy_no_grad(h, y, weight, tau):
-    """A variant of grouprl's `_head_chunk` (benchmark-local, NOT grouprl code): the entropy
-    is computed under no_grad, so a checkpoint recompute saves nothing for it."""
-    logits = torch.nn.functional.linear(h, weight).float() / tau
-    lse = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, y[:, None]).squeeze(-1) - lse
-    with torch.no_grad():
-        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logp, entropy
-
-
-def chunked_entropy_no_grad(h, y, head, chunk):
-    lps = []
-    for s in range(0, h.shape[0], chunk):
-        lp, _ = checkpoint(
-            _chunk_entropy_no_grad,
-            h[s : s + chunk],
-            y[s : s + chunk],
-            head.weight,
-            1.0,
-            use_reentrant=False,
-        )
-        lps.append(lp)
-    return torch.cat(lps)
-
-
 PATHS = {
     "naive": "full [M, V] logits -> log_softmax -> gather; loss = sum log-probs",
-    "chunked": "grouprl chunked_head_logprobs; loss = sum log-probs (entropy unused, as in the Trainer by default)",
-    "chunked+ent": "grouprl chunked_head_logprobs; loss = sum log-probs + 0 * sum entropy (entropy in the graph)",
-    "chunked-fix": "benchmark-local variant: entropy under no_grad inside the checkpointed chunk; loss = sum log-probs",
+    "chunked": "grouprl chunked_head_logprobs (entropy computed, no grad: the Trainer's default)",
+    "chunked+ent": "grouprl chunked_head_logprobs(entropy_grad=True); loss = sum log-probs + 0.1 * sum entropy",
 }
 
 
@@ -96,12 +59,10 @@ def run_path(path, h, head, y, chunk):
     if path == "naive":
         logp = torch.log_softmax(head(h).float(), dim=-1).gather(-1, y[:, None]).squeeze(-1)
         loss = logp.sum()
-    elif path == "chunked-fix":
-        logp = chunked_entropy_no_grad(h, y, head, chunk)
-        loss = logp.sum()
     else:
-        logp, ent = chunked_head_logprobs(h, y, head, chunk_size=chunk)
-        loss = logp.sum() + (0.0 * ent.sum() if path == "chunked+ent" else 0.0)
+        with_ent = path == "chunked+ent"
+        logp, ent = chunked_head_logprobs(h, y, head, chunk_size=chunk, entropy_grad=with_ent)
+        loss = logp.sum() + (0.1 * ent.sum() if with_ent else 0.0)
     loss.backward()
     return logp.detach()
 
@@ -136,7 +97,9 @@ def main():
     ap.add_argument("--T", type=int, default=512)
     ap.add_argument("--N", type=int, default=16)
     ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument(
+        "--chunk", type=int, default=0, help="0 = grouprl's automatic size (64 MiB of logits)"
+    )
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--out", help="also write the markdown report here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -199,6 +162,9 @@ def main():
             rows,
         ),
         "\n".join(f"- {p}: {desc}" for p, desc in PATHS.items()),
+        f"naive log-probs lie in [{float(ref['logp'].min()):.2f}, {float(ref['logp'].max()):.2f}]; "
+        f"one fp32 ulp at |x| = {float(ref['logp'].abs().max()):.2f} is "
+        f"{float(torch.finfo(torch.float32).eps * 2 ** torch.floor(torch.log2(ref['logp'].abs().max()))):.1e}",
         f"target (grouprl chunked peak <= 1/4 of naive): {'HELD' if ratio <= 0.25 else 'FAILED'} ({ratio:.3f})",
     ]
     report = "\n\n".join(lines) + "\n"

@@ -2,6 +2,12 @@
 
 Usage:
     python benchmarks/shared_prefix.py [--grid small|full] [--device cpu|cuda] [--out FILE.md]
+        [--reps 3] [--configs "P,C,G;P,C,G"] [--skip logprobs grpo prefill pg]
+        [--mem-warmup] [--profile P,C,G]
+
+`--configs` replaces the grid, `--mem-warmup` runs one fwd+bwd in each memory child before
+the measured one, `--profile` only prints a torch.profiler op table per layout. On CPU the
+script sets OMP_WAIT_POLICY=PASSIVE (unless set) and reports wall and process CPU time.
 
 What is measured (one run, one model, same inputs for every layout):
 
@@ -21,7 +27,7 @@ What is measured (one run, one model, same inputs for every layout):
    `max_new_tokens=8` (prefill dominates).
 
 Model: a random Qwen2 from `build_tiny_model` (hidden 256, 4 layers, 4 heads, MLP 1024,
-fp32, SDPA), vocabulary = grouprl's character tokenizer (90 tokens), so the LM head is
+fp32, SDPA), vocabulary = grouprl's character tokenizer (85 tokens), so the LM head is
 negligible and the numbers are about the trunk (the head costs the same in every layout:
 only completion positions go through it).
 """
@@ -42,6 +48,11 @@ import sys
 import tempfile
 import time
 from itertools import product
+
+# Passive OpenMP waiting: on a shared machine, spinning threads fight other processes at
+# every barrier and 2-thread wall times swing several-fold; passive waiting keeps them
+# stable. Must be set before torch (libgomp) loads; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.nn.functional as F
@@ -306,27 +317,44 @@ def table(headers, rows):
 # ----------------------------------------------------------------------------- sections
 
 
+class Timer:
+    """Wall-clock and process CPU time of a block (CUDA: synchronized; CPU time then means little)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        sync(self.device)
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
+
+
 def bench_logprobs(grid, device, reps, layouts, log, mem_warmup=False):
     model, tok = make_model(device)
     model.train()
     V = len(tok)
-    rows, mem_rows = [], []
+    rows, pg_rows, mem_rows = [], [], []
     for P, C, G in grid:
         inputs = make_inputs(P, C, G, V, device)
-        times = {lay: [] for lay in layouts}
+        wall = {lay: [] for lay in layouts}
+        cpu = {lay: [] for lay in layouts}
         logps, grads = {}, {}
         for lay in layouts:  # warm-up, and the values for the correctness columns
             logps[lay] = fwd_bwd(model, lay, inputs)
             grads[lay] = grad_vector(model)
         for _ in range(reps):  # interleaved so that background load hits every layout alike
             for lay in layouts:
-                sync(device)
-                t0 = time.perf_counter()
-                fwd_bwd(model, lay, inputs)
-                sync(device)
-                times[lay].append(time.perf_counter() - t0)
+                with Timer(device) as t:
+                    fwd_bwd(model, lay, inputs)
+                wall[lay].append(t.wall)
+                cpu[lay].append(t.cpu)
         model.zero_grad(set_to_none=True)
-        med = {lay: statistics.median(ts) for lay, ts in times.items()}
+        med = {lay: statistics.median(v) for lay, v in wall.items()}
+        med_cpu = {lay: statistics.median(v) for lay, v in cpu.items()}
         mem = {}
         for lay in layouts:
             mem[lay] = (
@@ -336,65 +364,49 @@ def bench_logprobs(grid, device, reps, layouts, log, mem_warmup=False):
             )
         ideal = G * (P + C) / (P + G * C)
         sp = med["repeated"] / med["shared"]
-        mr, ms = mem["repeated"].get("peak_mb"), mem["shared"].get("peak_mb")
+        sp_cpu = med_cpu["repeated"] / med_cpu["shared"]
+        peak = {lay: mem[lay].get("peak_mb") for lay in layouts}
         ref_lp, ref_g = logps["repeated"], grads["repeated"]
         diff = {lay: float((logps[lay] - ref_lp).abs().max()) for lay in layouts}
         gerr = {lay: float((grads[lay] - ref_g).norm() / ref_g.norm()) for lay in layouts}
-        row = [
-            P,
-            C,
-            G,
-            f"{med['repeated']:.3f}",
-            f"{med['shared']:.3f}",
-            f"{sp:.2f}",
-            f"{ideal:.2f}",
-            f"{sp / ideal:.2f}",
-            fmt(mr, ".0f"),
-            fmt(ms, ".0f"),
-            fmt(mr / ms if mr and ms else None, ".2f"),
-            f"{diff['shared']:.1e}",
-            f"{gerr['shared']:.1e}",
-        ]
+        mr, ms = peak["repeated"], peak["shared"]
+        rows.append(
+            [P, C, G, f"{med['repeated']:.3f}", f"{med['shared']:.3f}", f"{sp:.2f}"]
+            + [f"{sp_cpu:.2f}" if device.type == "cpu" else "n/a"]
+            + [f"{ideal:.2f}", f"{sp / ideal:.2f}", fmt(mr, ".0f"), fmt(ms, ".0f")]
+            + [fmt(mr / ms if mr and ms else None, ".2f")]
+        )
+        pg_row = [P, C, G, f"{diff['shared']:.1e}", f"{gerr['shared']:.1e}"]
         if "pg" in layouts:
-            mp = mem["pg"].get("peak_mb")
-            row += [
-                f"{med['pg']:.3f}",
-                f"{med['repeated'] / med['pg']:.2f}",
-                fmt(mp, ".0f"),
-                f"{diff['pg']:.1e}",
-                f"{gerr['pg']:.1e}",
-            ]
-        rows.append(row)
+            mp = peak["pg"]
+            pg_row += [f"{med['pg']:.3f}", f"{med['repeated'] / med['pg']:.2f}"]
+            pg_row += [f"{med['shared'] / med['pg']:.2f}", fmt(mp, ".0f")]
+            pg_row += [f"{diff['pg']:.1e}", f"{gerr['pg']:.1e}"]
+        pg_rows.append(pg_row)
         mem_rows.append(
             [P, C, G]
             + [fmt(mem[lay].get("ru_maxrss_mb"), ".0f") for lay in layouts]
-            + [mem[lay].get("method", mem[lay].get("error")) for lay in layouts[:1]]
+            + [mem["repeated"].get("method", mem["repeated"].get("error"))]
         )
         log(
             f"  P={P} C={C} G={G}: "
             + ", ".join(
-                f"{lay} {med[lay]:.3f}s {fmt(mem[lay].get('peak_mb'), '.0f')}MB" for lay in layouts
+                f"{lay} {med[lay]:.3f}s (cpu {med_cpu[lay]:.3f}s) {fmt(peak[lay], '.0f')}MB"
+                for lay in layouts
             )
             + f" (ideal {ideal:.2f}, speedup {sp:.2f})"
         )
-    headers = [
-        "P",
-        "C",
-        "G",
-        "repeated s",
-        "shared s",
-        "speedup",
-        "ideal",
-        "speedup/ideal",
-        "peak MB repeated",
-        "peak MB shared",
-        "mem ratio",
-        "shared max\\|Δlogp\\|",
-        "shared grad rel err",
-    ]
-    if "pg" in layouts:
-        headers += ["pg s", "pg speedup", "peak MB pg", "pg max\\|Δlogp\\|", "pg grad rel err"]
+    headers = ["P", "C", "G", "repeated s", "shared s", "speedup", "CPU-time speedup", "ideal"]
+    headers += ["speedup/ideal", "peak MB repeated", "peak MB shared", "mem ratio"]
     out = table(headers, rows)
+    out += "\n\nCorrectness against the repeated layout (log-probs: max abs difference; "
+    out += "parameter gradients: ||g - g_repeated|| / ||g_repeated||)"
+    pg_headers = ["P", "C", "G", "shared max abs Δlogp", "shared grad rel err"]
+    if "pg" in layouts:
+        out += " and the prefix-grouper layout (time: median wall s; speedups are repeated/pg and shared/pg)"
+        pg_headers += ["pg s", "speedup vs repeated", "shared/pg time", "peak MB pg"]
+        pg_headers += ["pg max abs Δlogp", "pg grad rel err"]
+    out += ":\n\n" + table(pg_headers, pg_rows)
     if device.type == "cpu":
         out += "\n\nMemory method check: plain ru_maxrss delta (MB, after minus before) of the same measured call, same child:\n\n"
         out += table(
@@ -404,23 +416,27 @@ def bench_logprobs(grid, device, reps, layouts, log, mem_warmup=False):
 
 
 def bench_grpo_step(device, steps, log, P=512, max_new=64, G=8, B=1):
+    """Two Trainers (shared_prefix off / on) built from the same seed, stepped alternately.
+
+    Each keeps its own torch RNG state, so both draw the same samples (checked through the
+    completion lengths) while background load hits both alike.
+    """
     import random
 
     from grouprl.training.trainer import Trainer
 
     rnd = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyz0123456789"
-    data = [
-        {"prompt": "".join(rnd.choice(letters) for _ in range(P)), "answer": "0"} for _ in range(16)
-    ]
+    data = [{"prompt": "".join(rnd.choice(letters) for _ in range(P))} for _ in range(16)]
 
     def length_reward(prompts, completions, **kw):
         return [float(len(c)) for c in completions]
 
-    res = {}
-    for mode in ("off", "on"):
-        model, tok = make_model(device)
-        with tempfile.TemporaryDirectory() as tmp:
+    modes = ("off", "on")
+    trainers, rng, timers = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in modes:
+            model, tok = make_model(device)
             cfg = {
                 "model": {"name_or_path": "unused", "shared_prefix": mode},
                 "rollout": {"num_generations": G, "max_new_tokens": max_new, "temperature": 1.0},
@@ -429,7 +445,7 @@ def bench_grpo_step(device, steps, log, P=512, max_new=64, G=8, B=1):
                 "regularizers": [],
                 "data": {"max_prompt_length": P},
                 "train": {
-                    "output_dir": tmp,
+                    "output_dir": os.path.join(tmp, mode),
                     "seed": 0,
                     "max_steps": steps + 1,
                     "prompts_per_step": B,
@@ -443,30 +459,76 @@ def bench_grpo_step(device, steps, log, P=512, max_new=64, G=8, B=1):
                 cfg, model=model, tokenizer=tok, train_dataset=data, reward_funcs=[length_reward]
             )
             assert tr.shared_prefix == (mode == "on")
-            ms = [tr.train_step() for _ in range(steps + 1)][1:]  # first step = warm-up
-        res[mode] = {
-            k: statistics.median(m[k] for m in ms)
-            for k in ("time/step", "time/generate", "time/train", "completions/mean_length")
+            rng[mode] = torch.get_rng_state()
+            timers[mode] = {"generate": [], "train": []}
+            for part, obj, name in (("generate", tr.engine, "generate"), ("train", tr, "optimize")):
+                setattr(obj, name, _timed(getattr(obj, name), timers[mode][part], device))
+            trainers[mode] = tr
+        res = {m: {"step": [], "generate": [], "train": [], "len": []} for m in modes}
+        for i in range(steps + 1):  # step 0 = warm-up
+            for mode in modes:
+                torch.set_rng_state(rng[mode])
+                with Timer(device) as t:
+                    metrics = trainers[mode].train_step()
+                rng[mode] = torch.get_rng_state()
+                if i == 0:
+                    continue
+                res[mode]["step"].append((t.wall, t.cpu))
+                res[mode]["generate"].append(timers[mode]["generate"][-1])
+                res[mode]["train"].append(timers[mode]["train"][-1])
+                res[mode]["len"].append(metrics["completions/mean_length"])
+    med = {
+        m: {
+            k: tuple(statistics.median(x[j] for x in v) for j in range(2))
+            for k, v in r.items()
+            if k != "len"
         }
-        log(f"  GRPO step shared_prefix={mode}: {res[mode]}")
+        for m, r in res.items()
+    }
+    log(f"  GRPO step: {med}; completion lengths {dict((m, r['len']) for m, r in res.items())}")
     rows = [
-        [
-            mode,
-            f"{r['time/step']:.2f}",
-            f"{r['time/generate']:.2f}",
-            f"{r['time/train']:.2f}",
-            f"{r['completions/mean_length']:.1f}",
-        ]
-        for mode, r in res.items()
+        [m]
+        + [f"{med[m][k][0]:.2f}" for k in ("step", "generate", "train")]
+        + [f"{med[m][k][1]:.2f}" for k in ("step", "train")]
+        + [" ".join(f"{x:.1f}" for x in res[m]["len"])]
+        for m in modes
     ]
-    sp_step = res["off"]["time/step"] / res["on"]["time/step"]
-    sp_train = res["off"]["time/train"] / res["on"]["time/train"]
-    head = f"B={B} prompts x G={G}, prompt {P} tokens, max_new_tokens={max_new}, micro_batch_size={G} (one group per micro-batch), median of {steps} steps after 1 warm-up step.\n\n"
+    head = (
+        f"B={B} prompt x G={G}, prompt {P} tokens, max_new_tokens={max_new}, "
+        f"micro_batch_size={G} (one group per micro-batch), no KL, lr 1e-6; median of {steps} "
+        "steps after 1 warm-up step, the two trainers stepped alternately with their own RNG "
+        "state (same samples: see the completion lengths). train = `Trainer.optimize` "
+        "(fwd+bwd+optimizer).\n\n"
+    )
+    sp = {k: med["off"][k][0] / med["on"][k][0] for k in ("step", "train")}
+    sp_cpu = {k: med["off"][k][1] / med["on"][k][1] for k in ("step", "train")}
     return (
         head
-        + table(["shared_prefix", "step s", "generate s", "train s", "mean completion len"], rows)
-        + f"\n\nspeedup: step {sp_step:.2f}x, train (fwd+bwd+optimizer) {sp_train:.2f}x"
+        + table(
+            [
+                "shared_prefix",
+                "step s",
+                "generate s",
+                "train s",
+                "step CPU s",
+                "train CPU s",
+                "mean completion len per step",
+            ],
+            rows,
+        )
+        + f"\n\nspeedup (off/on): step {sp['step']:.2f}x (CPU time {sp_cpu['step']:.2f}x), "
+        f"train {sp['train']:.2f}x (CPU time {sp_cpu['train']:.2f}x)"
     )
+
+
+def _timed(fn, sink, device):
+    def wrapper(*a, **k):
+        with Timer(device) as t:
+            out = fn(*a, **k)
+        sink.append((t.wall, t.cpu))
+        return out
+
+    return wrapper
 
 
 def bench_prefill(device, reps, log, P=512, G=8, max_new=8):
@@ -486,20 +548,46 @@ def bench_prefill(device, reps, log, P=512, G=8, max_new=8):
         e.generate([prompt], params)
     for _ in range(reps):
         for s, e in engines.items():
-            sync(device)
-            t0 = time.perf_counter()
-            e.generate([prompt], params)
-            sync(device)
-            times[s].append(time.perf_counter() - t0)
-    med = {s: statistics.median(t) for s, t in times.items()}
+            with Timer(device) as t:
+                e.generate([prompt], params)
+            times[s].append((t.wall, t.cpu))
+    med = {s: tuple(statistics.median(x[j] for x in v) for j in range(2)) for s, v in times.items()}
     log(f"  prefill: {med}")
-    rows = [[s, f"{med[s]:.3f}"] for s in (False, True)]
-    head = f"one prompt of {P} tokens, G={G}, max_new_tokens={max_new}, median of {reps} after 1 warm-up.\n\n"
+    rows = [[s, f"{med[s][0]:.3f}", f"{med[s][1]:.3f}"] for s in (False, True)]
+    head = (
+        f"one prompt of {P} tokens, G={G}, max_new_tokens={max_new}, temperature 1; "
+        f"median of {reps} after 1 warm-up, alternating.\n\n"
+    )
     return (
         head
-        + table(["share_prefill", "generate s"], rows)
-        + f"\n\nspeedup: {med[False] / med[True]:.2f}x"
+        + table(["share_prefill", "generate s", "generate CPU s"], rows)
+        + f"\n\nspeedup: {med[False][0] / med[True][0]:.2f}x (CPU time {med[False][1] / med[True][1]:.2f}x)"
     )
+
+
+def bench_profile(P, C, G, device, layouts, log):
+    """torch.profiler op table (self time) of one fwd+bwd per layout, after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, tok = make_model(device)
+    inputs = make_inputs(P, C, G, len(tok), device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out = []
+    for lay in layouts:
+        fwd_bwd(model, lay, inputs)
+        with profile(activities=acts) as prof:
+            fwd_bwd(model, lay, inputs)
+            sync(device)
+        avgs = prof.key_averages()
+        total = sum(getattr(e, key) for e in avgs)
+        attn = sum(getattr(e, key) for e in avgs if "scaled_dot_product" in e.key)
+        out.append(
+            f"### {lay} (P={P}, C={C}, G={G}): attention (SDPA kernels) {attn / total:.0%} of self time"
+        )
+        out.append("```\n" + avgs.table(sort_by=key, row_limit=8, max_name_column_width=55) + "```")
+        log(f"  profiled {lay}")
+    return "\n\n".join(out)
 
 
 def main():
@@ -515,6 +603,9 @@ def main():
         help="memory children run one fwd+bwd before the measured one",
     )
     ap.add_argument("--configs", help="override the grid: 'P,C,G;P,C,G;...'")
+    ap.add_argument(
+        "--profile", metavar="P,C,G", help="only print a torch.profiler op table per layout"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -526,7 +617,7 @@ def main():
     load = os.getloadavg()
     import transformers
 
-    hw = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}"
+    hw = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), transformers {transformers.__version__}"
     if device.type == "cuda":
         hw += f", {torch.cuda.get_device_name()}"
     parts = [
@@ -534,11 +625,16 @@ def main():
         f"machine: {hw}; load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
     ]
     parts.append(
-        f"model: random Qwen2, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, char vocab, fp32, SDPA; B=1 group per micro-batch; completions all of length C; median of {args.reps} after 1 warm-up."
+        f"model: random Qwen2, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, char vocab, fp32, SDPA; B=1 group per micro-batch; completions all of length C"
+        + ("." if args.profile else f"; median of {args.reps} after 1 warm-up.")
     )
     if PG_SKIP:
         parts.append(f"prefix-grouper comparison skipped: {PG_SKIP}")
     t_start = time.perf_counter()
+    if args.profile:
+        P, C, G = (int(x) for x in args.profile.split(","))
+        parts.append(bench_profile(P, C, G, device, layouts, log))
+        args.skip = ["logprobs", "grpo", "prefill"]
     if "logprobs" not in args.skip:
         log("completion_logprobs fwd+bwd ...")
         grid = (

@@ -158,7 +158,7 @@ def test_chunked_head_equals_naive_values_and_gradients():
     head = torch.nn.Linear(16, 50, bias=False)
     h = torch.randn(37, 16, requires_grad=True)
     y = torch.randint(0, 50, (37,))
-    lp, ent = chunked_head_logprobs(h, y, head, temperature=0.7, chunk_size=8)
+    lp, ent = chunked_head_logprobs(h, y, head, temperature=0.7, chunk_size=8, entropy_grad=True)
     (lp.sum() + 0.3 * ent.sum()).backward()
     g_h, g_w = h.grad.clone(), head.weight.grad.clone()
     h.grad, head.weight.grad = None, None
@@ -188,3 +188,12 @@ def test_trainer_same_parameters_with_and_without_shared_prefix(tmp_path, tiny_m
         finals.append({k: v.clone() for k, v in tr.model.state_dict().items()})
     for k in finals[0]:
         assert torch.allclose(finals[0][k], finals[1][k], atol=1e-5, rtol=0), k
+
+
+def test_entropy_without_grad_keeps_no_graph():
+    # the trainer logs entropy but only an entropy regularizer differentiates it
+    head = torch.nn.Linear(8, 20, bias=False)
+    h = torch.randn(5, 8, requires_grad=True)
+    lp, ent = chunked_head_logprobs(h, torch.zeros(5, dtype=torch.long), head, chunk_size=2)
+    assert lp.requires_grad and not ent.requires_grad
+

@@ -66,9 +66,8 @@ class ModelConfig:
     shared_prefix: str = choice("auto", "auto", "on", "off")
     # attention of the packed layout: flex (block-sparse; default on CUDA) or sdpa (dense mask)
     shared_prefix_backend: str = choice("auto", "auto", "sdpa", "flex")
-    logprob_chunk_size: int = (
-        1024  # positions per LM-head chunk (fp32 logits of one chunk at a time)
-    )
+    # positions per LM-head chunk (fp32 logits of one chunk at a time); 0 = 64 MiB of logits
+    logprob_chunk_size: int = 0
 
 
 @dataclass

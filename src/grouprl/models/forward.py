@@ -23,7 +23,6 @@ from torch.utils.checkpoint import checkpoint
 
 from grouprl.models.shared_prefix import pack_groups, packed_attention_active, resolve_backend
 
-DEFAULT_CHUNK = 1024
 # Config attributes that change logits after the LM head; such models use the plain forward.
 _HEAD_EXTRAS = (
     "final_logit_softcapping",
@@ -81,14 +80,26 @@ def logprobs_and_entropy(
 
 
 def _head_chunk(
-    hidden_Md: Tensor, targets_M: Tensor, weight_Vd: Tensor, bias_V: Tensor | None, tau: float
+    hidden_Md: Tensor,
+    targets_M: Tensor,
+    weight_Vd: Tensor,
+    bias_V: Tensor | None,
+    tau: float,
+    entropy_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     logits = torch.nn.functional.linear(hidden_Md, weight_Vd, bias_V).float() / tau
-    lse = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets_M[:, None]).squeeze(-1) - lse
-    probs = torch.softmax(logits, dim=-1)
-    entropy = lse - (probs * logits).sum(-1)
+    logp_all = torch.log_softmax(logits, dim=-1)  # the same op as the naive path: equal values
+    logp = logp_all.gather(-1, targets_M[:, None]).squeeze(-1)
+    # An entropy the loss does not differentiate must not keep graph: under checkpointing its
+    # recomputed [chunk, V] tensors would otherwise live until the whole backward ends.
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
+
+
+def auto_chunk_size(vocab_size: int, budget_bytes: int = 64 * 2**20) -> int:
+    """Positions per LM-head chunk so that one chunk's fp32 logits fit in `budget_bytes`."""
+    return max(16, budget_bytes // (4 * max(1, vocab_size)))
 
 
 def chunked_head_logprobs(
@@ -97,23 +108,29 @@ def chunked_head_logprobs(
     lm_head: torch.nn.Module,
     *,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int = 0,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """log π(target) and entropy at M positions from their hidden states, chunk by chunk.
 
     With gradients enabled each chunk is checkpointed: its [chunk, V] fp32 logits are freed
     after the forward and recomputed in backward, so peak memory is one chunk's logits.
+    chunk_size 0 picks it from the vocabulary (`auto_chunk_size`, 64 MiB of logits). The
+    entropy carries gradient only with `entropy_grad` (an entropy regularizer).
     """
     tau = temperature if temperature > 0 else 1.0
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
     logps, ents = [], []
     use_ckpt = torch.is_grad_enabled() and (hidden_Md.requires_grad or weight.requires_grad)
     for s in range(0, hidden_Md.shape[0], chunk_size):
         h, y = hidden_Md[s : s + chunk_size], targets_M[s : s + chunk_size]
         if use_ckpt:
-            lp, ent = checkpoint(_head_chunk, h, y, weight, bias, tau, use_reentrant=False)
+            lp, ent = checkpoint(
+                _head_chunk, h, y, weight, bias, tau, entropy_grad, use_reentrant=False
+            )
         else:
-            lp, ent = _head_chunk(h, y, weight, bias, tau)
+            lp, ent = _head_chunk(h, y, weight, bias, tau, entropy_grad)
         logps.append(lp)
         ents.append(ent)
     if not logps:
@@ -137,8 +154,9 @@ def completion_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     shared_prefix: bool = False,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int = 0,
     attn_backend: str = "auto",
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs [N, T] of each completion token given its prompt, and optionally entropy [N, T].
 
@@ -192,6 +210,7 @@ def completion_logprobs(
         model.get_output_embeddings(),
         temperature=temperature,
         chunk_size=chunk_size,
+        entropy_grad=entropy_grad,
     )
     return _scatter_NT(logp_M, valid_NT), (_scatter_NT(ent_M, valid_NT) if with_entropy else None)
 

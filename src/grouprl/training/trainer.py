@@ -251,7 +251,14 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ one step
-    def _forward(self, model: torch.nn.Module, ro: Rollouts, *, with_entropy: bool):
+    def _forward(
+        self,
+        model: torch.nn.Module,
+        ro: Rollouts,
+        *,
+        with_entropy: bool,
+        entropy_grad: bool = False,
+    ):
         return completion_logprobs(
             model,
             ro.prompt_ids_NP,
@@ -263,6 +270,7 @@ class Trainer:
             shared_prefix=self.shared_prefix,
             chunk_size=self.cfg.model.logprob_chunk_size,
             attn_backend=self.cfg.model.shared_prefix_backend,
+            entropy_grad=entropy_grad,
         )
 
     @torch.no_grad()
@@ -405,7 +413,9 @@ class Trainer:
             total_loss = 0.0
             for s in self._micro_batches(ro):
                 mb = ro.select(s)
-                logp, ent = self._forward(self.model, mb, with_entropy=True)
+                logp, ent = self._forward(
+                    self.model, mb, with_entropy=True, entropy_grad=comp.needs_entropy_grad
+                )
                 mask_mb = mask[s]
                 inp = PolicyInputs(
                     logp_NT=logp,
