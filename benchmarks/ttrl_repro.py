@@ -5,7 +5,7 @@ held-out questions WITHOUT labels (majority-vote pseudo-rewards), once with the 
 recipe and once with `spine`, same budget; report held-out pass@1 before/after (labels
 used only here, for measurement) and the completion length over steps.
 
-    python benchmarks/ttrl_repro.py --seeds 0 1 2 --steps 100 --out docs/reproductions.md
+    python benchmarks/ttrl_repro.py --seeds 0 1 2 --steps 100 --lr 1e-5
 """
 
 from __future__ import annotations
@@ -66,7 +66,13 @@ def pass_at_1(model, tok, held, seed: int) -> float:
 
 
 def adapt(
-    recipe: str, model_dir: Path, questions: list[dict], seed: int, steps: int, out: Path
+    recipe: str,
+    model_dir: Path,
+    questions: list[dict],
+    seed: int,
+    steps: int,
+    out: Path,
+    lr: float = 1e-5,
 ) -> dict:
     tok = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
@@ -86,7 +92,7 @@ def adapt(
             "max_steps": steps,
             "prompts_per_step": 8,
             "micro_batch_size": 64,
-            "learning_rate": 1e-4,
+            "learning_rate": lr,
             "max_grad_norm": 10.0,
             "lr_schedule": "constant",
             "save_every": 0,
@@ -115,6 +121,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--questions", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--out", default=None, help="append the table to this markdown file")
     args = ap.parse_args()
     task = get_task("arith")
@@ -135,6 +142,7 @@ def main() -> None:
                     seed,
                     args.steps,
                     tmp,
+                    lr=args.lr,
                 )
                 after = pass_at_1(r["model"], r["tok"], held, seed)
                 row = {

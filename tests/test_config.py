@@ -86,3 +86,8 @@ def test_exponent_floats_are_numbers(tmp_path):
         and cfg.loss["eps_high"] == 0.2
         and cfg.train.weight_decay == 0.01
     )
+
+
+def test_switching_component_on_the_command_line_drops_old_params():
+    cfg = load_config({"recipe": "dapo"}, ["loss.name=cispo"])
+    assert cfg.loss == {"name": "cispo", "aggregation": "token_mean"}

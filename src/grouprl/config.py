@@ -230,6 +230,11 @@ def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
     if isinstance(node, list):
         node[_index(last, node, ".".join(path))] = value
     elif isinstance(node, dict):
+        if last == "name" and node.get("name") not in (None, value):
+            # another component: the old one's parameters do not carry over (as in YAML merges)
+            keep = {k: node[k] for k in ("aggregation", "modifiers") if k in node}
+            node.clear()
+            node.update(keep)
         node[last] = value
     else:
         raise ConfigError(f"{'.'.join(path)}: {'.'.join(path[:-1])} is not a section")
