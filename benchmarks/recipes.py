@@ -46,13 +46,11 @@ import torch
 from grouprl.config import ModelConfig, load_recipe, recipe_info, recipe_names
 from grouprl.data.datasets import load_prompts
 from grouprl.data.tasks import get_task
-from grouprl.demo import DemoSettings
+from grouprl.demo import DemoSettings, warm_start
 from grouprl.eval.run import evaluate
 from grouprl.models.loading import load_model_and_tokenizer
-from grouprl.models.tiny import build_char_tokenizer, build_tiny_model, save_model
 from grouprl.rewards import RewardSet
-from grouprl.training.sft import sft
-from grouprl.training.trainer import Trainer, seed_everything
+from grouprl.training.trainer import Trainer
 
 START = "<!-- recipes-table:start -->"
 END = "<!-- recipes-table:end -->"
@@ -155,24 +153,8 @@ def heldout(model: Any, tok: Any, task: Any, s: DemoSettings) -> dict[str, float
 
 def build_start(task: Any, s: DemoSettings, where: Path) -> tuple[Path, float]:
     """The demo's SFT warm start, saved to `where/sft/model`; returns (path, seconds)."""
-    t0 = time.perf_counter()
-    seed_everything(s.seed)
-    tok = build_char_tokenizer(task.chars)
-    model = build_tiny_model(tok, hidden_size=s.hidden_size, num_layers=s.num_layers, seed=s.seed)
-    rows = task.train_rows
-    sft(
-        model,
-        tok,
-        [r["prompt"] for r in rows],
-        [r["answer"] for r in rows],
-        steps=s.sft_steps,
-        batch_size=s.sft_batch,
-        learning_rate=s.sft_lr,
-        seed=s.seed,
-        output_dir=where / "sft",
-        progress=False,
-    )
-    return save_model(model, tok, where / "sft" / "model"), time.perf_counter() - t0
+    _, _, path, seconds = warm_start(task, s, where)
+    return path, seconds
 
 
 def recipe_config(name: str, model_dir: Path, run_dir: Path, steps: int, s: DemoSettings) -> dict:

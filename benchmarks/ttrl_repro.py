@@ -20,34 +20,16 @@ from transformers import AutoModelForCausalLM
 
 from grouprl.data.datasets import load_prompts
 from grouprl.data.tasks import get_task
-from grouprl.demo import DemoSettings
+from grouprl.demo import DemoSettings, warm_start
 from grouprl.eval.run import evaluate
 from grouprl.models.loading import load_tokenizer
-from grouprl.models.tiny import build_char_tokenizer, build_tiny_model, save_model
 from grouprl.rewards import RewardSet
-from grouprl.training.sft import sft
-from grouprl.training.trainer import Trainer, seed_everything
+from grouprl.training.trainer import Trainer
 
 
 def sft_start(seed: int, out: Path) -> Path:
-    s = DemoSettings(seed=seed)
-    seed_everything(seed)
-    task = get_task("arith")
-    tok = build_char_tokenizer(task.chars)
-    model = build_tiny_model(tok, hidden_size=s.hidden_size, num_layers=s.num_layers, seed=seed)
-    rows = task.train_rows
-    sft(
-        model,
-        tok,
-        [r["prompt"] for r in rows],
-        [r["answer"] for r in rows],
-        steps=s.sft_steps,
-        batch_size=s.sft_batch,
-        learning_rate=s.sft_lr,
-        seed=seed,
-        progress=False,
-    )
-    return save_model(model, tok, out / f"sft_seed{seed}")
+    """The demo's warm start for this seed (`grouprl.demo.warm_start`), saved under `out`."""
+    return warm_start(get_task("arith"), DemoSettings(seed=seed), out / f"seed{seed}")[2]
 
 
 def pass_at_1(model, tok, held, seed: int) -> float:

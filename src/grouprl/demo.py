@@ -45,6 +45,33 @@ class DemoSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def warm_start(task: Any, s: DemoSettings, out: Path, *, progress: bool = False):
+    """The demo's starting point: a tiny char-level Qwen2 SFT'd on the task's train split.
+
+    Returns (model, tokenizer, path of the saved model, seconds). Benchmarks reuse it so
+    that every comparison starts where `grouprl demo` starts.
+    """
+    t0 = time.perf_counter()
+    seed_everything(s.seed)
+    tok = build_char_tokenizer(task.chars)
+    model = build_tiny_model(tok, hidden_size=s.hidden_size, num_layers=s.num_layers, seed=s.seed)
+    rows = task.train_rows
+    sft(
+        model,
+        tok,
+        [r["prompt"] for r in rows],
+        [r["answer"] for r in rows],
+        steps=s.sft_steps,
+        batch_size=s.sft_batch,
+        learning_rate=s.sft_lr,
+        seed=s.seed,
+        output_dir=out / "sft",
+        progress=progress,
+    )
+    path = save_model(model, tok, out / "sft" / "model")
+    return model, tok, path, time.perf_counter() - t0
+
+
 def run_demo(
     output_dir: str | Path, settings: DemoSettings | None = None, *, progress: bool = True
 ) -> dict[str, Any]:
@@ -52,10 +79,10 @@ def run_demo(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    seed_everything(s.seed)
     task = get_task(s.task)
-    tok = build_char_tokenizer(task.chars)
-    model = build_tiny_model(tok, hidden_size=s.hidden_size, num_layers=s.num_layers, seed=s.seed)
+    # 1. supervised warm start on the training split
+    model, tok, sft_path, sft_time = warm_start(task, s, out, progress=progress)
+    train_rows = task.train_rows
     rewards = RewardSet.from_config(task.rewards)
     held_out = load_prompts(task.eval_rows[: s.eval_problems], tokenizer=tok)
 
@@ -73,28 +100,11 @@ def run_demo(
             seed=s.seed,
         )
 
-    # 1. supervised warm start on the training split
-    train_rows = task.train_rows
-    t0 = time.perf_counter()
-    sft(
-        model,
-        tok,
-        [r["prompt"] for r in train_rows],
-        [r["answer"] for r in train_rows],
-        steps=s.sft_steps,
-        batch_size=s.sft_batch,
-        learning_rate=s.sft_lr,
-        seed=s.seed,
-        output_dir=out / "sft",
-        progress=progress,
-    )
-    sft_time = time.perf_counter() - t0
-    save_model(model, tok, out / "sft" / "model")
     before = held_out_accuracy()
 
     # 2. GRPO from the SFT policy
     cfg = {
-        "model": {"name_or_path": str(out / "sft" / "model")},
+        "model": {"name_or_path": str(sft_path)},
         "rollout": {
             "num_generations": s.num_generations,
             "temperature": s.temperature,
