@@ -42,6 +42,23 @@ def position_ids_from_mask(mask_NL: Tensor) -> Tensor:
     return (mask_NL.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
+def repeated_inputs(
+    prompt_ids_NP: Tensor,
+    prompt_mask_NP: Tensor,
+    completion_ids_NT: Tensor,
+    completion_mask_NT: Tensor,
+) -> dict[str, Tensor | bool]:
+    """Model kwargs of the repeated layout: rows [left-padded prompt; completion], positions
+    from the mask (as HF generate computes them)."""
+    mask = torch.cat([prompt_mask_NP, completion_mask_NT], dim=1)
+    return {
+        "input_ids": torch.cat([prompt_ids_NP, completion_ids_NT], dim=1),
+        "attention_mask": mask.long(),
+        "position_ids": position_ids_from_mask(mask),
+        "use_cache": False,
+    }
+
+
 def plain_head(model: torch.nn.Module) -> bool:
     """True when logits = lm_head(decoder hidden states), with nothing applied after."""
     cfg = getattr(model, "config", None)
@@ -195,14 +212,10 @@ def completion_logprobs(
         hidden_Md = hidden[rows, cols]
     else:
         P = prompt_ids_NP.shape[1]
-        ids = torch.cat([prompt_ids_NP, completion_ids_NT], dim=1)
-        mask = torch.cat([prompt_mask_NP, completion_mask_NT], dim=1)
-        hidden = decoder(
-            input_ids=ids,
-            attention_mask=mask.long(),
-            position_ids=position_ids_from_mask(mask),
-            use_cache=False,
-        ).last_hidden_state
+        inputs = repeated_inputs(
+            prompt_ids_NP, prompt_mask_NP, completion_ids_NT, completion_mask_NT
+        )
+        hidden = decoder(**inputs).last_hidden_state
         hidden_Md = hidden[:, P - 1 : P - 1 + T][valid_NT]
     logp_M, ent_M = chunked_head_logprobs(
         hidden_Md,
@@ -226,14 +239,7 @@ def _full_logits_path(
 ):
     """Models whose logits are post-processed: the model's own forward, completion positions only."""
     T = completion_ids_NT.shape[1]
-    ids = torch.cat([prompt_ids_NP, completion_ids_NT], dim=1)
-    mask = torch.cat([prompt_mask_NP, completion_mask_NT], dim=1)
-    kwargs = dict(
-        input_ids=ids,
-        attention_mask=mask.long(),
-        position_ids=position_ids_from_mask(mask),
-        use_cache=False,
-    )
+    kwargs = repeated_inputs(prompt_ids_NP, prompt_mask_NP, completion_ids_NT, completion_mask_NT)
     if _accepts_logits_to_keep(type(model).forward):
         logits = model(**kwargs, logits_to_keep=T + 1).logits[:, :-1]
     else:
