@@ -57,6 +57,8 @@ def test_recipe_merges_under_user_config(tmp_path):
             "loss.aggregation: unknown aggregation 'token_men' (did you mean \"token_mean\"?)",
         ),
         ("regularizers=[{name: kl, beta: -1}]", "regularizers.0:"),
+        ("advantage.scale=x", "advantage: grpo: scale must be one of group, batch, none; got 'x'"),
+        ("loss.eps_low=-1", "loss:"),
         ("recipe=drgrpo", "recipe: unknown recipe 'drgrpo' (did you mean \"dr_grpo\"?)"),
         ("rollout.top_p=1.5", "rollout.top_p: must be in (0, 1]"),
         ("train.max_steps", "is not of the form section.key=value"),
@@ -91,3 +93,9 @@ def test_exponent_floats_are_numbers(tmp_path):
 def test_switching_component_on_the_command_line_drops_old_params():
     cfg = load_config({"recipe": "dapo"}, ["loss.name=cispo"])
     assert cfg.loss == {"name": "cispo", "aggregation": "token_mean"}
+
+
+def test_bad_component_values_fail_at_start_up():
+    with pytest.raises(ConfigError, match=r"token_mask: forking_tokens.rho must be in \(0, 1\]"):
+        load_config({"recipe": "forking_tokens"}, ["token_mask.rho=2"])
+

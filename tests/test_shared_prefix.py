@@ -201,4 +201,3 @@ def test_entropy_without_grad_keeps_no_graph():
     h = torch.randn(5, 8, requires_grad=True)
     lp, ent = chunked_head_logprobs(h, torch.zeros(5, dtype=torch.long), head, chunk_size=2)
     assert lp.requires_grad and not ent.requires_grad
-

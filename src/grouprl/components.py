@@ -99,6 +99,13 @@ def _bind(
 
 
 def build_components(cfg: Config) -> Components:
+    comps = _build_components(cfg)
+    check_compatible(comps, cfg)
+    probe_components(cfg)
+    return comps
+
+
+def _build_components(cfg: Config) -> Components:
     from grouprl.algorithms import ADVANTAGES, AGGREGATIONS, LOSSES, REGULARIZERS
     from grouprl.algorithms.advantages import ADVANTAGE_MODIFIERS
     from grouprl.algorithms.selection import (
@@ -151,8 +158,81 @@ def build_components(cfg: Config) -> Components:
             for i, f in enumerate(cfg.sample_filters)
         ],
     )
-    check_compatible(comps, cfg)
     return comps
+
+
+def _probe_inputs() -> dict[str, Any]:
+    """A tiny batch (B=2 prompts, G=2, T=3) of every input a component may name."""
+    import torch
+
+    from grouprl.algorithms.types import BatchNorm, PolicyInputs
+
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    logp = torch.full((4, 3), -1.0)
+    return {
+        "rewards_BG": torch.tensor([[0.0, 1.0], [1.0, 1.0]]),
+        "rewards_BGK": torch.tensor([[[0.0], [1.0]], [[1.0], [1.0]]]),
+        "weights_K": torch.tensor([1.0]),
+        "lengths_BG": torch.tensor([[2.0, 3.0], [1.0, 2.0]]),
+        "truncated_BG": torch.zeros(2, 2, dtype=torch.bool),
+        "seq_logp_BG": torch.tensor([[-2.0, -3.0], [-1.0, -2.0]]),
+        "answers_BG": [["1", "2"], ["1", "1"]],
+        "baseline_B": torch.tensor([0.5, 1.0]),
+        "prompt_keys_B": ["probe-a", "probe-b"],
+        "adv_BG": torch.tensor([[-1.0, 1.0], [0.0, 0.0]]),
+        "adv_N": torch.tensor([-1.0, 1.0, 0.0, 0.0]),
+        "entropy_NT": torch.tensor(
+            [[0.5, 1.0, 0.0], [0.2, 0.1, 0.9], [0.3, 0.0, 0.0], [0.7, 0.4, 0.0]]
+        ),
+        "mask_NT": mask,
+        "completion_ids_NT": torch.tensor([[1, 2, 0], [1, 3, 4], [5, 0, 0], [1, 2, 0]]),
+        "group_N": torch.tensor([0, 0, 1, 1]),
+        "old_logp_NT": logp,
+        "step": 0,
+        "max_steps": 10,
+        "policy": PolicyInputs(
+            logp_NT=logp.clone(),
+            old_logp_NT=logp,
+            mask_NT=mask,
+            adv_N=torch.tensor([-1.0, 1.0, 0.0, 0.0]),
+            entropy_NT=torch.full((4, 3), 0.5),
+            ref_logp_NT=logp,
+            rewards_N=torch.tensor([0.0, 1.0, 1.0, 1.0]),
+            group_N=torch.tensor([0, 0, 1, 1]),
+            norm=BatchNorm.of(mask, 3, 2),
+        ),
+    }
+
+
+def probe_components(cfg: Config) -> None:
+    """Run fresh copies of the configured components once on a tiny synthetic batch, so a
+    bad parameter value (`advantage.scale=x`, `token_mask.rho=2`) fails at start-up with
+    its config key, not at the first step after the model has loaded."""
+    fresh = _build_components(cfg)  # throwaway instances: no state is touched
+    inputs = _probe_inputs()
+    checks: list[tuple[str, Callable[[], Any]]] = [
+        ("advantage", lambda: fresh.advantage(inputs)),
+        *(
+            (f"advantage.modifiers.{i}", (lambda m=m: m(inputs)))
+            for i, m in enumerate(fresh.modifiers)
+        ),
+        ("loss", lambda: fresh.loss(inputs["policy"])),
+        *(
+            (f"regularizers.{i}", (lambda r=r: r(inputs["policy"])))
+            for i, r in enumerate(fresh.regularizers)
+        ),
+        *(
+            (f"sample_filters.{i}", (lambda f=f: f(inputs)))
+            for i, f in enumerate(fresh.sample_filters)
+        ),
+    ]
+    if fresh.token_mask is not None:
+        checks.append(("token_mask", lambda: fresh.token_mask(inputs)))
+    for key, run in checks:
+        try:
+            run()
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"{key}: {exc}") from None
 
 
 def check_compatible(comps: Components, cfg: Config) -> None:
