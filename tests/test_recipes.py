@@ -49,8 +49,13 @@ def starts_with_digit(prompts, completions, **kw):
 
 
 def test_catalog_is_complete_and_documented():
+    from grouprl.components import build_rewards
+
     assert set(ISSUE_RECIPES) <= set(recipe_names())
     for name in recipe_names():
+        cfg = load_config({"recipe": name})
+        if cfg.rewards:  # a recipe's own rewards must all be registered
+            assert build_rewards(cfg).names, name
         info = recipe_info(name)
         assert info["description"] and info["changes"] and info["confidence"], name
         assert "arXiv" in info["source"], name

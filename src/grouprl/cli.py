@@ -130,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.task:
         task = get_task(args.task)
         rows: Any = task.rows("eval")
-        reward_specs = reward_specs or task.rewards
+        reward_specs = reward_specs or task.eval_rewards or task.rewards
         correct = correct or task.correct_reward
     elif args.data:
         rows = args.data
@@ -169,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from grouprl.demo import DemoSettings, run_demo
 
-    s = DemoSettings(task=args.task, seed=args.seed)
+    s = DemoSettings.for_task(args.task, seed=args.seed)
     if args.quick:
         s.sft_steps, s.grpo_steps, s.eval_problems = 60, 10, 50
     summary = run_demo(args.output_dir, s, progress=not args.no_progress)

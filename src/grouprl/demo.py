@@ -16,7 +16,7 @@ from typing import Any
 from grouprl.data.datasets import load_prompts
 from grouprl.data.tasks import get_task
 from grouprl.eval.run import evaluate
-from grouprl.models.tiny import build_char_tokenizer, build_tiny_model, save_model
+from grouprl.models.tiny import build_tiny_model, save_model
 from grouprl.monitor.report import plot_curves, write_summary
 from grouprl.rewards import RewardSet
 from grouprl.training.sft import sft
@@ -42,7 +42,32 @@ class DemoSettings:
     eval_every: int = 50  # held-out accuracy during GRPO, for the curve
     hidden_size: int = 128
     num_layers: int = 3
+    recipe: str | None = None  # None: plain GRPO on the task's rewards
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def for_task(task: str, **overrides: Any) -> DemoSettings:
+        """The settings tuned for `task` (TASK_DEFAULTS), then `overrides`."""
+        return DemoSettings(task=task, **{**TASK_DEFAULTS.get(task, {}), **overrides})
+
+
+# Per-task demo settings. clinical: word-level traces of ~60-100 tokens, so fewer, longer
+# samples, and CRPO (accuracy + format + faithfulness + comprehensiveness) for the RL stage.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "clinical": {
+        "sft_steps": 800,
+        "sft_batch": 32,
+        "grpo_steps": 100,
+        "prompts_per_step": 8,
+        "num_generations": 8,
+        "grpo_lr": 5e-5,
+        "max_new_tokens": 110,
+        "eval_problems": 200,
+        "eval_samples": 2,
+        "eval_every": 25,
+        "recipe": "crpo",
+    },
+}
 
 
 def warm_start(task: Any, s: DemoSettings, out: Path, *, progress: bool = False):
@@ -53,14 +78,14 @@ def warm_start(task: Any, s: DemoSettings, out: Path, *, progress: bool = False)
     """
     t0 = time.perf_counter()
     seed_everything(s.seed)
-    tok = build_char_tokenizer(task.chars)
+    tok = task.build_tokenizer()
     model = build_tiny_model(tok, hidden_size=s.hidden_size, num_layers=s.num_layers, seed=s.seed)
-    rows = task.train_rows
+    prompts, completions = task.sft_data(s.seed)
     sft(
         model,
         tok,
-        [r["prompt"] for r in rows],
-        [r["answer"] for r in rows],
+        prompts,
+        completions,
         steps=s.sft_steps,
         batch_size=s.sft_batch,
         learning_rate=s.sft_lr,
@@ -83,7 +108,7 @@ def run_demo(
     # 1. supervised warm start on the training split
     model, tok, sft_path, sft_time = warm_start(task, s, out, progress=progress)
     train_rows = task.train_rows
-    rewards = RewardSet.from_config(task.rewards)
+    rewards = RewardSet.from_config(task.eval_rewards or task.rewards)
     held_out = load_prompts(task.eval_rows[: s.eval_problems], tokenizer=tok)
 
     def held_out_accuracy() -> dict[str, float]:
@@ -110,10 +135,21 @@ def run_demo(
             "temperature": s.temperature,
             "max_new_tokens": s.max_new_tokens,
         },
-        "rewards": task.rewards,
-        "advantage": {"name": "grpo", "scale": "group"},
-        "loss": {"name": "ppo_clip", "eps_low": 0.2, "eps_high": 0.2, "aggregation": "token_mean"},
-        "regularizers": [],
+        **(
+            {"recipe": s.recipe}
+            if s.recipe
+            else {
+                "rewards": task.rewards,
+                "advantage": {"name": "grpo", "scale": "group"},
+                "loss": {
+                    "name": "ppo_clip",
+                    "eps_low": 0.2,
+                    "eps_high": 0.2,
+                    "aggregation": "token_mean",
+                },
+                "regularizers": [],
+            }
+        ),
         "train": {
             "output_dir": str(out / "grpo"),
             "seed": s.seed,
@@ -157,6 +193,12 @@ def run_demo(
         f"heldout_maj@{s.eval_samples}_after_grpo": after.get(
             f"maj@{s.eval_samples}", float("nan")
         ),
+        **{
+            f"heldout_{name}_{when}": res.get(f"rewards/{name}/mean", float("nan"))
+            for name in rewards.names
+            for when, res in (("after_sft", before), ("after_grpo", after))
+            if name != task.correct_reward
+        },
         "sft_seconds": sft_time,
         "grpo_seconds": grpo_time,
         "total_seconds": time.perf_counter() - t_start,
@@ -179,8 +221,9 @@ def run_demo(
         f"grouprl demo ({s.task}, seed {s.seed})",
         {
             "What ran": (
-                f"A {s.num_layers}-layer, {s.hidden_size}-wide Qwen2 with a character tokenizer, built locally; "
-                f"{s.sft_steps} SFT steps, then {s.grpo_steps} GRPO steps of {s.prompts_per_step} prompts x "
+                f"A {s.num_layers}-layer, {s.hidden_size}-wide Qwen2 with a "
+                f"{'word-level' if task.tokenizer_factory else 'character'} tokenizer, built locally; "
+                f"{s.sft_steps} SFT steps, then {s.grpo_steps} {s.recipe or 'GRPO'} steps of {s.prompts_per_step} prompts x "
                 f"{s.num_generations} samples. Held-out accuracy is pass@1 over {len(held_out)} unseen problems, "
                 f"{s.eval_samples} samples each at temperature {s.temperature}."
             ),

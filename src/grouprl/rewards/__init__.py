@@ -2,6 +2,7 @@
 
 from grouprl.rewards import (
     builtins,  # noqa: F401  (registers the built-ins in REWARDS)
+    clinical,  # noqa: F401  (registers clinical_* / mcq_* objectives)
     majority,  # noqa: F401  (registers majority_vote)
 )
 from grouprl.rewards.base import (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,6 +23,25 @@ class Task:
     rewards: list[Any] = field(default_factory=list)  # reward specs that score it
     correct_reward: str = ""  # the reward whose value 1 means "correct"
     chars: str = ""  # characters a char tokenizer needs to cover the task
+    tokenizer_factory: Callable[[], Any] | None = None  # default: a char tokenizer over `chars`
+    # (seed) -> (prompts, completions) for the SFT warm start; default: (prompt, answer)
+    sft_pairs: Callable[[int], tuple[list[str], list[str]]] | None = None
+    max_new_tokens: int = 8  # enough for this task's completions
+    eval_rewards: list[Any] = field(
+        default_factory=list
+    )  # what evaluation reports (default: rewards)
+
+    def sft_data(self, seed: int) -> tuple[list[str], list[str]]:
+        if self.sft_pairs is not None:
+            return self.sft_pairs(seed)
+        return [r["prompt"] for r in self.train_rows], [str(r["answer"]) for r in self.train_rows]
+
+    def build_tokenizer(self) -> Any:
+        if self.tokenizer_factory is not None:
+            return self.tokenizer_factory()
+        from grouprl.models.tiny import build_char_tokenizer
+
+        return build_char_tokenizer(self.chars)
 
     def rows(self, split: str) -> list[dict[str, Any]]:
         if split in ("train",):

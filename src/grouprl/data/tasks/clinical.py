@@ -278,13 +278,28 @@ def clinical(
             f"clinical: num_train and num_eval must be >= 1, got {num_train}, {num_eval}"
         )
     rows = generate_rows(num_eval + num_train, seed=seed_split, options=options)
+    train_rows = rows[num_eval:]
+
+    def pairs(seed: int) -> tuple[list[str], list[str]]:
+        data = sft_rows(rows=train_rows, seed=seed)
+        return [r["prompt"] for r in data], [r["completion"] for r in data]
+
     return Task(
         name="clinical",
-        train_rows=rows[num_eval:],
+        train_rows=train_rows,
         eval_rows=rows[:num_eval],
         rewards=[{"name": "choice_accuracy", "weight": 1.0}, {"name": "format", "weight": 1.0}],
         correct_reward="choice_accuracy",
         chars="",
+        tokenizer_factory=clinical_tokenizer,
+        sft_pairs=pairs,
+        max_new_tokens=110,
+        eval_rewards=[
+            "choice_accuracy",
+            "format",
+            "clinical_faithfulness",
+            "clinical_comprehensiveness",
+        ],
     )
 
 
