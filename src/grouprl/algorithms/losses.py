@@ -30,6 +30,15 @@ def broadcast_adv(adv: Tensor, like_NT: Tensor) -> Tensor:
     return adv.detach().to(like_NT.dtype).expand_as(like_NT)
 
 
+def clip_stats(low_NT: Tensor, high_NT: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    """TRL's clip metrics as 0/1 per token: low, high, and either (the clipped region)."""
+    return {
+        "clip_ratio/low_mean": low_NT.to(dtype),
+        "clip_ratio/high_mean": high_NT.to(dtype),
+        "clip_ratio/region_mean": (low_NT | high_NT).to(dtype),
+    }
+
+
 @LOSSES.register("ppo_clip")
 def ppo_clip(
     inp: PolicyInputs,
@@ -73,11 +82,7 @@ def ppo_clip(
     dtype = logp_NT.dtype
     return TermOutput(
         per_token_NT=-_token_weighted(objective_NT, inp),
-        stats_NT={
-            "clip_ratio/low_mean": low_NT.to(dtype),
-            "clip_ratio/high_mean": high_NT.to(dtype),
-            "clip_ratio/region_mean": (low_NT | high_NT).to(dtype),
-        },
+        stats_NT=clip_stats(low_NT, high_NT, dtype),
     )
 
 
@@ -148,11 +153,7 @@ def _clip_stats(
     taken_NT = (clipped_NT * adv_NT < unclipped_NT * adv_NT).detach()
     low_NT = taken_NT & (adv_NT < 0)
     high_NT = taken_NT & (adv_NT > 0)
-    return {
-        "clip_ratio/low_mean": low_NT.to(dtype),
-        "clip_ratio/high_mean": high_NT.to(dtype),
-        "clip_ratio/region_mean": (low_NT | high_NT).to(dtype),
-    }
+    return clip_stats(low_NT, high_NT, dtype)
 
 
 def _check_eps(name: str, **eps: float) -> None:
@@ -222,11 +223,7 @@ def cispo(inp: PolicyInputs, *, eps_low: float = 10.0, eps_high: float = 0.2) ->
     dtype = logp_NT.dtype
     return TermOutput(
         per_token_NT=-_token_weighted(objective_NT, inp),
-        stats_NT={
-            "clip_ratio/low_mean": low_NT.to(dtype),
-            "clip_ratio/high_mean": high_NT.to(dtype),
-            "clip_ratio/region_mean": (low_NT | high_NT).to(dtype),
-        },
+        stats_NT=clip_stats(low_NT, high_NT, dtype),
     )
 
 
@@ -349,11 +346,8 @@ def rec(
     out_NT = ~in_range_NT
     return TermOutput(
         per_token_NT=-_token_weighted(objective_NT, inp),
-        stats_NT={
-            "clip_ratio/low_mean": (out_NT & (ratio_NT < 1.0)).to(dtype),
-            "clip_ratio/high_mean": (out_NT & (ratio_NT > 1.0)).to(dtype),
-            "clip_ratio/region_mean": out_NT.to(dtype),
-        },
+        # an excluded token has ratio != 1, so low | high is exactly out_NT
+        stats_NT=clip_stats(out_NT & (ratio_NT < 1.0), out_NT & (ratio_NT > 1.0), dtype),
     )
 
 

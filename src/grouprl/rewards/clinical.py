@@ -205,6 +205,19 @@ def _share(part: int, whole: int) -> float:
 # ---------------------------------------------------------------- synthetic clinical task
 
 
+def _gated_trace(gate: str, completion: Any, gold: Any) -> tuple[Any, float | None]:
+    """(the parsed trace, None) when the gate pays; else (None, what to score): None when
+    the gate cannot decide (no gold for gate="correct"), 0.0 when it refuses or the tags
+    are missing."""
+    paid = _gate(gate, completion, gold)
+    if paid is None:
+        return None, None
+    trace = _read(completion)
+    if not paid or trace is None:
+        return None, 0.0
+    return trace, None
+
+
 @REWARDS.register("clinical_faithfulness")
 def clinical_faithfulness(
     prompts: list,
@@ -249,10 +262,9 @@ def clinical_faithfulness(
         if opts is None or present is None or by_condition is None or nonspecific is None:
             out.append(None)
             continue
-        paid = _gate(gate, completion, _column(answer, i))
-        trace = _read(completion)
-        if paid is None or not paid or trace is None:
-            out.append(None if paid is None else 0.0)
+        trace, refused = _gated_trace(gate, completion, _column(answer, i))
+        if trace is None:
+            out.append(refused)
             continue
         claims = _claims(trace)
         present_n = {norm(f) for f in present}
@@ -435,10 +447,9 @@ def mcq_faithfulness(
         if opts is None:
             out.append(None)
             continue
-        paid = _gate(gate, completion, _column(answer, i))
-        trace = _read(completion)
-        if paid is None or not paid or trace is None:
-            out.append(None if paid is None else 0.0)
+        trace, refused = _gated_trace(gate, completion, _column(answer, i))
+        if trace is None:
+            out.append(refused)
             continue
         named = float(_conclusion_names_box(trace, opts))
         quoted = float(_quotes_in_prompt(trace, prompt))
@@ -478,10 +489,9 @@ def mcq_comprehensiveness(
         if opts is None:
             out.append(None)
             continue
-        paid = _gate(gate, completion, _column(answer, i))
-        trace = _read(completion)
-        if paid is None or not paid or trace is None:
-            out.append(None if paid is None else 0.0)
+        trace, refused = _gated_trace(gate, completion, _column(answer, i))
+        if trace is None:
+            out.append(refused)
             continue
         think_n = norm(trace.think)
         discussed = sum(

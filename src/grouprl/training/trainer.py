@@ -273,11 +273,6 @@ class Trainer:
             entropy_grad=entropy_grad,
         )
 
-    @torch.no_grad()
-    def _logprobs_no_grad(self, model: torch.nn.Module, ro: Rollouts) -> torch.Tensor:
-        mbs = micro_batches(ro.num_rollouts, self.cfg.train.micro_batch_size)
-        return torch.cat([self._forward(model, ro.select(s), with_entropy=False)[0] for s in mbs])
-
     # ------------------------------------------------------------------ sampling and scoring
     def _generate_and_score(self, n_prompts: int) -> ScoredBatch:
         indices = self.sampler.next(n_prompts)
@@ -357,10 +352,15 @@ class Trainer:
         return micro_batches(ro.num_rollouts, size)
 
     @torch.no_grad()
-    def _old_policy_pass(self, ro: Rollouts, with_entropy: bool) -> dict[str, torch.Tensor]:
+    def _no_grad_pass(
+        self, ro: Rollouts, *, with_entropy: bool, model: torch.nn.Module | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Log-probs (and entropy) of the batch under `model` (default: the policy as it is
+        now, i.e. the sampling policy), in the update's micro-batches."""
+        model = self.model if model is None else model
         logps, ents = [], []
         for s in self._micro_batches(ro):
-            lp, ent = self._forward(self.model, ro.select(s), with_entropy=with_entropy)
+            lp, ent = self._forward(model, ro.select(s), with_entropy=with_entropy)
             logps.append(lp)
             if ent is not None:
                 ents.append(ent)
@@ -400,9 +400,11 @@ class Trainer:
         # With one iteration the policy has not moved when each micro-batch runs, so
         # logp.detach() *is* π_old: same forward, ratio exactly 1, one forward saved.
         if old_logp_NT is None and cfg.num_iterations > 1:
-            old_logp_NT = self._old_policy_pass(ro, with_entropy=False)["old_logp_NT"]
+            old_logp_NT = self._no_grad_pass(ro, with_entropy=False)["old_logp_NT"]
         ref_logp = (
-            self._logprobs_no_grad(self.ref_model, ro) if self.ref_model is not None else None
+            self._no_grad_pass(ro, with_entropy=False, model=self.ref_model)["old_logp_NT"]
+            if self.ref_model is not None
+            else None
         )
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, float] = defaultdict(float)
@@ -491,7 +493,7 @@ class Trainer:
         need_old = (
             need_entropy or "old_logp_NT" in mask_inputs or "seq_logp_BG" in comp.advantage_inputs()
         )
-        old = self._old_policy_pass(ro, with_entropy=need_entropy) if need_old else {}
+        old = self._no_grad_pass(ro, with_entropy=need_entropy) if need_old else {}
         adv_N = self.compute_advantages(batch, rewards_N, old)
         t2 = time.perf_counter()
         token_weight, denominator = None, "all"

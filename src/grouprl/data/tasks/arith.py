@@ -41,5 +41,4 @@ def arith(
         rewards=[{"name": "exact_match", "weight": 1.0}],
         correct_reward="exact_match",
         chars="0123456789+-=",
-        max_new_tokens=digits + 3,  # the answer (up to digits + 1) and EOS, with a spare
     )

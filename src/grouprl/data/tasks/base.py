@@ -26,7 +26,6 @@ class Task:
     tokenizer_factory: Callable[[], Any] | None = None  # default: a char tokenizer over `chars`
     # (seed) -> (prompts, completions) for the SFT warm start; default: (prompt, answer)
     sft_pairs: Callable[[int], tuple[list[str], list[str]]] | None = None
-    max_new_tokens: int = 8  # enough for this task's completions
     eval_rewards: list[Any] = field(
         default_factory=list
     )  # what evaluation reports (default: rewards)

@@ -293,7 +293,6 @@ def clinical(
         chars="",
         tokenizer_factory=clinical_tokenizer,
         sft_pairs=pairs,
-        max_new_tokens=110,
         eval_rewards=[
             "choice_accuracy",
             "format",
