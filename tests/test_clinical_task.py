@@ -369,3 +369,22 @@ def test_tokenizer_unknown_words_and_reload(tok, tmp_path):
         == tok(text, add_special_tokens=False)["input_ids"]
     )
     assert again.decode(again(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_saved_model_reloads_the_word_tokenizer_not_the_model_types(tok, tmp_path):
+    # config.json says qwen2; AutoTokenizer alone would build a Qwen2Tokenizer whose
+    # pre-tokenizer splits the closed vocabulary into <unk>s.
+    from grouprl.config import ModelConfig
+    from grouprl.models.loading import load_model_and_tokenizer
+    from grouprl.models.tiny import build_tiny_model, save_model
+
+    save_model(build_tiny_model(tok, hidden_size=32, num_layers=1), tok, tmp_path)
+    _model, again, _ = load_model_and_tokenizer(
+        ModelConfig(name_or_path=str(tmp_path), device="cpu")
+    )
+    text = cl.clinical(num_train=1, num_eval=1).eval_rows[0]["prompt"]
+    ids = again(text, add_special_tokens=False)["input_ids"]
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert again.unk_token_id not in ids
+    assert again.decode(ids) == text
+    assert again.padding_side == "left"

@@ -98,4 +98,3 @@ def test_switching_component_on_the_command_line_drops_old_params():
 def test_bad_component_values_fail_at_start_up():
     with pytest.raises(ConfigError, match=r"token_mask: forking_tokens.rho must be in \(0, 1\]"):
         load_config({"recipe": "forking_tokens"}, ["token_mask.rho=2"])
-

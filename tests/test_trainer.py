@@ -254,12 +254,16 @@ def test_eval_every_needs_eval_data(tmp_path, tiny_model_dir):
 
 
 def test_collapse_warning_is_logged_and_can_stop_the_run(tmp_path, tiny_model_dir):
-    cfg = base_config(tmp_path / "run", tiny_model_dir, max_steps=3, collapse_monitor="on", stop_on_collapse=True)
+    cfg = base_config(
+        tmp_path / "run", tiny_model_dir, max_steps=3, collapse_monitor="on", stop_on_collapse=True
+    )
     tr = Trainer(cfg, train_dataset=arith_rows())
     assert tr.monitor is not None
     # force the monitor's verdict on step 2: the run must log it, save and stop there
     real = tr.monitor.check
-    tr.monitor.check = lambda m: real(m) + (["collapse: forced for the test"] if tr.step == 2 else [])
+    tr.monitor.check = lambda m: (
+        real(m) + (["collapse: forced for the test"] if tr.step == 2 else [])
+    )
     res = tr.train()
     assert res.steps == 2 and res.stopped_early
     assert res.history[-1]["collapse/warning"] == 1.0 and "collapse/warning" not in res.history[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -29,10 +30,31 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+# tokenizer_config classes that mean "the tokenizer.json as saved" (transformers 4 and 5 names)
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+def _saved_tokenizer_class(path: str) -> str | None:
+    config = Path(path).expanduser() / "tokenizer_config.json"
+    try:
+        return json.loads(config.read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """The tokenizer at `path` (hub id or directory), left-padded, with a pad token.
+
+    A tokenizer saved as a plain `tokenizers` object (grouprl's tiny char and word
+    tokenizers) is loaded as such: `AutoTokenizer` would pick the class of the model type
+    in config.json (e.g. Qwen2Tokenizer), whose own pre-tokenizer splits words differently.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if _saved_tokenizer_class(path) in GENERIC_TOKENIZER_CLASSES:
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
