@@ -329,3 +329,50 @@ def test_rows_feed_load_prompts_and_the_rewards(tmp_path):
     assert choice_accuracy([ds[0].prompt], [completion], **cols) == [1.0]
     assert mcq_faithfulness([ds[0].prompt], [completion], **cols) == [1.0]
     assert mcq_comprehensiveness([ds[0].prompt], [completion], **cols) == [0.75]
+
+
+# ---------------------------------------------------------------- benchmark files in eval and train
+
+
+def test_eval_command_on_a_benchmark_file(capsys, tmp_path, tiny_model_dir):
+    from grouprl.cli import main
+
+    path = write_jsonl(tmp_path / "medqa.jsonl", [MEDQA_4, MEDQA_5])
+    out = tmp_path / "res.json"
+    code = main(
+        ["eval", "--model", str(tiny_model_dir), "--data", str(path), "--benchmark", "medqa"]
+        + ["-n", "2", "--max-new-tokens", "4", "--output", str(out)]
+    )
+    assert code == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    assert res["num_problems"] == 2
+    for name in ("choice_accuracy", "format", "mcq_faithfulness", "mcq_comprehensiveness"):
+        mean = res[f"rewards/{name}/mean"]
+        assert res[f"rewards/{name}/ci_low"] <= mean <= res[f"rewards/{name}/ci_high"]
+    # a bad row is one line naming the file, the row and the field
+    bad = write_jsonl(tmp_path / "bad.jsonl", [MEDQA_4, {**MEDQA_4, "answer_idx": "Z"}])
+    code = main(
+        ["eval", "--model", str(tiny_model_dir), "--data", str(bad), "--benchmark", "medqa"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "bad.jsonl" in err[0] and "row 2" in err[0] and "answer_idx" in err[0]
+
+
+def test_training_config_reads_a_benchmark_file(tmp_path, tiny_model_dir):
+    from conftest import base_config
+
+    from grouprl.config import ConfigError, load_config
+    from grouprl.training.trainer import Trainer
+
+    path = write_jsonl(tmp_path / "medmcqa.jsonl", [mcqa(0), mcqa(2, 1)])
+    cfg = base_config(tmp_path / "out", tiny_model_dir, max_steps=1, prompts_per_step=2)
+    cfg["data"] = {"path": str(path), "benchmark": "medmcqa", "benchmark_params": {"cop_base": 0}}
+    cfg["rewards"] = ["choice_accuracy", "mcq_faithfulness", "mcq_comprehensiveness"]
+    trainer = Trainer(load_config(cfg))
+    assert [ex.columns["answer"] for ex in trainer.dataset] == ["A", "C"]
+    result = trainer.train()
+    assert "rewards/mcq_comprehensiveness/mean" in result.history[-1]
+    cfg["data"]["benchmark"] = "medmcq"
+    with pytest.raises(ConfigError, match='data.benchmark: .*did you mean "medmcqa"'):
+        Trainer(load_config(cfg))

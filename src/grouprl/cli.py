@@ -114,6 +114,11 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+# `grouprl eval --benchmark`: accuracy first (it decides correctness), then the
+# knowledge-free faithfulness and comprehensiveness rules for real multiple-choice items.
+BENCHMARK_REWARDS = ("choice_accuracy", "format", "mcq_faithfulness", "mcq_comprehensiveness")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from grouprl.config import ModelConfig
     from grouprl.data.datasets import load_prompts
@@ -132,6 +137,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows: Any = task.rows("eval")
         reward_specs = reward_specs or task.eval_rewards or task.rewards
         correct = correct or task.correct_reward
+    elif args.data and args.benchmark:
+        from grouprl.data.benchmarks import load_benchmark
+
+        rows = load_benchmark(args.benchmark, args.data)
+        reward_specs = reward_specs or list(BENCHMARK_REWARDS)
+        correct = correct or BENCHMARK_REWARDS[0]
     elif args.data:
         rows = args.data
     else:
@@ -235,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="model directory or hub id")
     e.add_argument("--data", help="prompt dataset (jsonl, json, parquet, HF datasets dir)")
     e.add_argument("--task", help="a built-in task's held-out split instead of --data (e.g. arith)")
+    e.add_argument(
+        "--benchmark",
+        choices=["medqa", "medmcqa", "medxpertqa"],
+        help="read --data with this benchmark's loader; default rewards: "
+        + ", ".join(BENCHMARK_REWARDS),
+    )
     e.add_argument(
         "--reward",
         action="append",

@@ -75,6 +75,9 @@ class DataConfig:
     path: str | None = None  # jsonl / json / parquet / save_to_disk directory
     task: str | None = None  # or a built-in offline task (e.g. "arith")
     task_params: dict[str, Any] = field(default_factory=dict)
+    # read data.path / data.eval_path with a benchmark loader (medqa, medmcqa, medxpertqa)
+    benchmark: str | None = None
+    benchmark_params: dict[str, Any] = field(default_factory=dict)
     eval_path: str | None = None
     prompt_column: str = "prompt"
     max_prompt_length: int = 512

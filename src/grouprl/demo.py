@@ -55,7 +55,7 @@ class DemoSettings:
 # samples, and CRPO (accuracy + format + faithfulness + comprehensiveness) for the RL stage.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "clinical": {
-        "sft_steps": 800,
+        "sft_steps": 1000,
         "sft_batch": 32,
         "grpo_steps": 100,
         "prompts_per_step": 8,
@@ -97,6 +97,48 @@ def warm_start(task: Any, s: DemoSettings, out: Path, *, progress: bool = False)
     return model, tok, path, time.perf_counter() - t0
 
 
+def rl_config(
+    task: Any, s: DemoSettings, model_path: Path, output_dir: Path, *, progress: bool = False
+) -> dict[str, Any]:
+    """The demo's RL-stage config: `s.recipe` (or plain GRPO on the task's rewards) from
+    `model_path`, with the demo's rollout and training settings. Benchmarks start from it."""
+    return {
+        "model": {"name_or_path": str(model_path)},
+        "rollout": {
+            "num_generations": s.num_generations,
+            "temperature": s.temperature,
+            "max_new_tokens": s.max_new_tokens,
+        },
+        **(
+            {"recipe": s.recipe}
+            if s.recipe
+            else {
+                "rewards": task.rewards,
+                "advantage": {"name": "grpo", "scale": "group"},
+                "loss": {
+                    "name": "ppo_clip",
+                    "eps_low": 0.2,
+                    "eps_high": 0.2,
+                    "aggregation": "token_mean",
+                },
+                "regularizers": [],
+            }
+        ),
+        "train": {
+            "output_dir": str(output_dir),
+            "seed": s.seed,
+            "max_steps": s.grpo_steps,
+            "prompts_per_step": s.prompts_per_step,
+            "micro_batch_size": s.prompts_per_step * s.num_generations,
+            "learning_rate": s.grpo_lr,
+            "max_grad_norm": s.grpo_max_grad_norm,
+            "save_every": 0,
+            "progress": progress,
+            **s.extra,
+        },
+    }
+
+
 def run_demo(
     output_dir: str | Path, settings: DemoSettings | None = None, *, progress: bool = True
 ) -> dict[str, Any]:
@@ -128,41 +170,7 @@ def run_demo(
     before = held_out_accuracy()
 
     # 2. GRPO from the SFT policy
-    cfg = {
-        "model": {"name_or_path": str(sft_path)},
-        "rollout": {
-            "num_generations": s.num_generations,
-            "temperature": s.temperature,
-            "max_new_tokens": s.max_new_tokens,
-        },
-        **(
-            {"recipe": s.recipe}
-            if s.recipe
-            else {
-                "rewards": task.rewards,
-                "advantage": {"name": "grpo", "scale": "group"},
-                "loss": {
-                    "name": "ppo_clip",
-                    "eps_low": 0.2,
-                    "eps_high": 0.2,
-                    "aggregation": "token_mean",
-                },
-                "regularizers": [],
-            }
-        ),
-        "train": {
-            "output_dir": str(out / "grpo"),
-            "seed": s.seed,
-            "max_steps": s.grpo_steps,
-            "prompts_per_step": s.prompts_per_step,
-            "micro_batch_size": s.prompts_per_step * s.num_generations,
-            "learning_rate": s.grpo_lr,
-            "max_grad_norm": s.grpo_max_grad_norm,
-            "save_every": 0,
-            "progress": progress,
-            **s.extra,
-        },
-    }
+    cfg = rl_config(task, s, sft_path, out / "grpo", progress=progress)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, model=model, tokenizer=tok, train_dataset=train_rows)
     curve = [(0, before["pass@1"])]

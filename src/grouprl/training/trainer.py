@@ -72,6 +72,16 @@ def _task(cfg: Config) -> Any:
         raise ConfigError(f"data.task: {exc}") from None
 
 
+def _benchmark_rows(name: str, path: str | Path, params: dict[str, Any]) -> list[dict]:
+    from grouprl.data.benchmarks import load_benchmark
+    from grouprl.registry import RegistryError
+
+    try:
+        return load_benchmark(name, path, **params)
+    except RegistryError as exc:
+        raise ConfigError(f"data.benchmark: {exc}") from None
+
+
 def load_dataset_from_config(
     cfg: Config, tokenizer: Any, split: str = "train", source: Any = None
 ) -> PromptDataset:
@@ -88,6 +98,8 @@ def load_dataset_from_config(
         raise ConfigError(
             f"{key}: no {split} data given (a file path, or data.task for a built-in task)"
         )
+    if d.benchmark and isinstance(source, (str, Path)):
+        source = _benchmark_rows(d.benchmark, source, d.benchmark_params)
     return load_prompts(
         source if isinstance(source, (str, Path)) else list(source),
         tokenizer=tokenizer,

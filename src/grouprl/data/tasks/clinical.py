@@ -16,8 +16,13 @@ findings:
   A distractor is never a finding of the vignette's own family, and never a finding
   that only conditions of the other sex have (no "missed period" in a male patient).
 
-The question offers `options` (4 or 5) conditions from the same family, with the gold at
-a random letter. All prompts are rendered by `render_mcq`, which later real-benchmark
+The question offers `options` (4 or 5) conditions from the same family: the gold and
+randomly drawn siblings, listed in alphabetical order (as USMLE-style items list them),
+so the gold's letter depends on which siblings were drawn. Why alphabetical: with
+options in random order, a 3-layer model must bind each letter to a name it has just
+concluded (associative recall), and it stayed at chance (20%) on that binding after
+1750 SFT steps; in alphabetical order the letter follows from the concluded condition
+and the siblings on the list, which it learns in a few hundred steps. All prompts are rendered by `render_mcq`, which later real-benchmark
 loaders (MedQA and others) can share::
 
     {age} year old {sex} with {f1}, {f2}, .... most likely diagnosis?
@@ -223,7 +228,7 @@ def _vignette(rng: random.Random, cond: Condition, n_options: int, pools: dict) 
     rng.shuffle(findings)
     siblings = [c for c in fam.conditions if c is not cond]
     chosen = [cond, *rng.sample(siblings, n_options - 1)]
-    rng.shuffle(chosen)
+    chosen.sort(key=lambda c: c.name)  # alphabetical, as USMLE-style items list them
     options = {LETTERS[i]: c.name for i, c in enumerate(chosen)}
     question = QUESTION.format(age=age, sex=sex, findings=", ".join(findings))
     row = {

@@ -1,0 +1,166 @@
+"""Tiny-scale reproduction of CRPO (Clinical-R1) vs GRPO on accuracy + format only.
+
+For each seed: the clinical demo's warm start (a tiny word-level Qwen2, SFT on traces of
+which 40% are imperfect: skipped key findings, invented findings, no rule-outs, a box
+that contradicts the conclusion, wrong answers), then two RL runs from that same model
+with the same budget and settings, differing only in the rewards:
+
+- ``grpo``: choice_accuracy (1.0) + format (0.25);
+- ``crpo``: the `crpo` recipe: the same two plus clinical_faithfulness (0.5) and
+  clinical_comprehensiveness (0.5), paid only on a valid format;
+- ``crpo_gdpo`` (with ``--gdpo``): the `crpo_gdpo` recipe (each reward normalized in its
+  group, then summed).
+
+Every arm is then scored on the same held-out vignettes with all four objectives.
+
+    python benchmarks/crpo_repro.py --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM
+
+from grouprl.data.datasets import load_prompts
+from grouprl.data.tasks import get_task
+from grouprl.demo import DemoSettings, rl_config, warm_start
+from grouprl.eval.run import evaluate
+from grouprl.models.loading import load_tokenizer
+from grouprl.rewards import RewardSet
+from grouprl.training.trainer import Trainer
+
+# GRPO keeps CRPO's accuracy and format weights and drops the two reasoning rewards.
+GRPO_REWARDS = [
+    {"name": "choice_accuracy", "weight": 1.0},
+    {"name": "format", "weight": 0.25},
+]
+# What the table reports: the four objectives, and the two halves of comprehensiveness.
+MEASURES: list[dict[str, Any]] = [
+    {"name": "choice_accuracy"},
+    {"name": "format"},
+    {"name": "clinical_faithfulness"},
+    {"name": "clinical_comprehensiveness"},
+    {"name": "clinical_comprehensiveness", "alias": "key_cited", "params": {"w_rule": 0.0}},
+    {"name": "clinical_comprehensiveness", "alias": "ruled_out", "params": {"w_key": 0.0}},
+]
+COLUMNS = [
+    "accuracy",
+    "clinical_faithfulness",
+    "clinical_comprehensiveness",
+    "key_cited",
+    "ruled_out",
+    "format",
+]
+
+
+def measure(model, tok, task, s: DemoSettings, seed: int) -> dict[str, float]:
+    """Mean of every measure over the held-out vignettes (s.eval_samples each)."""
+    held = load_prompts(task.eval_rows[: s.eval_problems], tokenizer=tok)
+    res = evaluate(
+        model,
+        tok,
+        held,
+        RewardSet.from_config(MEASURES),
+        correct_reward="choice_accuracy",
+        n=s.eval_samples,
+        ks=(1,),
+        temperature=s.temperature,
+        max_new_tokens=s.max_new_tokens,
+        seed=seed,
+    )
+    # accuracy = share of samples whose boxed letter is the gold (the reward's mean would
+    # also count its negative penalties for several boxes)
+    out = {
+        "accuracy": res["pass@1"],
+        "accuracy_ci": (res["pass@1_ci_high"] - res["pass@1_ci_low"]) / 2,
+    }
+    for m in MEASURES[1:]:
+        label = m.get("alias", m["name"])
+        out[label] = res[f"rewards/{label}/mean"]
+        out[label + "_ci"] = (res[f"rewards/{label}/ci_high"] - res[f"rewards/{label}/ci_low"]) / 2
+    return out
+
+
+def run_arm(arm: str, task, s: DemoSettings, start: Path, out: Path) -> dict[str, Any]:
+    tok = load_tokenizer(str(start))
+    model = AutoModelForCausalLM.from_pretrained(str(start))
+    recipe = "crpo_gdpo" if arm == "crpo_gdpo" else "crpo"
+    cfg = rl_config(task, DemoSettings(**{**vars(s), "recipe": recipe}), start, out / arm)
+    if arm == "grpo":
+        cfg["rewards"] = GRPO_REWARDS
+    t0 = time.perf_counter()
+    res = Trainer(cfg, model=model, tokenizer=tok, train_dataset=task.train_rows).train()
+    seconds = time.perf_counter() - t0
+    lengths = [h["completions/mean_length"] for h in res.history]
+    return {
+        "after": measure(model, tok, task, s, s.seed),
+        "seconds": seconds,
+        "length_end": sum(lengths[-5:]) / len(lengths[-5:]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=None, help="RL steps (default: the demo's)")
+    ap.add_argument("--sft-steps", type=int, default=None, help="default: the demo's")
+    ap.add_argument("--eval-problems", type=int, default=None, help="default: the demo's")
+    ap.add_argument("--gdpo", action="store_true", help="also run the crpo_gdpo recipe")
+    ap.add_argument("--json", default=None, help="write every result to this file")
+    args = ap.parse_args()
+    task = get_task("clinical")
+    arms = ["grpo", "crpo"] + (["crpo_gdpo"] if args.gdpo else [])
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            over: dict[str, Any] = {"seed": seed}
+            for key, value in (
+                ("grpo_steps", args.steps),
+                ("sft_steps", args.sft_steps),
+                ("eval_problems", args.eval_problems),
+            ):
+                if value is not None:
+                    over[key] = value
+            s = DemoSettings.for_task("clinical", **over)
+            out = Path(tmp) / f"seed{seed}"
+            model, tok, start, sft_seconds = warm_start(task, s, out)
+            before = measure(model, tok, task, s, seed)
+            print(json.dumps({"seed": seed, "arm": "sft", **before, "seconds": sft_seconds}))
+            results.append({"seed": seed, "arm": "sft (start)", "after": before})
+            for arm in arms:
+                r = run_arm(arm, task, s, start, out)
+                results.append({"seed": seed, "arm": arm, **r})
+                print(json.dumps({"seed": seed, "arm": arm, **r["after"], "seconds": r["seconds"]}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    print(table(results, arms))
+
+
+def table(results: list[dict[str, Any]], arms: list[str]) -> str:
+    head = "| seed | model | accuracy | faithfulness | comprehensiveness | key findings cited | options ruled out | format | RL seconds |"
+    lines = [head, "|" + "---|" * 9]
+
+    def row(seed: Any, arm: str, values: dict[str, float], seconds: str) -> str:
+        cells = [f"{100 * values['accuracy']:.1f}%"]
+        cells += [f"{values[c]:.3f}" for c in COLUMNS[1:]]
+        return f"| {seed} | {arm} | " + " | ".join(cells) + f" | {seconds} |"
+
+    for r in results:
+        sec = f"{r['seconds']:.0f}" if "seconds" in r else ""
+        lines.append(row(r["seed"], r["arm"], r["after"], sec))
+    seeds = sorted({r["seed"] for r in results})
+    for arm in ["sft (start)", *arms]:
+        rs = [r["after"] for r in results if r["arm"] == arm]
+        mean = {c: sum(v[c] for v in rs) / len(rs) for c in COLUMNS}
+        lines.append(row(f"mean of {len(seeds)}", arm, mean, ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
