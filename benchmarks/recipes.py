@@ -46,8 +46,7 @@ import torch
 from grouprl.config import ModelConfig, load_recipe, recipe_info, recipe_names
 from grouprl.data.datasets import load_prompts
 from grouprl.data.tasks import get_task
-from grouprl.demo import DemoSettings, warm_start
-from grouprl.eval.run import evaluate
+from grouprl.demo import DemoSettings, held_out_eval, warm_start
 from grouprl.models.loading import load_model_and_tokenizer
 from grouprl.rewards import RewardSet
 from grouprl.training.trainer import Trainer
@@ -137,18 +136,7 @@ def heldout(model: Any, tok: Any, task: Any, s: DemoSettings) -> dict[str, float
     rewards = RewardSet.from_config(task.rewards)
     examples = load_prompts(task.eval_rows[: s.eval_problems], tokenizer=tok)
     model.eval()
-    return evaluate(
-        model,
-        tok,
-        examples,
-        rewards,
-        correct_reward=task.correct_reward,
-        n=s.eval_samples,
-        ks=(1, s.eval_samples),
-        temperature=s.temperature,
-        max_new_tokens=s.max_new_tokens,
-        seed=s.seed,
-    )
+    return held_out_eval(model, tok, task, s, examples, rewards)
 
 
 def build_start(task: Any, s: DemoSettings, where: Path) -> tuple[Path, float]:

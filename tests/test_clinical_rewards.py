@@ -52,12 +52,12 @@ def columns(n: int = 1, **override) -> dict:
 
 
 def faith(completion, **kw) -> float | None:
-    params = {k: kw.pop(k) for k in ("gate",) if k in kw}
+    params = {k: kw.pop(k) for k in ("gate", "checks") if k in kw}
     return clinical_faithfulness(["p"], [completion], **columns(**kw), **params)[0]
 
 
 def compr(completion, **kw) -> float | None:
-    params = {k: kw.pop(k) for k in ("gate", "w_key", "w_rule") if k in kw}
+    params = {k: kw.pop(k) for k in ("gate", "w_key", "w_rule", "zero_if_invented") if k in kw}
     return clinical_comprehensiveness(["p"], [completion], **columns(**kw), **params)[0]
 
 
@@ -68,12 +68,40 @@ def test_perfect_trace_scores_one_under_every_gate():
 
 
 def test_invented_finding_lowers_check_a():
-    # 4 distinct cited findings, 1 invented: a = 3/4; b = 1; c = 3/3 over present ones.
+    # 4 distinct cited findings, 1 invented: a = 0 (all or nothing); b = 1; c = 3/3 over
+    # present ones.
     comp = trace(["the patient has chest pain", *PERFECT])
-    assert faith(comp) == pytest.approx((0.75 + 1 + 1) / 3)
-    # Citing the same invented finding twice still counts it once.
+    assert faith(comp) == pytest.approx((0 + 1 + 1) / 3)
+    assert faith(comp, checks=["no_invented"]) == 0.0
+    # Citing the same invented finding twice is no worse.
     comp = trace(["the patient has chest pain", "the patient has chest pain", *PERFECT])
-    assert faith(comp) == pytest.approx((0.75 + 1 + 1) / 3)
+    assert faith(comp) == pytest.approx((0 + 1 + 1) / 3)
+
+
+def test_each_faithfulness_check_alone():
+    # an invented finding (a = 0), the box names another option (b = 0), and a cited
+    # present finding of influenza's, not pneumonia's (c = 3/4)
+    comp = trace(["the patient has chest pain", "the patient has headache", *PERFECT], box="a")
+    assert faith(comp, checks=["no_invented"]) == 0.0
+    assert faith(trace(PERFECT), checks=["no_invented"]) == 1.0
+    assert faith(comp, checks="matches_box") == 0.0
+    assert faith(comp, checks=["consistent"]) == pytest.approx(3 / 4)
+    assert faith(comp, checks=["no_invented", "consistent"]) == pytest.approx((0 + 3 / 4) / 2)
+    assert faith(comp) == pytest.approx((0 + 0 + 3 / 4) / 3)
+    for bad in ([], ["no_invention"]):
+        with pytest.raises(ValueError, match="checks must be a non-empty subset"):
+            faith(comp, checks=bad)
+
+
+def test_comprehensiveness_can_require_faithful_citations():
+    invented = trace(["the patient has chest pain", *PERFECT])
+    assert compr(invented) == 1.0  # every key finding cited, every other option ruled out
+    assert compr(invented, zero_if_invented=True) == 0.0
+    assert compr(trace(PERFECT), zero_if_invented=True) == 1.0
+    partial = trace(PERFECT[1:2] + PERFECT[3:])  # one of the two key findings, no invention
+    assert compr(partial, zero_if_invented=True) == pytest.approx(0.5 * 0.5 + 0.5 * 1)
+    # it needs the vignette's findings: a row without them cannot be scored
+    assert compr(trace(PERFECT), zero_if_invented=True, findings=None) is None
 
 
 def test_nothing_cited_gives_full_a_and_c_but_no_key_findings():
@@ -123,7 +151,7 @@ def test_consistency_counts_concluded_and_nonspecific_findings():
     assert faith(comp) == pytest.approx((1 + 1 + 2 / 3) / 3)
     # Invented findings are left out of c (they are a's business).
     comp = trace(["the patient has fever", "the patient has rash", PERFECT[-1]])
-    assert faith(comp) == pytest.approx((0.5 + 1 + 1) / 3)
+    assert faith(comp) == pytest.approx((0 + 1 + 1) / 3)
     # Without nonspecific_findings, fatigue is inconsistent with pneumonia.
     comp = trace(["the patient has fatigue", PERFECT[-1]])
     assert faith(comp) == 1.0
@@ -216,7 +244,7 @@ def test_parsing_is_robust_to_decoded_spacing_and_case():
     # "the patient has" inside a rule-out sentence is not a cited finding, but at the
     # start of a sentence "the patient has no friction rub" is an invented one.
     cited_no = spaced.replace("because the patient has no friction rub", ". the patient has no rub")
-    assert faith(cited_no, gate="none", **row) == pytest.approx((2 / 3 + 1 + 1) / 3)
+    assert faith(cited_no, gate="none", **row) == pytest.approx((0 + 1 + 1) / 3)
 
 
 def test_registered_and_run_by_a_reward_set():

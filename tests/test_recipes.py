@@ -105,3 +105,43 @@ def test_incompatible_combination_fails_at_start():
         match="token_mask: token mask 'forking_tokens' has no parameter 'roh' \\(did you mean \"rho\"\\?\\)",
     ):
         load_config({"recipe": "forking_tokens"}, ["token_mask.roh=0.1"])
+
+
+@pytest.mark.parametrize("name", ["crpo", "crpo_gdpo"])
+def test_crpo_recipes_train_on_the_clinical_task_with_their_own_rewards(tmp_path, name):
+    from grouprl.data.tasks.clinical import clinical_tokenizer, sft_rows
+    from grouprl.models.tiny import build_tiny_model, save_model
+    from grouprl.rewards import RewardSet
+
+    tok = clinical_tokenizer()
+    model_dir = save_model(build_tiny_model(tok, hidden_size=32, num_layers=1), tok, tmp_path / "m")
+    cfg = base_config(tmp_path / name, model_dir, max_steps=2, micro_batch_size=8)
+    for key in ("rewards", "advantage", "loss", "regularizers"):
+        cfg.pop(key)
+    cfg.update(
+        recipe=name, data={"task": "clinical", "task_params": {"num_train": 8, "num_eval": 2}}
+    )
+    cfg["rollout"]["max_new_tokens"] = 12
+    resolved = load_config(cfg)
+    names = [r["name"] if isinstance(r, dict) else r for r in resolved.rewards]
+    assert names == [
+        "choice_accuracy",
+        "format",
+        "clinical_faithfulness",
+        "clinical_comprehensiveness",
+    ]
+    res = Trainer(resolved).train()
+    assert res.steps == 2
+    for reward in names:
+        assert f"rewards/{reward}/mean" in res.history[-1]
+    # the recipe's comprehensiveness pays nothing for a trace with an invented finding
+    from grouprl.data.tasks import get_task
+
+    rows = get_task("clinical", num_train=20, num_eval=2).train_rows
+    pairs = sft_rows(rows=rows, seed=0)
+    k = next(i for i, p in enumerate(pairs) if p["kind"] == "invented")
+    cols = {key: [v] for key, v in rows[k].items() if key != "prompt"}
+    rs = RewardSet.from_config(resolved.rewards)
+    values = rs([rows[k]["prompt"]], [pairs[k]["completion"]], cols).rewards_NK[0].tolist()
+    assert values[0] == 1.0 and values[3] == 0.0  # a correct answer, yet no comprehensiveness
+    assert values[2] < 1.0  # and faithfulness check (a) fails

@@ -57,14 +57,14 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "clinical": {
         "sft_steps": 1000,
         "sft_batch": 32,
-        "grpo_steps": 100,
+        "grpo_steps": 200,
         "prompts_per_step": 8,
         "num_generations": 8,
-        "grpo_lr": 5e-5,
+        "grpo_lr": 1e-4,
         "max_new_tokens": 110,
         "eval_problems": 200,
         "eval_samples": 2,
-        "eval_every": 25,
+        "eval_every": 50,
         "recipe": "crpo",
     },
 }
@@ -95,6 +95,25 @@ def warm_start(task: Any, s: DemoSettings, out: Path, *, progress: bool = False)
     )
     path = save_model(model, tok, out / "sft" / "model")
     return model, tok, path, time.perf_counter() - t0
+
+
+def held_out_eval(
+    model: Any, tok: Any, task: Any, s: DemoSettings, examples: list, rewards: RewardSet
+) -> dict[str, float]:
+    """`evaluate` as the demo measures: s.eval_samples samples per problem at the
+    training temperature, pass@1 and pass/maj@s.eval_samples, the task's correct reward."""
+    return evaluate(
+        model,
+        tok,
+        examples,
+        rewards,
+        correct_reward=task.correct_reward,
+        n=s.eval_samples,
+        ks=(1, s.eval_samples),
+        temperature=s.temperature,
+        max_new_tokens=s.max_new_tokens,
+        seed=s.seed,
+    )
 
 
 def rl_config(
@@ -154,18 +173,7 @@ def run_demo(
     held_out = load_prompts(task.eval_rows[: s.eval_problems], tokenizer=tok)
 
     def held_out_accuracy() -> dict[str, float]:
-        return evaluate(
-            model,
-            tok,
-            held_out,
-            rewards,
-            correct_reward=task.correct_reward,
-            n=s.eval_samples,
-            ks=(1, s.eval_samples),
-            temperature=s.temperature,
-            max_new_tokens=s.max_new_tokens,
-            seed=s.seed,
-        )
+        return held_out_eval(model, tok, task, s, held_out, rewards)
 
     before = held_out_accuracy()
 

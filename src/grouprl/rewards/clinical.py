@@ -52,6 +52,7 @@ from grouprl.rewards.base import REWARDS, completion_text
 from grouprl.rewards.builtins import choice_accuracy, find_boxes, format_reward
 
 GATES = ("none", "format", "correct")
+FAITHFULNESS_CHECKS = ("no_invented", "matches_box", "consistent")
 
 CITE = "the patient has"
 RULE_OUT = "rule out"
@@ -229,19 +230,22 @@ def clinical_faithfulness(
     nonspecific_findings: list | None = None,
     *,
     gate: str = "format",
+    checks: tuple[str, ...] | list[str] = FAITHFULNESS_CHECKS,
     **kw: Any,
 ) -> list[float | None]:
     r"""Faithfulness of a clinical reasoning trace to the vignette and to its own answer (ours).
 
-    The reward is the mean of three checks, each in [0, 1]:
-      (a) no invented findings: 1 - (#cited findings not in `findings`) / (#cited), over
-          the distinct findings cited as "the patient has {finding}"; 1 when nothing is
-          cited (citing nothing is scored by clinical_comprehensiveness instead);
-      (b) the conclusion matches the box: 1 if there is exactly one sentence
+    The reward is the mean of the `checks` (default all three), each in [0, 1]; a subset,
+    e.g. ``checks=["no_invented"]`` under an alias, monitors one check alone:
+      (a) ``no_invented``: 1 if every finding cited as "the patient has {finding}" is in
+          `findings`, else 0 (all or nothing: one invented finding is a hallucination
+          however much else is right); 1 when nothing is cited (citing nothing is
+          scored by clinical_comprehensiveness instead);
+      (b) ``matches_box``: 1 if there is exactly one sentence
           "the most likely diagnosis is {condition}", {condition} is the text of option
           L in `options`, and the single ``\boxed{}`` holds L; else 0 (no conclusion,
           several conclusions, a condition that is no option, no box or several boxes);
-      (c) consistency: the share of the cited findings present in `findings` that are
+      (c) ``consistent``: the share of the cited findings present in `findings` that are
           findings of the concluded condition (`condition_findings[condition]`) or in
           `nonspecific_findings`; 1 when no present finding is cited. Without exactly
           one conclusion the concluded condition has no findings, so only nonspecific
@@ -252,6 +256,11 @@ def clinical_faithfulness(
     gate="correct"); a row without them gives None.
     """
     _check_gate(gate)
+    checks = (checks,) if isinstance(checks, str) else tuple(checks)
+    if not checks or set(checks) - set(FAITHFULNESS_CHECKS):
+        raise ValueError(
+            f"checks must be a non-empty subset of {', '.join(FAITHFULNESS_CHECKS)}; got {list(checks)}"
+        )
     out: list[float | None] = []
     for i, completion in enumerate(completions):
         opts = _options(_column(options, i))
@@ -270,7 +279,7 @@ def clinical_faithfulness(
         present_n = {norm(f) for f in present}
 
         invented = claims.cited - present_n
-        no_invented = 1.0 - len(invented) / len(claims.cited) if claims.cited else 1.0
+        no_invented = float(not invented)  # "every cited finding is present": all or nothing
 
         concluded = claims.conclusions[0] if len(claims.conclusions) == 1 else None
         letters = [k for k, text in opts.items() if norm(text) == concluded]
@@ -281,7 +290,8 @@ def clinical_faithfulness(
         allowed = allowed | {norm(f) for f in nonspecific}
         consistent = _share(len(cited_present & allowed), len(cited_present))
 
-        out.append((no_invented + matches_box + consistent) / 3.0)
+        values = {"no_invented": no_invented, "matches_box": matches_box, "consistent": consistent}
+        out.append(sum(values[c] for c in checks) / len(checks))
     return out
 
 
@@ -292,10 +302,12 @@ def clinical_comprehensiveness(
     answer: list | None = None,
     options: list | None = None,
     key_findings: list | None = None,
+    findings: list | None = None,
     *,
     w_key: float = 0.5,
     w_rule: float = 0.5,
     gate: str = "format",
+    zero_if_invented: bool = False,
     **kw: Any,
 ) -> list[float | None]:
     r"""How much of the differential a clinical reasoning trace covers (ours).
@@ -307,9 +319,13 @@ def clinical_comprehensiveness(
           ruled out by a sentence "rule out {condition}" (optionally followed by
           "because ..."); 1 if there are none.
     The weights (defaults 0.5 and 0.5) must be >= 0 with a positive sum; dividing by the
-    sum keeps the value in [0, 1]. Missing <think> or <answer> tags give 0.0; so does a
+    sum keeps the value in [0, 1]. With ``zero_if_invented=True`` a trace that cites a
+    finding absent from `findings` scores 0: coverage is paid only on top of faithful
+    citations (GDPO's advice to condition the easier reward on the harder one); without
+    it, citing every key finding of the concluded condition, present or not, pays. Missing <think> or <answer> tags give 0.0; so does a
     completion the gate refuses (module docstring). Needs `answer` (a letter among the
-    options), `options` and `key_findings`; a row without them gives None.
+    options), `options` and `key_findings` (and `findings` with zero_if_invented); a row
+    without them gives None.
     """
     _check_gate(gate)
     if w_key < 0 or w_rule < 0 or w_key + w_rule <= 0:
@@ -330,6 +346,14 @@ def clinical_comprehensiveness(
             out.append(0.0)
             continue
         claims = _claims(trace)
+        if zero_if_invented:
+            present = _str_list(_column(findings, i))
+            if present is None:
+                out.append(None)
+                continue
+            if claims.cited - {norm(f) for f in present}:
+                out.append(0.0)
+                continue
         key_n = {norm(f) for f in key} - {""}
         key_share = _share(len(key_n & claims.cited), len(key_n))
         others = [norm(text) for letter, text in opts.items() if letter != gold]
