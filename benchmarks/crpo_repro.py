@@ -90,7 +90,7 @@ COLUMNS = [
 ]
 
 
-def measure(model, tok, task, s: DemoSettings, seed: int) -> dict[str, float]:
+def measure(model, tok, task, s: DemoSettings) -> dict[str, float]:
     """Mean of every measure over the held-out vignettes (s.eval_samples each)."""
     held = load_prompts(task.eval_rows[: s.eval_problems], tokenizer=tok)
     res = held_out_eval(model, tok, task, s, held, RewardSet.from_config(MEASURES))
@@ -118,7 +118,7 @@ def run_arm(arm: str, task, s: DemoSettings, start: Path, out: Path) -> dict[str
     seconds = time.perf_counter() - t0
     lengths = [h["completions/mean_length"] for h in res.history]
     return {
-        "after": measure(model, tok, task, s, s.seed),
+        "after": measure(model, tok, task, s),
         "seconds": seconds,
         "length_end": sum(lengths[-5:]) / len(lengths[-5:]),
     }
@@ -164,7 +164,7 @@ def main() -> None:
                 sft_seconds = 0.0
             else:
                 model, tok, start, sft_seconds = warm_start(task, s, out)
-            before = measure(model, tok, task, s, seed)
+            before = measure(model, tok, task, s)
             print(
                 json.dumps({"seed": seed, "arm": "sft", **before, "seconds": sft_seconds}),
                 flush=True,
