@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from grouprl.models.forward import chunked_head_logprobs, completion_logprobs
+from grouprl.models.shared_prefix import attention_implementation
 from grouprl.models.tiny import build_char_tokenizer, build_tiny_model
 
 HIDDEN, LAYERS, HEADS = 256, 4, 4
@@ -125,20 +126,11 @@ def attn_implementation(model, name, pg):
     from transformers import AttentionInterface
 
     AttentionInterface.register(PG_ATTN, pg_attention)
-    cfgs = {
-        id(m.config): m.config
-        for m in model.modules()
-        if hasattr(getattr(m, "config", None), "_attn_implementation")
-    }
-    saved = [(c, c._attn_implementation) for c in cfgs.values()]
     token = _PG_ACTIVE.set(pg)
     try:
-        for c, _ in saved:
-            c._attn_implementation = name
-        yield
+        with attention_implementation(model, name):
+            yield
     finally:
-        for c, impl in saved:
-            c._attn_implementation = impl
         _PG_ACTIVE.reset(token)
 
 

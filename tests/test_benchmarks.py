@@ -357,6 +357,12 @@ def test_eval_command_on_a_benchmark_file(capsys, tmp_path, tiny_model_dir):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "bad.jsonl" in err[0] and "row 2" in err[0] and "answer_idx" in err[0]
+    # an unknown benchmark name is the registry's one-line error, with a suggestion
+    code = main(
+        ["eval", "--model", str(tiny_model_dir), "--data", str(path), "--benchmark", "medq"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and 'did you mean "medqa"' in err[0]
 
 
 def test_training_config_reads_a_benchmark_file(tmp_path, tiny_model_dir):

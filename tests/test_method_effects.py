@@ -91,28 +91,11 @@ def test_dapo_trains_only_on_groups_with_signal(tmp_path, tiny_model_dir):
 def _constructed(trainer: Trainer, prompt: str, completions: list[str]):
     """A hand-made group: `completions` of `prompt` (EOS appended), as rollouts."""
     from grouprl.rollout.base import Rollouts
+    from grouprl.training.sft import encode_pairs
 
-    tok = trainer.tokenizer
-    p = tok(prompt, add_special_tokens=False)["input_ids"]
-    comps = [
-        tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions
-    ]
-    T = max(len(c) for c in comps)
-    cid = torch.full((len(comps), T), tok.pad_token_id)
-    cmask = torch.zeros(len(comps), T)
-    for i, c in enumerate(comps):
-        cid[i, : len(c)] = torch.tensor(c)
-        cmask[i, : len(c)] = 1
-    pid = torch.tensor([p] * len(comps))
-    return Rollouts(
-        pid,
-        torch.ones_like(pid, dtype=torch.float32),
-        cid,
-        cmask,
-        torch.zeros(len(comps), dtype=torch.bool),
-        completions,
-        len(comps),
-    )
+    n = len(completions)
+    pid, pmask, cid, cmask = encode_pairs(trainer.tokenizer, [prompt] * n, completions)
+    return Rollouts(pid, pmask, cid, cmask, torch.zeros(n, dtype=torch.bool), completions, n)
 
 
 def _logp(trainer, ro):

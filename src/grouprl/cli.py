@@ -248,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", help="a built-in task's held-out split instead of --data (e.g. arith)")
     e.add_argument(
         "--benchmark",
-        choices=["medqa", "medmcqa", "medxpertqa"],
-        help="read --data with this benchmark's loader; default rewards: "
+        help="read --data with this benchmark's loader (medqa, medmcqa, medxpertqa); default rewards: "
         + ", ".join(BENCHMARK_REWARDS),
     )
     e.add_argument(

@@ -263,19 +263,28 @@ def register() -> None:
 
 
 @contextlib.contextmanager
-def packed_attention_active(model: torch.nn.Module, layout: PackedLayout) -> Iterator[None]:
-    """Route the model's attention through `grouprl_packed` for one forward."""
-    register()
+def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Set every config's `_attn_implementation` to the registered `name`, then restore."""
     configs = {id(c): c for c in _configs(model)}.values()
     saved = [(c, c._attn_implementation) for c in configs]
-    token = _ACTIVE.set(layout)
     try:
         for c, _ in saved:
-            c._attn_implementation = ATTN_NAME
+            c._attn_implementation = name
         yield
     finally:
         for c, impl in saved:
             c._attn_implementation = impl
+
+
+@contextlib.contextmanager
+def packed_attention_active(model: torch.nn.Module, layout: PackedLayout) -> Iterator[None]:
+    """Route the model's attention through `grouprl_packed` for one forward."""
+    register()
+    token = _ACTIVE.set(layout)
+    try:
+        with attention_implementation(model, ATTN_NAME):
+            yield
+    finally:
         _ACTIVE.reset(token)
 
 

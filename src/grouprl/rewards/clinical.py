@@ -341,9 +341,9 @@ def clinical_comprehensiveness(
         if opts is None or key is None or gold not in opts:
             out.append(None)
             continue
-        trace = _read(completion)
-        if not _gate(gate, completion, gold) or trace is None:
-            out.append(0.0)
+        trace, refused = _gated_trace(gate, completion, gold)  # gold is a letter: never None
+        if trace is None:
+            out.append(refused)
             continue
         claims = _claims(trace)
         if zero_if_invented:
