@@ -95,7 +95,16 @@ def _constructed(trainer: Trainer, prompt: str, completions: list[str]):
 
     n = len(completions)
     pid, pmask, cid, cmask = encode_pairs(trainer.tokenizer, [prompt] * n, completions)
-    return Rollouts(pid, pmask, cid, cmask, torch.zeros(n, dtype=torch.bool), completions, n)
+    return Rollouts(
+        prompt_ids_NP=pid,
+        prompt_mask_NP=pmask,
+        completion_ids_NT=cid,
+        attention_mask_NT=cmask,
+        loss_mask_NT=cmask.clone(),
+        truncated_N=torch.zeros(n, dtype=torch.bool),
+        completions=completions,
+        group_size=n,
+    )
 
 
 def _logp(trainer, ro):

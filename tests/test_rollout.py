@@ -30,7 +30,7 @@ def test_generate_groups_and_determinism(tiny):
     assert a.prompt_mask_NP[3, 0] == 0 and a.prompt_mask_NP[0, 0] == 1
     # masks: ones up to and including EOS, then zeros; a row without EOS is flagged truncated
     for i in range(6):
-        m = a.completion_mask_NT[i]
+        m = a.attention_mask_NT[i]
         n = int(m.sum())
         assert torch.all(m[:n] == 1) and torch.all(m[n:] == 0)
         eos_at = (a.completion_ids_NT[i, :n] == tok.eos_token_id).nonzero()

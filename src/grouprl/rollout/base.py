@@ -6,8 +6,8 @@ contiguous: rows g*G .. g*G+G-1 are the completions of prompt g.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -24,24 +24,45 @@ class SamplingParams:
     max_new_tokens: int = 256
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Rollouts:
-    """B prompts x G completions, as token ids ready for the policy forward.
+    """B prompts x G completions, as token ids ready for the policy forward. Built by keyword.
 
-    prompt_ids_NP / prompt_mask_NP:          left-padded prompt tokens, repeated per completion.
-    completion_ids_NT / completion_mask_NT:  right-padded sampled tokens; the mask covers the
-                                             tokens up to and including the first EOS.
-    truncated_N:                              True where no EOS came within max_new_tokens.
-    completions:                              decoded completion texts (no special tokens).
+    prompt_ids_NP / prompt_mask_NP:  left-padded prompt tokens, repeated per completion.
+    completion_ids_NT:               right-padded completion tokens.
+    attention_mask_NT:               1 where a completion token is real (the model sees it):
+                                     sampled tokens up to and including the first EOS, and
+                                     any context inside the completion (tool output, ...).
+    loss_mask_NT:                    1 where a token is an action of the policy (trained on);
+                                     0 on padding and on context tokens. Always <= attention.
+    truncated_N:                     True where no EOS came within max_new_tokens.
+    completions:                     decoded completion texts (no special tokens).
+    sampling_logp_NT:                the sampler's own log-probs of the completion tokens,
+                                     when the engine reports them (mismatch correction).
+    meta:                            per-row metadata (e.g. turn spans, tool calls), or None.
     """
 
     prompt_ids_NP: Tensor
     prompt_mask_NP: Tensor
     completion_ids_NT: Tensor
-    completion_mask_NT: Tensor
+    attention_mask_NT: Tensor
+    loss_mask_NT: Tensor
     truncated_N: Tensor
     completions: list[str]
     group_size: int
+    sampling_logp_NT: Tensor | None = None
+    meta: list[dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        N, T = self.completion_ids_NT.shape
+        for name in ("attention_mask_NT", "loss_mask_NT", "sampling_logp_NT"):
+            val = getattr(self, name)
+            if val is not None and tuple(val.shape) != (N, T):
+                raise ValueError(f"Rollouts.{name}: shape {tuple(val.shape)}, expected {(N, T)}")
+        if len(self.completions) != N:
+            raise ValueError(f"Rollouts.completions: {len(self.completions)} texts for {N} rows")
+        if self.meta is not None and len(self.meta) != N:
+            raise ValueError(f"Rollouts.meta: {len(self.meta)} entries for {N} rows")
 
     @property
     def num_rollouts(self) -> int:
@@ -49,22 +70,23 @@ class Rollouts:
 
     @property
     def lengths_N(self) -> Tensor:
-        return self.completion_mask_NT.sum(dim=1)
+        """Completion length in tokens (real tokens, actions and context)."""
+        return self.attention_mask_NT.sum(dim=1)
 
     def select(self, idx: Tensor | slice) -> Rollouts:
-        """Rows `idx` (used for micro-batches); keeps the group size for bookkeeping."""
-        if isinstance(idx, slice):
-            comps = self.completions[idx]
-        else:
-            comps = [self.completions[i] for i in idx.tolist()]
-        return Rollouts(
-            self.prompt_ids_NP[idx],
-            self.prompt_mask_NP[idx],
-            self.completion_ids_NT[idx],
-            self.completion_mask_NT[idx],
-            self.truncated_N[idx],
-            comps,
-            self.group_size,
+        """Rows `idx` (micro-batches, kept groups); keeps the group size for bookkeeping."""
+        rows = range(self.num_rollouts)[idx] if isinstance(idx, slice) else idx.tolist()
+        return replace(
+            self,
+            prompt_ids_NP=self.prompt_ids_NP[idx],
+            prompt_mask_NP=self.prompt_mask_NP[idx],
+            completion_ids_NT=self.completion_ids_NT[idx],
+            attention_mask_NT=self.attention_mask_NT[idx],
+            loss_mask_NT=self.loss_mask_NT[idx],
+            truncated_N=self.truncated_N[idx],
+            completions=[self.completions[i] for i in rows],
+            sampling_logp_NT=None if self.sampling_logp_NT is None else self.sampling_logp_NT[idx],
+            meta=None if self.meta is None else [self.meta[i] for i in rows],
         )
 
 

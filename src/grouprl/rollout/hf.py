@@ -98,4 +98,13 @@ class HFEngine:
         comp_mask, truncated = completion_mask_from_eos(comp, self.eos_ids())
         comp = torch.where(comp_mask.bool(), comp, torch.full_like(comp, tok.pad_token_id))
         texts = tok.batch_decode(comp, skip_special_tokens=True)
-        return Rollouts(ids, mask.float(), comp, comp_mask, truncated, texts, G)
+        return Rollouts(
+            prompt_ids_NP=ids,
+            prompt_mask_NP=mask.float(),
+            completion_ids_NT=comp,
+            attention_mask_NT=comp_mask,
+            loss_mask_NT=comp_mask.clone(),
+            truncated_N=truncated,
+            completions=texts,
+            group_size=G,
+        )

@@ -75,14 +75,24 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
     """Stack rollouts of different widths: prompts stay left-padded, completions right-padded."""
     P = max(r.prompt_ids_NP.shape[1] for r in parts)
     T = max(r.completion_ids_NT.shape[1] for r in parts)
+    sampled = [r.sampling_logp_NT for r in parts]
     return Rollouts(
-        torch.cat([_pad_to(r.prompt_ids_NP, P, pad_token_id, True) for r in parts]),
-        torch.cat([_pad_to(r.prompt_mask_NP, P, 0.0, True) for r in parts]),
-        torch.cat([_pad_to(r.completion_ids_NT, T, pad_token_id, False) for r in parts]),
-        torch.cat([_pad_to(r.completion_mask_NT, T, 0.0, False) for r in parts]),
-        torch.cat([r.truncated_N for r in parts]),
-        [c for r in parts for c in r.completions],
-        parts[0].group_size,
+        prompt_ids_NP=torch.cat([_pad_to(r.prompt_ids_NP, P, pad_token_id, True) for r in parts]),
+        prompt_mask_NP=torch.cat([_pad_to(r.prompt_mask_NP, P, 0.0, True) for r in parts]),
+        completion_ids_NT=torch.cat(
+            [_pad_to(r.completion_ids_NT, T, pad_token_id, False) for r in parts]
+        ),
+        attention_mask_NT=torch.cat([_pad_to(r.attention_mask_NT, T, 0.0, False) for r in parts]),
+        loss_mask_NT=torch.cat([_pad_to(r.loss_mask_NT, T, 0.0, False) for r in parts]),
+        truncated_N=torch.cat([r.truncated_N for r in parts]),
+        completions=[c for r in parts for c in r.completions],
+        group_size=parts[0].group_size,
+        sampling_logp_NT=None
+        if any(x is None for x in sampled)
+        else torch.cat([_pad_to(x, T, 0.0, False) for x in sampled]),  # type: ignore[arg-type]
+        meta=None
+        if any(r.meta is None for r in parts)
+        else [m for r in parts for m in r.meta],  # type: ignore[union-attr]
     )
 
 
