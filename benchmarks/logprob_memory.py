@@ -9,7 +9,7 @@ random targets. Loss = sum of the target log-probs; forward + backward.
 
 - naive:   logits = head(h) -> log_softmax -> gather (the [N*T, V] fp32 logits, their
            log-softmax and their gradients all exist at once);
-- chunked: `grouprl.models.forward.chunked_head_logprobs` (chunks of `--chunk` positions,
+- chunked: `grouprl.models.head.chunked_head_logprobs` (chunks of `--chunk` positions,
            0 = grouprl's automatic size, each checkpointed: its logits are freed after the
            forward and recomputed in backward); the entropy is computed without gradient,
            as the Trainer does unless an entropy regularizer needs it;
@@ -32,7 +32,7 @@ import tempfile
 
 import torch
 
-from grouprl.models.forward import chunked_head_logprobs
+from grouprl.models.head import chunked_head_logprobs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shared_prefix import peak_rss_delta, table  # noqa: E402

@@ -57,8 +57,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.nn.functional as F
 
-from grouprl.models.forward import chunked_head_logprobs, completion_logprobs
-from grouprl.models.shared_prefix import attention_implementation
+from grouprl.models.attention import attention_implementation
+from grouprl.models.forward import completion_logprobs
+from grouprl.models.head import chunked_head_logprobs
 from grouprl.models.tiny import build_char_tokenizer, build_tiny_model
 
 HIDDEN, LAYERS, HEADS = 256, 4, 4
@@ -453,7 +454,10 @@ def bench_grpo_step(device, steps, log, P=512, max_new=64, G=8, B=1):
             assert tr.shared_prefix == (mode == "on")
             rng[mode] = torch.get_rng_state()
             timers[mode] = {"generate": [], "train": []}
-            for part, obj, name in (("generate", tr.engine, "generate"), ("train", tr, "optimize")):
+            for part, obj, name in (
+                ("generate", tr.engine, "generate"),
+                ("train", tr.learner, "update"),
+            ):
                 setattr(obj, name, _timed(getattr(obj, name), timers[mode][part], device))
             trainers[mode] = tr
         res = {m: {"step": [], "generate": [], "train": [], "len": []} for m in modes}
@@ -489,7 +493,7 @@ def bench_grpo_step(device, steps, log, P=512, max_new=64, G=8, B=1):
         f"B={B} prompt x G={G}, prompt {P} tokens, max_new_tokens={max_new}, "
         f"micro_batch_size={G} (one group per micro-batch), no KL, lr 1e-6; median of {steps} "
         "steps after 1 warm-up step, the two trainers stepped alternately with their own RNG "
-        "state (same samples: see the completion lengths). train = `Trainer.optimize` "
+        "state (same samples: see the completion lengths). train = `Learner.update` "
         "(fwd+bwd+optimizer).\n\n"
     )
     sp = {k: med["off"][k][0] / med["on"][k][0] for k in ("step", "train")}

@@ -368,7 +368,8 @@ def test_eval_command_on_a_benchmark_file(capsys, tmp_path, tiny_model_dir):
 def test_training_config_reads_a_benchmark_file(tmp_path, tiny_model_dir):
     from conftest import base_config
 
-    from grouprl.config import ConfigError, load_config
+    from grouprl.components import load_config
+    from grouprl.config import ConfigError
     from grouprl.training.trainer import Trainer
 
     path = write_jsonl(tmp_path / "medmcqa.jsonl", [mcqa(0), mcqa(2, 1)])

@@ -138,6 +138,7 @@ def test_recipes(capsys):
     assert code == 0 and "seq_mean_token_sum_norm" in out
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_a_run_directory(capsys, tmp_path):
     code, out, err = run(
         capsys, "demo", "--quick", "--output-dir", str(tmp_path / "demo"), "--no-progress"

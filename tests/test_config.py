@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from grouprl.config import ConfigError, load_config, recipe_names
+from grouprl.components import load_config
+from grouprl.config import ConfigError, recipe_names
 
 
 def write(tmp_path, text: str):

@@ -39,6 +39,7 @@ def test_crpo_repro_runs_both_arms_from_one_start(tmp_path, monkeypatch, capsys)
     assert again[0]["after"] == results[0]["after"]
 
 
+@pytest.mark.slow
 def test_ablation_arms_differ_from_the_recipe_only_where_named():
     import crpo_repro
 

@@ -31,7 +31,8 @@ def f64(rows) -> torch.Tensor:
 def test_registered_and_params_checked():
     reg = REGULARIZERS.build("entropy_band", coef=0.02, low=0.3, high=1.5)
     assert isinstance(reg, EntropyBand)
-    assert reg.needs_entropy and not reg.needs_ref
+    caps = REGULARIZERS.capabilities("entropy_band")
+    assert caps.needs_entropy_grad and caps.calibrates and not caps.needs_ref
     assert reg.calibrated and (reg.low, reg.high) == (0.3, 1.5)
     with pytest.raises(ValueError, match="low <= high"):
         EntropyBand(low=2.0, high=1.0)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from grouprl.models.forward import completion_logprobs, logprobs_and_entropy
+from grouprl.models.forward import completion_logprobs
+from grouprl.models.head import logprobs_and_entropy
 from grouprl.training.sft import encode_pairs
 
 

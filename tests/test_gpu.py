@@ -1,11 +1,13 @@
-"""GPU-only checks (skipped without CUDA): flex-attention gradients and bf16 shared prefix."""
+"""GPU-only checks (skipped without CUDA): flex-attention gradients, masks with holes, bf16."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from test_models_masks import assert_same_grads, grads, hole_batch, naive_logprobs, tiny_model
 
 from grouprl.models.forward import completion_logprobs
+from grouprl.models.support import check_support
 from grouprl.models.tiny import build_char_tokenizer, build_tiny_model
 
 pytestmark = [
@@ -54,3 +56,25 @@ def test_bf16_shared_prefix_close_to_repeated():
         ref, _ = completion_logprobs(model, *args)
         got, _ = completion_logprobs(model, *args, shared_prefix=True)
     assert (ref - got).abs().max() <= 5e-2
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_holes_and_context_on_gpu(backend):
+    model, tok = tiny_model("llama")
+    model.cuda()
+    holes, _ = hole_batch(tok)
+    holes = [t.cuda() for t in holes]
+    loss_mask = holes[3].clone()
+    loss_mask[2, 2:4] = 0  # context tokens mid-completion
+    ref = naive_logprobs(model, *holes)
+    got, _ = completion_logprobs(model, *holes, shared_prefix=True, attn_backend=backend)
+    assert (ref - got).abs().max() <= 1e-4
+    assert_same_grads(grads(model, ref, loss_mask), grads(model, got, loss_mask), rel=1e-3)
+
+
+def test_check_support_of_a_bf16_model_on_gpu():
+    model, _ = tiny_model("qwen2")
+    model.cuda().to(torch.bfloat16)
+    ok, reason = check_support(model)  # runs on an fp32 copy, flex backend
+    assert ok, reason
+    assert next(model.parameters()).dtype == torch.bfloat16

@@ -61,12 +61,9 @@ def test_registered_with_attributes() -> None:
         "reg_grpo": reg_grpo,
     }.items():
         assert LOSSES.get(name) is fn
-    assert disco.needs_whole_groups and drpo.needs_whole_groups and reg_grpo.needs_whole_groups
-    assert reg_grpo.needs_ref
-    for fn in (gspo, cispo, rec, opmd, dhpo, disco, drpo):
-        assert not getattr(fn, "needs_ref", False)
-    for fn in (gspo, cispo, rec, opmd, dhpo):
-        assert not getattr(fn, "needs_whole_groups", False)
+    caps = {name: LOSSES.capabilities(name) for name in LOSSES}
+    assert [n for n, c in caps.items() if c.whole_groups] == ["disco", "drpo", "reg_grpo"]
+    assert [n for n, c in caps.items() if c.needs_ref] == ["reg_grpo"]
     LOSSES.check_params("disco", {"tau": 5.0, "score": "Lratio", "kl_scope": "group"})
     LOSSES.check_params("dhpo", {"w": 0.3, "seq_eps_high": 1e-3})
 

@@ -13,6 +13,7 @@ from grouprl.algorithms import AGGREGATIONS, LOSSES, TOKEN_MASKS
 from grouprl.algorithms.selection import forking_tokens
 from grouprl.algorithms.types import BatchNorm, PolicyInputs
 from grouprl.models.forward import completion_logprobs
+from grouprl.training.plan import make_train_batch
 from grouprl.training.trainer import Trainer
 
 
@@ -114,8 +115,21 @@ def _logp(trainer, ro):
             ro.prompt_ids_NP,
             ro.prompt_mask_NP,
             ro.completion_ids_NT,
-            ro.completion_mask_NT,
+            ro.attention_mask_NT,
         )[0]
+
+
+def _update(trainer, ro, adv, rewards, weight=None, denominator="all"):
+    """One learner update on hand-made rollouts (what the trainer does after planning)."""
+    tb = make_train_batch(
+        ro,
+        adv,
+        rewards_N=rewards,
+        token_weight_NT=weight,
+        denominator=denominator,
+        max_new_tokens=trainer.sampling.max_new_tokens,
+    )
+    return trainer.learner.update(tb, step=0)
 
 
 def test_gtpo_leaves_conflict_tokens_of_negative_completions_alone(tmp_path, tiny_model_dir):
@@ -128,8 +142,9 @@ def test_gtpo_leaves_conflict_tokens_of_negative_completions_alone(tmp_path, tin
             tr.components.token_mask = type(tr.components.token_mask).build(
                 TOKEN_MASKS, "gtpo_conflict", {"entropy_threshold": 100.0}
             )
-        tr.optimizer = torch.optim.SGD(tr.model.parameters(), lr=0.05)  # first order, small step
-        tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lambda s: 1.0)
+        opt = torch.optim.SGD(tr.model.parameters(), lr=0.05)  # first order, small step
+        tr.learner.optimizer = opt
+        tr.learner.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         ro = _constructed(tr, "12+14=", ["2666", "2", "2", "2", "2"])
         rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])
         adv = tr.components.advantage({"rewards_BG": rewards.view(1, 5)}).reshape(-1)
@@ -142,10 +157,10 @@ def test_gtpo_leaves_conflict_tokens_of_negative_completions_alone(tmp_path, tin
                         ro.prompt_ids_NP,
                         ro.prompt_mask_NP,
                         ro.completion_ids_NT,
-                        ro.completion_mask_NT,
+                        ro.attention_mask_NT,
                         with_entropy=True,
                     )[1].detach(),
-                    "mask_NT": ro.completion_mask_NT,
+                    "mask_NT": ro.loss_mask_NT,
                     "adv_N": adv,
                     "completion_ids_NT": ro.completion_ids_NT,
                     "group_N": torch.zeros(5, dtype=torch.long),
@@ -160,7 +175,7 @@ def test_gtpo_leaves_conflict_tokens_of_negative_completions_alone(tmp_path, tin
             if sel.adv_N is not None:
                 adv = sel.adv_N
         before = _logp(tr, ro)
-        tr.optimize(ro, adv, rewards_N=rewards, token_weight_NT=weight, denominator=den)
+        _update(tr, ro, adv, rewards, weight, den)
         results[recipe] = float(_logp(tr, ro)[1, 0] - before[1, 0])  # "2" in a negative completion
     assert results["gtpo"] >= 0, results  # protected: its log-prob does not fall
     assert results["grpo"] < 0, results  # plain GRPO pushes the shared first token down
@@ -176,10 +191,10 @@ def test_llds_keeps_positive_responses_likely(tmp_path, tiny_model_dir):
         rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
         adv = tr.components.advantage({"rewards_BG": rewards.view(1, 6)}).reshape(-1)
         before = _logp(tr, ro)
-        stats = tr.optimize(ro, adv, rewards_N=rewards)
+        stats = _update(tr, ro, adv, rewards)
         after = _logp(tr, ro)
         pos = adv > 0
-        drops[recipe] = float(((before - after) * ro.completion_mask_NT)[pos].sum())
+        drops[recipe] = float(((before - after) * ro.loss_mask_NT)[pos].sum())
         if recipe == "llds":
             assert stats["llds/penalized_mean"] > 0  # it had likelihood drops to act on
     assert drops["llds"] < drops["grpo"], drops

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from grouprl.config import load_config
+from grouprl.components import load_config
 from grouprl.rewards import RewardSet
 
 README = Path(__file__).resolve().parents[1] / "README.md"

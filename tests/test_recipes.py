@@ -7,7 +7,8 @@ import math
 import pytest
 from conftest import arith_rows, base_config
 
-from grouprl.config import ConfigError, load_config, recipe_info, recipe_names
+from grouprl.components import load_config
+from grouprl.config import ConfigError, recipe_info, recipe_names
 from grouprl.training.trainer import Trainer
 
 ISSUE_RECIPES = [
@@ -98,7 +99,10 @@ def test_components_compose_dapo_forking_kl(tmp_path, tiny_model_dir):
 def test_incompatible_combination_fails_at_start():
     with pytest.raises(ConfigError, match="token_mask: loss 'disco' scores whole sequences"):
         load_config({"recipe": "disco", "token_mask": {"name": "forking_tokens"}})
-    with pytest.raises(ConfigError, match="rollout.num_generations: single_stream samples one"):
+    with pytest.raises(
+        ConfigError,
+        match="rollout.num_generations: advantage 'single_stream' needs exactly 1 completions",
+    ):
         load_config({"recipe": "single_stream"}, ["rollout.num_generations=4"])
     with pytest.raises(
         ConfigError,

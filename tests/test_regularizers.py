@@ -67,7 +67,7 @@ def test_unknown_estimator() -> None:
 
 def test_kl_regularizer() -> None:
     kl = REGULARIZERS.build("kl", beta=0.1, estimator="k3")
-    assert isinstance(kl, KL) and kl.needs_ref and not kl.needs_entropy
+    assert isinstance(kl, KL) and kl.active and REGULARIZERS.capabilities("kl").needs_ref
     logp = LOGP.clone().requires_grad_(True)
     ref = REF.clone().requires_grad_(True)
     out = kl(inputs(logp, ref))
@@ -84,7 +84,7 @@ def test_kl_regularizer() -> None:
 
 def test_kl_beta_zero_needs_no_reference() -> None:
     kl = KL(beta=0.0)
-    assert not kl.needs_ref
+    assert not kl.active  # left out of the run: no reference model is loaded
     out = kl(inputs(LOGP))  # no ref_logp at all
     assert torch.equal(out.per_token_NT, torch.zeros_like(LOGP)) and "kl" not in out.stats_NT
 
@@ -106,7 +106,9 @@ def test_kl_validation() -> None:
 
 def test_entropy_bonus() -> None:
     bonus = REGULARIZERS.build("entropy_bonus", coef=0.01)
-    assert isinstance(bonus, EntropyBonus) and bonus.needs_entropy and not bonus.needs_ref
+    caps = REGULARIZERS.capabilities("entropy_bonus")
+    assert isinstance(bonus, EntropyBonus) and bonus.active and caps.needs_entropy_grad
+    assert not caps.needs_ref
     entropy = torch.tensor([[1.0, 2.0]], requires_grad=True)
     out = bonus(inputs(torch.zeros(1, 2), entropy=entropy))
     # per_token = -0.01·H = [-0.01, -0.02]; d/dH = -0.01
@@ -117,7 +119,7 @@ def test_entropy_bonus() -> None:
 
 def test_entropy_bonus_off_and_validation() -> None:
     off = EntropyBonus()
-    assert not off.needs_entropy
+    assert not off.active
     assert torch.equal(off(inputs(torch.zeros(1, 2))).per_token_NT, torch.zeros(1, 2))
     with pytest.raises(ValueError, match="entropy_NT"):
         EntropyBonus(coef=0.1)(inputs(torch.zeros(1, 2)))

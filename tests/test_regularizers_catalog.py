@@ -37,7 +37,9 @@ def grad_of(value: Tensor, logp: Tensor) -> Tensor:
 def test_registered_and_built() -> None:
     for name, cls in {"llds": LLDS, "kl_cov": KLCov, "clip_cov": ClipCov}.items():
         reg = REGULARIZERS.build(name)
-        assert isinstance(reg, cls) and not reg.needs_ref and not reg.needs_entropy
+        caps = REGULARIZERS.capabilities(name)
+        assert isinstance(reg, cls) and reg.active and not caps.needs_ref
+        assert not caps.needs_entropy_grad and not caps.calibrates
     assert repr(REGULARIZERS.build("kl_cov", k=0.1)) == "KLCov(k=0.1, beta=1.0)"
     with pytest.raises(RegistryError, match="gate"):
         REGULARIZERS.build("llds", gates="chunk")

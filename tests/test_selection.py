@@ -8,24 +8,21 @@ import pytest
 import torch
 
 from grouprl.algorithms.selection import (
-    SAMPLE_FILTER_INPUTS,
     SAMPLE_FILTERS,
-    TOKEN_MASK_INPUTS,
     TOKEN_MASKS,
     FilterOutput,
     SelectionOutput,
-    Selector,
     d3s_samples,
     d3s_tokens,
     dynamic_sampling,
     forking_tokens,
     gtpo_conflict,
-    input_params,
     mask_truncated,
     max_variance_subset,
     quantile_linear,
 )
-from grouprl.registry import RegistryError
+from grouprl.inputs import allowed_inputs
+from grouprl.registry import BoundComponent, RegistryError, input_params
 
 NAN = float("nan")
 
@@ -41,17 +38,16 @@ def test_registered_names_and_inputs() -> None:
     assert TOKEN_MASKS.names() == ["d3s_tokens", "forking_tokens", "gtpo_conflict"]
     assert SAMPLE_FILTERS.names() == ["d3s_samples", "dynamic_sampling", "mask_truncated"]
     for name in TOKEN_MASKS:
-        assert set(input_params(TOKEN_MASKS.get(name))) <= set(TOKEN_MASK_INPUTS), name
+        assert set(input_params(TOKEN_MASKS.get(name))) <= set(allowed_inputs("token_mask")), name
     for name in SAMPLE_FILTERS:
         comp = SAMPLE_FILTERS.get(name)
-        assert set(input_params(comp)) <= set(SAMPLE_FILTER_INPUTS), name
-        assert isinstance(comp.refill, bool)
-    assert dynamic_sampling.refill is True
-    assert d3s_samples.refill is False and mask_truncated.refill is False
+        assert set(input_params(comp)) <= set(allowed_inputs("sample_filter")), name
+    refilling = [n for n in SAMPLE_FILTERS if SAMPLE_FILTERS.capabilities(n).refills]
+    assert refilling == ["dynamic_sampling"]
 
 
 def test_selector_binds_config_and_picks_inputs_by_name() -> None:
-    sel = Selector.build(TOKEN_MASKS, "forking_tokens", {"rho": 0.5, "mode": "top_k"})
+    sel = BoundComponent.build(TOKEN_MASKS, "forking_tokens", {"rho": 0.5, "mode": "top_k"})
     assert sel.required_inputs == ["entropy_NT", "mask_NT"]
     inputs = {
         "entropy_NT": torch.tensor([[0.1, 0.9, 0.5, 0.3]]),
@@ -63,18 +59,18 @@ def test_selector_binds_config_and_picks_inputs_by_name() -> None:
     # rho 0.5 of 4 tokens -> top 2: 0.9 and 0.5
     close(out.token_weight_NT, [[0.0, 1.0, 1.0, 0.0]])
     with pytest.raises(RegistryError, match="did you mean"):
-        Selector.build(TOKEN_MASKS, "forking_tokens", {"rh": 0.5})
+        BoundComponent.build(TOKEN_MASKS, "forking_tokens", {"rh": 0.5})
     with pytest.raises(RegistryError, match="no parameter 'entropy_NT'"):
-        Selector.build(TOKEN_MASKS, "forking_tokens", {"entropy_NT": None})
+        BoundComponent.build(TOKEN_MASKS, "forking_tokens", {"entropy_NT": None})
     with pytest.raises(ValueError, match="missing inputs mask_NT"):
         sel({"entropy_NT": inputs["entropy_NT"]})
-    flt = Selector.build(SAMPLE_FILTERS, "dynamic_sampling", {"max_tries": 5})
-    assert flt.refill is True
+    flt = BoundComponent.build(SAMPLE_FILTERS, "dynamic_sampling", {"max_tries": 5})
+    assert flt.caps.refills is True
     assert flt({"rewards_BG": torch.tensor([[1.0, 0.0]])}).max_tries == 5
 
 
 def test_selector_d3s_tokens_optional_adv_inputs() -> None:
-    sel = Selector.build(TOKEN_MASKS, "d3s_tokens", {})
+    sel = BoundComponent.build(TOKEN_MASKS, "d3s_tokens", {})
     assert sel.required_inputs == ["entropy_NT", "mask_NT", "step", "max_steps"]
     assert "adv_N" in sel.input_names and "adv_NT" in sel.input_names
 

@@ -4,34 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import arith_rows, base_config
+from conftest import ARCHS, arith_rows, base_config, tiny_model
 
-from grouprl.models.forward import chunked_head_logprobs, completion_logprobs
-from grouprl.models.shared_prefix import build_packed_mask, check_support, pack_groups
-from grouprl.models.tiny import build_char_tokenizer, build_tiny_model
+from grouprl.models.forward import completion_logprobs
+from grouprl.models.head import chunked_head_logprobs
+from grouprl.models.packing import build_packed_mask, pack_groups
+from grouprl.models.support import check_support
 from grouprl.training.trainer import Trainer
-
-ARCHS = {
-    "qwen2": {},
-    "llama": {},
-    # a 5-token sliding window is shorter than prompt + completion: the mask must honour it
-    "mistral": {"sliding_window": 5},
-}
-
-
-def model_for(arch: str):
-    tok = build_char_tokenizer("0123456789+=")
-    model = build_tiny_model(
-        tok,
-        arch=arch,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        seed=1,
-        **ARCHS[arch],
-    )
-    return model, tok
 
 
 def batch(tok, prompts: list[str], completions: list[list[str]], pad_side: str = "left"):
@@ -73,7 +52,7 @@ def grads(model, logp, mask):
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_logprobs_and_gradients_match_repeated_layout(arch, case, backend):
-    model, tok = model_for(arch)
+    model, tok = tiny_model(arch)
     args = batch(tok, *CASES[case])
     mask = args[3]
     # FlexAttention has no CPU backward: on CPU its values are checked, its gradients on GPU
@@ -100,7 +79,7 @@ def test_logprobs_and_gradients_match_repeated_layout(arch, case, backend):
 
 
 def test_right_padded_prompts_pack_the_same():
-    model, tok = model_for("qwen2")
+    model, tok = tiny_model("qwen2")
     prompts, comps = CASES["several groups, left padding"]
     left = batch(tok, prompts, comps, "left")
     right = batch(tok, prompts, comps, "right")
@@ -111,7 +90,7 @@ def test_right_padded_prompts_pack_the_same():
 
 
 def test_isolation_between_completions():
-    model, tok = model_for("llama")
+    model, tok = tiny_model("llama")
     base = batch(tok, ["12+34="], [["4612", "999", "1"]])
     changed = batch(tok, ["12+34="], [["4612", "000", "1"]])
     a, _ = completion_logprobs(model, *base, shared_prefix=True)
@@ -145,9 +124,9 @@ def test_pack_layout_and_mask():
 
 def test_self_check_accepts_tiny_models_and_rejects_softcapping():
     for arch in ARCHS:
-        ok, reason = check_support(model_for(arch)[0])
+        ok, reason = check_support(tiny_model(arch)[0])
         assert ok, (arch, reason)
-    model, _ = model_for("qwen2")
+    model, _ = tiny_model("qwen2")
     model.config.final_logit_softcapping = 30.0
     ok, reason = check_support(model)
     assert not ok and "post-processed" in reason
@@ -187,8 +166,10 @@ def test_trainer_same_parameters_with_and_without_shared_prefix(tmp_path, tiny_m
         # SGD, not Adam: a key-projection bias has an exactly-zero gradient in exact
         # arithmetic (softmax ignores a shift shared by all keys), so both layouts see only
         # rounding noise there, which Adam's normalization would turn into full-size steps.
-        tr.optimizer = torch.optim.SGD(tr.model.parameters(), lr=0.1)
-        tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lambda s: 1.0)
+        tr.learner.optimizer = torch.optim.SGD(tr.model.parameters(), lr=0.1)
+        tr.learner.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            tr.learner.optimizer, lambda s: 1.0
+        )
         tr.train()
         finals.append({k: v.clone() for k, v in tr.model.state_dict().items()})
     for k in finals[0]:

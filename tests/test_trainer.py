@@ -25,8 +25,8 @@ REQUIRED_METRICS = [
     "clip_ratio/region_mean",
     "completions/mean_length",
     "completions/clipped_ratio",
-    "time/generate",
-    "time/reward",
+    "time/collect",
+    "time/plan",
     "time/train",
     "tokens_per_second",
     "loss",
@@ -218,11 +218,11 @@ def test_first_iteration_ratio_is_exactly_one(tmp_path, tiny_model_dir, monkeypa
 
 def test_no_reference_model_without_kl(tmp_path, tiny_model_dir):
     cfg = base_config(tmp_path / "run", tiny_model_dir)
-    assert Trainer(cfg, train_dataset=arith_rows()).ref_model is None
+    assert Trainer(cfg, train_dataset=arith_rows()).learner.ref_model is None
     cfg["regularizers"] = [{"name": "kl", "beta": 0.0}]
-    assert Trainer(cfg, train_dataset=arith_rows()).ref_model is None
+    assert Trainer(cfg, train_dataset=arith_rows()).learner.ref_model is None
     cfg["regularizers"] = [{"name": "kl", "beta": 0.01}]
-    assert Trainer(cfg, train_dataset=arith_rows()).ref_model is not None
+    assert Trainer(cfg, train_dataset=arith_rows()).learner.ref_model is not None
 
 
 def test_builtin_task_eval_and_tensorboard(tmp_path, tiny_model_dir):
@@ -246,7 +246,8 @@ def test_builtin_task_eval_and_tensorboard(tmp_path, tiny_model_dir):
 
 
 def test_eval_every_needs_eval_data(tmp_path, tiny_model_dir):
-    from grouprl.config import ConfigError, load_config
+    from grouprl.components import load_config
+    from grouprl.config import ConfigError
 
     cfg = base_config(tmp_path / "run", tiny_model_dir, eval_every=2)
     with pytest.raises(ConfigError, match="train.eval_every: set data.eval_path"):

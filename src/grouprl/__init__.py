@@ -15,7 +15,7 @@ __all__ = ["Config", "Trainer", "load_config", "train", "__version__"]
 _LAZY = {
     "Trainer": ("grouprl.training.trainer", "Trainer"),
     "train": ("grouprl.training.trainer", "train"),
-    "load_config": ("grouprl.config", "load_config"),
+    "load_config": ("grouprl.components", "load_config"),
     "Config": ("grouprl.config", "Config"),
 }
 

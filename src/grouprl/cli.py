@@ -34,11 +34,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from grouprl.config import load_config
+    from grouprl.components import load_config
     from grouprl.training.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    result = Trainer(cfg).train()
+    with Trainer(cfg) as trainer:
+        result = trainer.train()
     last = result.history[-1] if result.history else {}
     print(
         f"trained {result.steps} steps; run directory: {result.run_dir}; last reward: {last.get('reward', float('nan')):.4f}"
@@ -47,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ttrl(args: argparse.Namespace) -> int:
-    from grouprl.config import load_config
+    from grouprl.components import load_config
     from grouprl.training.trainer import Trainer
 
     base: dict[str, Any] = {}
@@ -65,7 +66,8 @@ def cmd_ttrl(args: argparse.Namespace) -> int:
         {"name": "majority_vote", "params": {"mode": args.mode, "label_column": args.label_column}}
     ]
     cfg = load_config(base, args.overrides)
-    result = Trainer(cfg).train()
+    with Trainer(cfg) as trainer:
+        result = trainer.train()
     last = result.history[-1] if result.history else {}
     print(
         f"{args.recipe}: {result.steps} steps; run directory: {result.run_dir}; "
@@ -77,11 +79,11 @@ def cmd_ttrl(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from grouprl.config import load_config
+    from grouprl.components import load_config
     from grouprl.models.loading import load_model_and_tokenizer
     from grouprl.models.tiny import save_model
+    from grouprl.training.setup import load_dataset_from_config, seed_everything
     from grouprl.training.sft import sft
-    from grouprl.training.trainer import load_dataset_from_config, seed_everything
 
     cfg = load_config(args.config, args.overrides)
     seed_everything(cfg.train.seed)
@@ -194,7 +196,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from grouprl.config import dump_config, load_config, recipe_info, recipe_names
+    from grouprl.components import load_config
+    from grouprl.config import dump_config, recipe_info, recipe_names
 
     if args.name:
         info = recipe_info(args.name)

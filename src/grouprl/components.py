@@ -13,53 +13,62 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grouprl.config import Config, ConfigError
-from grouprl.registry import BoundComponent, Registry, RegistryError
-
-# Inputs the trainer can hand to advantage estimators / modifiers, by parameter name.
-ADVANTAGE_INPUTS = (
-    "rewards_BG",
-    "rewards_BGK",
-    "weights_K",
-    "lengths_BG",
-    "truncated_BG",
-    "seq_logp_BG",
-    "answers_BG",
-    "baseline_B",
-    "prompt_keys_B",
-    "adv_BG",
-)
+from grouprl.inputs import INPUTS, allowed_inputs, probe_inputs
+from grouprl.registry import BoundComponent, Capabilities, Registry, RegistryError
 
 
 @dataclass
 class Components:
+    """The configured components, bound, with the capabilities they were registered with."""
+
     advantage: BoundComponent  # inputs by name -> adv_BG
     modifiers: list[BoundComponent]  # (adv_BG, inputs...) -> adv_BG
     loss: Callable[..., Any]  # PolicyInputs -> TermOutput
-    loss_fn: Any  # the registered function (its attributes: needs_whole_groups, needs_ref)
+    loss_name: str
+    loss_caps: Capabilities
     aggregation: Callable[..., Any]  # (values_NT, mask_NT, BatchNorm) -> scalar
-    aggregation_name: str
-    regularizers: list[Any]
+    regularizers: list[Any]  # active ones only (a zero coefficient needs nothing)
+    regularizer_caps: list[Capabilities]
     token_mask: BoundComponent | None = None
     sample_filters: list[BoundComponent] = field(default_factory=list)
 
     @property
     def needs_ref(self) -> bool:
-        return bool(getattr(self.loss_fn, "needs_ref", False)) or any(
-            getattr(r, "needs_ref", False) for r in self.regularizers
-        )
+        return self.loss_caps.needs_ref or any(c.needs_ref for c in self.regularizer_caps)
 
     @property
     def needs_entropy_grad(self) -> bool:
-        return any(getattr(r, "needs_entropy", False) for r in self.regularizers)
+        return any(c.needs_entropy_grad for c in self.regularizer_caps)
 
     @property
-    def needs_whole_groups(self) -> bool:
-        return bool(getattr(self.loss_fn, "needs_whole_groups", False))
+    def whole_groups(self) -> bool:
+        return self.loss_caps.whole_groups
+
+    @property
+    def calibrating(self) -> list[Any]:
+        """Regularizers that calibrate on the whole batch (e.g. the entropy band)."""
+        return [
+            r for r, c in zip(self.regularizers, self.regularizer_caps, strict=True) if c.calibrates
+        ]
+
+    @property
+    def refill(self) -> BoundComponent | None:
+        """The sample filter whose dropped groups the collector replaces (at most one)."""
+        return next((f for f in self.sample_filters if f.caps.refills), None)
 
     def advantage_inputs(self) -> set[str]:
         names = set(self.advantage.input_names)
         for m in self.modifiers:
             names |= set(m.input_names)
+        return names
+
+    def wanted_inputs(self) -> set[str]:
+        """Every declared input some configured component names."""
+        names = self.advantage_inputs()
+        for f in self.sample_filters:
+            names |= set(f.input_names)
+        if self.token_mask is not None:
+            names |= set(self.token_mask.input_names)
         return names
 
     def stateful(self) -> dict[str, Any]:
@@ -81,20 +90,19 @@ def split_spec(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return str(params.pop("name")), params
 
 
-def _bind(
-    registry: Registry, key: str, spec: dict[str, Any], allowed: tuple[str, ...] | None = None
-) -> BoundComponent:
+def _bind(registry: Registry, key: str, spec: dict[str, Any], consumer: str) -> BoundComponent:
     name, params = split_spec(spec)
     try:
         bound = BoundComponent.build(registry, name, params)
     except (RegistryError, ValueError, TypeError) as exc:
         raise ConfigError(f"{key}: {exc}") from None
-    if allowed is not None:
-        unknown = [n for n in bound.required_inputs if n not in allowed]
-        if unknown:
-            raise ConfigError(
-                f"{key}: {registry.kind} {name!r} needs inputs the trainer does not provide: {unknown}"
-            )
+    allowed = allowed_inputs(consumer)
+    unknown = [n for n in bound.input_names if n not in allowed]
+    if unknown:
+        raise ConfigError(
+            f"{key}: {registry.kind} {name!r} asks for inputs a {consumer.replace('_', ' ')} "
+            f"is not given: {unknown} (see grouprl.inputs; given: {', '.join(allowed)})"
+        )
     return bound
 
 
@@ -108,12 +116,8 @@ def build_components(cfg: Config) -> Components:
 def _build_components(cfg: Config) -> Components:
     from grouprl.algorithms import ADVANTAGES, AGGREGATIONS, LOSSES, REGULARIZERS
     from grouprl.algorithms.advantages import ADVANTAGE_MODIFIERS
-    from grouprl.algorithms.selection import (
-        SAMPLE_FILTER_INPUTS,
-        SAMPLE_FILTERS,
-        TOKEN_MASK_INPUTS,
-        TOKEN_MASKS,
-    )
+    from grouprl.algorithms.regularizers import Regularizer
+    from grouprl.algorithms.selection import SAMPLE_FILTERS, TOKEN_MASKS
 
     adv_spec = dict(cfg.advantage)
     modifier_specs = adv_spec.pop("modifiers", None) or []
@@ -132,76 +136,59 @@ def _build_components(cfg: Config) -> Components:
         loss = functools.partial(loss_fn, **loss_params)
     except RegistryError as exc:
         raise ConfigError(f"loss: {exc}") from None
-    regs = []
+    regs, reg_caps = [], []
     for i, spec in enumerate(cfg.regularizers):
         name, params = split_spec(spec)
         try:
-            regs.append(REGULARIZERS.build(name, **params))
+            reg = REGULARIZERS.build(name, **params)
         except (RegistryError, ValueError, TypeError) as exc:
             raise ConfigError(f"regularizers.{i}: {exc}") from None
-    comps = Components(
-        advantage=_bind(ADVANTAGES, "advantage", adv_spec, ADVANTAGE_INPUTS),
+        if not isinstance(reg, Regularizer):
+            raise ConfigError(f"regularizers.{i}: {name!r} is not a grouprl Regularizer")
+        if reg.active:  # a zero coefficient: no term, and nothing to compute for it
+            regs.append(reg)
+            reg_caps.append(REGULARIZERS.capabilities(name))
+    return Components(
+        advantage=_bind(ADVANTAGES, "advantage", adv_spec, "advantage"),
         modifiers=[
-            _bind(ADVANTAGE_MODIFIERS, f"advantage.modifiers.{i}", m, ADVANTAGE_INPUTS)
+            _bind(ADVANTAGE_MODIFIERS, f"advantage.modifiers.{i}", m, "advantage")
             for i, m in enumerate(modifier_specs)
         ],
         loss=loss,
-        loss_fn=loss_fn,
+        loss_name=loss_name,
+        loss_caps=LOSSES.capabilities(loss_name),
         aggregation=aggregation,
-        aggregation_name=agg_name,
         regularizers=regs,
-        token_mask=_bind(TOKEN_MASKS, "token_mask", cfg.token_mask, TOKEN_MASK_INPUTS)
+        regularizer_caps=reg_caps,
+        token_mask=_bind(TOKEN_MASKS, "token_mask", cfg.token_mask, "token_mask")
         if cfg.token_mask
         else None,
         sample_filters=[
-            _bind(SAMPLE_FILTERS, f"sample_filters.{i}", f, SAMPLE_FILTER_INPUTS)
+            _bind(SAMPLE_FILTERS, f"sample_filters.{i}", f, "sample_filter")
             for i, f in enumerate(cfg.sample_filters)
         ],
     )
-    return comps
 
 
-def _probe_inputs() -> dict[str, Any]:
-    """A tiny batch (B=2 prompts, G=2, T=3) of every input a component may name."""
+def _probe_policy_inputs() -> Any:
+    """The tiny start-up batch as the loss and the regularizers see it (B=2, G=2, T=3)."""
     import torch
 
     from grouprl.algorithms.types import BatchNorm, PolicyInputs
 
-    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
-    logp = torch.full((4, 3), -1.0)
-    return {
-        "rewards_BG": torch.tensor([[0.0, 1.0], [1.0, 1.0]]),
-        "rewards_BGK": torch.tensor([[[0.0], [1.0]], [[1.0], [1.0]]]),
-        "weights_K": torch.tensor([1.0]),
-        "lengths_BG": torch.tensor([[2.0, 3.0], [1.0, 2.0]]),
-        "truncated_BG": torch.zeros(2, 2, dtype=torch.bool),
-        "seq_logp_BG": torch.tensor([[-2.0, -3.0], [-1.0, -2.0]]),
-        "answers_BG": [["1", "2"], ["1", "1"]],
-        "baseline_B": torch.tensor([0.5, 1.0]),
-        "prompt_keys_B": ["probe-a", "probe-b"],
-        "adv_BG": torch.tensor([[-1.0, 1.0], [0.0, 0.0]]),
-        "adv_N": torch.tensor([-1.0, 1.0, 0.0, 0.0]),
-        "entropy_NT": torch.tensor(
-            [[0.5, 1.0, 0.0], [0.2, 0.1, 0.9], [0.3, 0.0, 0.0], [0.7, 0.4, 0.0]]
-        ),
-        "mask_NT": mask,
-        "completion_ids_NT": torch.tensor([[1, 2, 0], [1, 3, 4], [5, 0, 0], [1, 2, 0]]),
-        "group_N": torch.tensor([0, 0, 1, 1]),
-        "old_logp_NT": logp,
-        "step": 0,
-        "max_steps": 10,
-        "policy": PolicyInputs(
-            logp_NT=logp.clone(),
-            old_logp_NT=logp,
-            mask_NT=mask,
-            adv_N=torch.tensor([-1.0, 1.0, 0.0, 0.0]),
-            entropy_NT=torch.full((4, 3), 0.5),
-            ref_logp_NT=logp,
-            rewards_N=torch.tensor([0.0, 1.0, 1.0, 1.0]),
-            group_N=torch.tensor([0, 0, 1, 1]),
-            norm=BatchNorm.of(mask, 3, 2),
-        ),
-    }
+    inputs = probe_inputs()
+    mask, logp = inputs["mask_NT"], inputs["old_logp_NT"]
+    return PolicyInputs(
+        logp_NT=logp.clone(),
+        old_logp_NT=logp,
+        mask_NT=mask,
+        adv_N=inputs["adv_N"],
+        entropy_NT=torch.full((4, 3), 0.5),
+        ref_logp_NT=logp.clone(),
+        rewards_N=inputs["rewards_BG"].reshape(-1),
+        group_N=inputs["group_N"],
+        norm=BatchNorm.of(mask, 3, 2),
+    )
 
 
 def probe_components(cfg: Config) -> None:
@@ -209,7 +196,7 @@ def probe_components(cfg: Config) -> None:
     bad parameter value (`advantage.scale=x`, `token_mask.rho=2`) fails at start-up with
     its config key, not at the first step after the model has loaded."""
     fresh = _build_components(cfg)  # throwaway instances: no state is touched
-    inputs = _probe_inputs()
+    inputs: dict[str, Any] = {**probe_inputs(), "policy": _probe_policy_inputs()}
     checks: list[tuple[str, Callable[[], Any]]] = [
         ("advantage", lambda: fresh.advantage(inputs)),
         *(
@@ -237,20 +224,42 @@ def probe_components(cfg: Config) -> None:
 
 def check_compatible(comps: Components, cfg: Config) -> None:
     """Combinations that cannot work, refused at start-up with the reason."""
-    if comps.token_mask is not None and comps.needs_whole_groups:
+    if comps.token_mask is not None and comps.whole_groups:
         raise ConfigError(
-            f"token_mask: loss {comps.loss_fn.__name__!r} scores whole sequences per group and "
+            f"token_mask: loss {comps.loss_name!r} scores whole sequences per group and "
             f"cannot use a per-token mask ({comps.token_mask.name}); drop one of them"
         )
-    refills = [f.name for f in comps.sample_filters if f.refill]
+    refills = [f.name for f in comps.sample_filters if f.caps.refills]
     if len(refills) > 1:
         raise ConfigError(f"sample_filters: only one refilling filter at a time, got {refills}")
+    refill = comps.refill
+    if refill is not None:
+        late = [n for n in refill.input_names if INPUTS.get(n).stage != "collect"]
+        if late:
+            raise ConfigError(
+                f"sample_filters: {refill.name!r} refills while sampling, before {late} exist"
+            )
     if "baseline_B" in comps.advantage_inputs() and cfg.rollout.temperature == 0:
         raise ConfigError("advantage: remax's greedy baseline equals the samples at temperature 0")
-    if comps.advantage.name == "single_stream" and cfg.rollout.num_generations != 1:
-        raise ConfigError(
-            f"rollout.num_generations: single_stream samples one completion per prompt, got {cfg.rollout.num_generations}"
-        )
+    k, G = cfg.rollout.num_train_samples, cfg.rollout.num_generations
+    group = k if 0 < k < G else G  # the group size the update sees
+    parts = [
+        ("advantage", comps.advantage.name, comps.advantage.caps),
+        *((f"advantage.modifiers.{i}", m.name, m.caps) for i, m in enumerate(comps.modifiers)),
+        ("loss", comps.loss_name, comps.loss_caps),
+    ]
+    for key, name, caps in parts:
+        low, high = caps.min_group_size, caps.max_group_size
+        if group < low or (high is not None and group > high):
+            need = (
+                f"at least {low}"
+                if high is None
+                else (f"exactly {low}" if low == high else f"between {low} and {high}")
+            )
+            raise ConfigError(
+                f"rollout.num_generations: {key} {name!r} needs {need} completions per prompt "
+                f"(the update's group size), got {group}"
+            )
 
 
 def build_rewards(cfg: Config) -> Any:
@@ -269,5 +278,16 @@ def build_rewards(cfg: Config) -> Any:
         raise ConfigError(f"rewards: {exc}") from None
 
 
-def check_components(cfg: Config) -> None:
-    build_components(cfg)
+def load_config(
+    source: Any = None, overrides: list[str] | None = None, *, check: bool = True
+) -> Config:
+    """`config.load_config`, then every component built and probed (errors name the key).
+
+    This is `grouprl.load_config`: the config layer itself knows nothing of the registries.
+    """
+    from grouprl.config import load_config as load_schema
+
+    cfg = load_schema(source, overrides, check=check)
+    if check:
+        build_components(cfg)
+    return cfg

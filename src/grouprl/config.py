@@ -337,9 +337,8 @@ def _check_component(dotted: str, spec: Any) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Cross-field checks and component names/parameters against their registries."""
-    from grouprl.components import check_components  # late: pulls in torch
-
+    """Cross-field checks of the schema. Components are checked against their registries by
+    `grouprl.components.load_config` (= `grouprl.load_config`), one layer up."""
     t, r = cfg.train, cfg.rollout
     for key, val, low in [
         ("train.max_steps", t.max_steps, 0),
@@ -377,7 +376,6 @@ def validate(cfg: Config) -> Config:
         _check_component(f"sample_filters.{i}", flt)
     if cfg.token_mask is not None:
         _check_component("token_mask", cfg.token_mask)
-    check_components(cfg)
     return cfg
 
 

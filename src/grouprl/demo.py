@@ -19,8 +19,9 @@ from grouprl.eval.run import evaluate
 from grouprl.models.tiny import build_tiny_model, save_model
 from grouprl.monitor.report import plot_curves, write_summary
 from grouprl.rewards import RewardSet
+from grouprl.training.setup import seed_everything
 from grouprl.training.sft import sft
-from grouprl.training.trainer import Trainer, seed_everything
+from grouprl.training.trainer import Trainer
 
 
 @dataclass

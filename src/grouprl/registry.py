@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -26,6 +27,36 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
     return f' (did you mean "{close[0]}"?)' if close else ""
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a component needs from the engine, declared when it is registered.
+
+    needs_ref:           reference-policy log-probs (`ref_logp_NT`) in the update.
+    needs_entropy_grad:  per-token entropy WITH gradient in the update (entropy terms).
+    whole_groups:        couples the rows of a group: micro-batches are cut at group
+                         boundaries and per-token masks cannot apply (DisCO, DRPO, Reg-GRPO).
+    calibrates:          `calibrate(entropy_NT, mask_NT, token_weight_NT)` on the whole batch
+                         before the update (SPINE's entropy band).
+    refills:             a sample filter whose dropped groups are replaced by new prompts
+                         (DAPO dynamic sampling).
+    collapse_risk:       a reward whose optimum can be reached by collapse (a majority vote):
+                         `train.collapse_monitor: auto` watches such runs.
+    min_group_size / max_group_size: completions per prompt the component works with.
+    """
+
+    needs_ref: bool = False
+    needs_entropy_grad: bool = False
+    whole_groups: bool = False
+    calibrates: bool = False
+    refills: bool = False
+    collapse_risk: bool = False
+    min_group_size: int = 1
+    max_group_size: int | None = None
+
+
+CAPABILITY_NAMES = tuple(f.name for f in fields(Capabilities))
+
+
 class Registry(Generic[T]):
     """A named collection of components of one kind.
 
@@ -39,15 +70,31 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._caps: dict[str, Capabilities] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, **capabilities: Any) -> Callable[[T], T]:
+        """Register under `name`, with the component's `Capabilities` (unknown ones fail)."""
+        unknown = [k for k in capabilities if k not in CAPABILITY_NAMES]
+        if unknown:
+            raise RegistryError(
+                f"{self.kind} {name!r}: unknown capabilities {unknown}; "
+                f"known: {', '.join(CAPABILITY_NAMES)}"
+            )
+        caps = Capabilities(**capabilities)
+
         def deco(obj: T) -> T:
             if name in self._items and self._items[name] is not obj:
                 raise RegistryError(f"{self.kind} {name!r} is already registered")
             self._items[name] = obj
+            self._caps[name] = caps
             return obj
 
         return deco
+
+    def capabilities(self, name: str) -> Capabilities:
+        """The capabilities `name` was registered with (all off by default)."""
+        self.get(name)  # did-you-mean for an unknown name
+        return self._caps[name]
 
     def get(self, name: str) -> T:
         if name not in self._items:
@@ -133,13 +180,15 @@ class BoundComponent:
     ['entropy_NT', 'mask_NT']
     """
 
-    def __init__(self, name: str, fn: Callable[..., Any], component: Any, refill: bool) -> None:
+    def __init__(
+        self, name: str, fn: Callable[..., Any], component: Any, caps: Capabilities
+    ) -> None:
         self.name = name
         self._fn = fn
         params = input_params(component)
         self.input_names = list(params)
         self.required_inputs = [n for n, p in params.items() if p.default is p.empty]
-        self.refill = refill
+        self.caps = caps
         self.instance: Any = None  # the object, for stateful (class) components
 
     def state_dict(self) -> dict[str, Any]:
@@ -171,7 +220,7 @@ class BoundComponent:
             def fn(**inputs: Any) -> Any:
                 return component(**inputs, **params)
 
-        bound = BoundComponent(name, fn, component, bool(getattr(component, "refill", False)))
+        bound = BoundComponent(name, fn, component, registry.capabilities(name))
         bound.instance = fn if inspect.isclass(component) else None
         return bound
 

@@ -552,7 +552,7 @@ class RiskPO:
         self.q_high = None if q_high is None else float(q_high)
 
 
-@ADVANTAGES.register("single_stream")
+@ADVANTAGES.register("single_stream", max_group_size=1)
 class SingleStream:
     """Per-prompt value tracker baseline of Single-stream Policy Optimization (reading).
 

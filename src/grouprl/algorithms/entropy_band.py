@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grouprl.algorithms.regularizers import REGULARIZERS, _check_finite
+from grouprl.algorithms.regularizers import REGULARIZERS, Regularizer, _check_finite
 from grouprl.algorithms.selection import quantile_linear
 from grouprl.algorithms.types import PolicyInputs, TermOutput
 
@@ -17,19 +17,20 @@ __all__ = ["EntropyBand"]
 SCOPES = ("selected", "all")
 
 
-@REGULARIZERS.register("entropy_band")
-class EntropyBand:
+@REGULARIZERS.register("entropy_band", needs_entropy_grad=True, calibrates=True)
+class EntropyBand(Regularizer):
     """Entropy band on selected tokens, SPINE-style: proposal (only the abstract is known).
 
     SPINE (Wu et al., arXiv 2511.17938) says only that it adds an entropy-band regularizer
     at forking tokens that keeps exploration going when entropy is too low and damps noisy
-    supervision when it is too high. The form here is the proposal of
-    shared/research/testtime.md (spec item 4), not the authors' code:
+    supervision when it is too high. The form here is grouprl's own proposal (a squared
+    hinge outside a band calibrated from the batch's entropy percentiles), not the authors'
+    code:
 
         per_token = coef · [relu(h_lo − H)² + relu(H − h_hi)²]   on selected tokens,
                     0                                           elsewhere,
 
-    with H the policy's entropy at that position WITH gradient (needs_entropy=True makes
+    with H the policy's entropy at that position WITH gradient (needs_entropy_grad makes
     the trainer pass it undetached), so the term pushes H back into [h_lo, h_hi].
     Selected tokens: with scope="selected", completion tokens (mask != 0) whose token
     weight is > 0 (the forking-token mask); with scope="all", or when the batch has no
@@ -57,9 +58,6 @@ class EntropyBand:
     entropy_band/below_frac (selected and H < h_lo), entropy_band/above_frac (selected and
     H > h_hi).
     """
-
-    needs_ref: bool = False
-    needs_entropy: bool = True
 
     def __init__(
         self,

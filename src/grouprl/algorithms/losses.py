@@ -515,7 +515,7 @@ def _discriminative(
     )
 
 
-@LOSSES.register("disco")
+@LOSSES.register("disco", whole_groups=True)
 def disco(
     inp: PolicyInputs,
     *,
@@ -573,10 +573,7 @@ def disco(
     )
 
 
-disco.needs_whole_groups = True  # type: ignore[attr-defined]
-
-
-@LOSSES.register("drpo")
+@LOSSES.register("drpo", whole_groups=True)
 def drpo(
     inp: PolicyInputs,
     *,
@@ -618,12 +615,10 @@ def drpo(
     )
 
 
-drpo.needs_whole_groups = True  # type: ignore[attr-defined]
-
 REG_GRPO_SCALES = ("group", "none")
 
 
-@LOSSES.register("reg_grpo")
+@LOSSES.register("reg_grpo", whole_groups=True, needs_ref=True)
 def reg_grpo(
     inp: PolicyInputs, *, beta: float = 0.04, scale: str = "group", eps: float = 1e-6
 ) -> TermOutput:
@@ -694,7 +689,3 @@ def reg_grpo(
             "reg_grpo/log_ratio": float((log_ratio_N.detach() * used).sum() / seen),
         },
     )
-
-
-reg_grpo.needs_whole_groups = True  # type: ignore[attr-defined]
-reg_grpo.needs_ref = True  # type: ignore[attr-defined]

@@ -1,13 +1,17 @@
 """Regularizers: per-token terms added to the policy loss before aggregation.
 
-A regularizer is a class built from keyword-only parameters. It declares what the trainer
-must compute for it (`needs_ref`: reference-model log-probs, `needs_entropy`: per-token
-entropy) and returns per-token values already multiplied by its coefficient.
+A regularizer is a `Regularizer` subclass built from keyword-only parameters. It declares
+at registration what the learner must compute for it (`needs_ref`: reference-model
+log-probs, `needs_entropy_grad`: per-token entropy with gradient, `calibrates`: a whole-batch
+calibration before the update) and returns per-token values already multiplied by its
+coefficient. One whose coefficient is zero says so (`active` False): it is then left out,
+and what it would need is not computed.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,6 +21,31 @@ from grouprl.algorithms.types import PolicyInputs, TermOutput
 from grouprl.registry import Registry
 
 REGULARIZERS: Registry = Registry("regularizer")
+
+
+class Regularizer:
+    """Base of every registered regularizer: `__call__(PolicyInputs) -> TermOutput`."""
+
+    @property
+    def active(self) -> bool:
+        """False when the term is identically zero (its coefficient is 0)."""
+        return True
+
+    @property
+    def needs_calibration(self) -> bool:
+        """For a regularizer registered with `calibrates`: whether `calibrate` still has
+        work to do (the planning stage then computes the batch's entropy for it)."""
+        return False
+
+    def calibrate(
+        self, entropy_NT: Tensor, mask_NT: Tensor, token_weight_NT: Tensor | None = None
+    ) -> Any:
+        """Whole-batch calibration before the update (registered with `calibrates`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not calibrate")
+
+    def __call__(self, inp: PolicyInputs) -> TermOutput:
+        raise NotImplementedError
+
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 
@@ -52,17 +81,14 @@ def _check_finite(name: str, value: float) -> float:
     return float(value)
 
 
-@REGULARIZERS.register("kl")
-class KL:
+@REGULARIZERS.register("kl", needs_ref=True)
+class KL(Regularizer):
     """β · KL(π_θ ‖ π_ref) per token, with one of Schulman's estimators (see kl_estimate).
 
     GRPO ("DeepSeekMath", arXiv 2402.03300) adds β·k3 to the loss with β = 0.04; verl uses
-    β = 0.001 with low_var_kl. With β = 0 no reference model is needed (needs_ref False) and
-    the term is zero. stats_NT: {"kl": unscaled estimate} when β > 0.
+    β = 0.001 with low_var_kl. With β = 0 the term is zero and inactive: no reference model
+    is loaded. stats_NT: {"kl": unscaled estimate} when β > 0.
     """
-
-    needs_ref: bool = False
-    needs_entropy: bool = False
 
     def __init__(self, *, beta: float = 0.04, estimator: str = "k3") -> None:
         self.beta = _check_finite("kl.beta", beta)
@@ -73,10 +99,13 @@ class KL:
                 f"kl.estimator must be one of {', '.join(KL_ESTIMATORS)}; got {estimator!r}"
             )
         self.estimator = estimator
-        self.needs_ref = self.beta > 0
+
+    @property
+    def active(self) -> bool:
+        return self.beta > 0
 
     def __call__(self, inp: PolicyInputs) -> TermOutput:
-        if not self.needs_ref:
+        if not self.active:
             return TermOutput(per_token_NT=torch.zeros_like(inp.logp_NT))
         if inp.ref_logp_NT is None:
             raise ValueError("kl: beta > 0 needs ref_logp_NT (reference log-probs), got None")
@@ -88,8 +117,8 @@ class KL:
         return f"KL(beta={self.beta}, estimator={self.estimator!r})"
 
 
-@REGULARIZERS.register("entropy_bonus")
-class EntropyBonus:
+@REGULARIZERS.register("entropy_bonus", needs_entropy_grad=True)
+class EntropyBonus(Regularizer):
     """Entropy bonus −c·H per token (maximizes entropy for c > 0).
 
     The exploration bonus of "Asynchronous Methods for Deep Reinforcement Learning"
@@ -97,15 +126,15 @@ class EntropyBonus:
     at the sampling temperature. c = 0 (default) needs no entropy and gives a zero term.
     """
 
-    needs_ref: bool = False
-    needs_entropy: bool = False
-
     def __init__(self, *, coef: float = 0.0) -> None:
         self.coef = _check_finite("entropy_bonus.coef", coef)
-        self.needs_entropy = self.coef != 0
+
+    @property
+    def active(self) -> bool:
+        return self.coef != 0
 
     def __call__(self, inp: PolicyInputs) -> TermOutput:
-        if not self.needs_entropy:
+        if not self.active:
             return TermOutput(per_token_NT=torch.zeros_like(inp.logp_NT))
         if inp.entropy_NT is None:
             raise ValueError("entropy_bonus: coef != 0 needs entropy_NT, got None")
@@ -138,7 +167,7 @@ def _runs_NT(on_NT: Tensor) -> Tensor:
 
 
 @REGULARIZERS.register("llds")
-class LLDS:
+class LLDS(Regularizer):
     """Likelihood-displacement penalty on non-negative-advantage tokens whose log-prob fell.
 
     LLDS (Deng et al., "On GRPO Collapse in Search-R1", arXiv 2512.04220); as the authors'
@@ -157,9 +186,6 @@ class LLDS:
     all response tokens: use the token_mean aggregation for their normalization.
     stats_NT: llds/penalized_mean = 1 on tokens with a nonzero penalty.
     """
-
-    needs_ref: bool = False
-    needs_entropy: bool = False
 
     def __init__(self, *, coef: float = 0.2, gate: str = "response") -> None:
         self.coef = _check_finite("llds.coef", coef)
@@ -235,7 +261,7 @@ def clip_cov_select(candidate_NT: Tensor, count: int, generator: torch.Generator
 
 
 @REGULARIZERS.register("kl_cov")
-class KLCov:
+class KLCov(Regularizer):
     """KL-Cov: a |log-ratio| penalty on the tokens with the largest advantage-logπ covariance.
 
     "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models"
@@ -257,9 +283,6 @@ class KLCov:
     stats: kl_cov/selected_frac (selected / valid tokens seen); stats_NT:
     kl_cov/abs_log_ratio (|logπ_θ − logπ_old| on every token, the authors' ppo_kl metric).
     """
-
-    needs_ref: bool = False
-    needs_entropy: bool = False
 
     def __init__(self, *, k: float = 2e-4, beta: float = 1.0) -> None:
         self.k = _check_finite("kl_cov.k", k)
@@ -286,7 +309,7 @@ class KLCov:
 
 
 @REGULARIZERS.register("clip_cov")
-class ClipCov:
+class ClipCov(Regularizer):
     """Clip-Cov: cancel the policy gradient of a few random high-covariance tokens.
 
     "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models"
@@ -312,9 +335,6 @@ class ClipCov:
     rows), so a run is reproducible. stats: clip_cov/selected_frac, clip_cov/candidate_frac
     (of the valid tokens seen).
     """
-
-    needs_ref: bool = False
-    needs_entropy: bool = False
 
     def __init__(
         self,

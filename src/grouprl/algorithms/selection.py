@@ -8,21 +8,21 @@ token for the policy term (0 drop, 1 keep, 2 upweight; padding 0), optionally a 
 advantage, which normalizer the policy loss should use, and scalar stats. Regularizers
 (KL, entropy terms) ignore the weights: they still see every completion token.
 
-Sample filters (`SAMPLE_FILTERS`, config `sample_filter`) return a `FilterOutput`: which
+Sample filters (`SAMPLE_FILTERS`, config `sample_filters`) return a `FilterOutput`: which
 completions keep their loss weight, which whole prompt groups are dropped, and stats. A
-filter's `refill` attribute tells the trainer to sample replacement prompts for dropped
-groups (`FilterOutput.max_tries` bounds the extra sampling rounds).
+filter registered with `refills=True` has the collector sample replacement prompts for
+dropped groups (`FilterOutput.max_tries` bounds the extra sampling rounds).
 
 Calling convention. A component is a function, or a class when it keeps state.
   * Inputs are chosen BY PARAMETER NAME: the positional-or-keyword parameters (of the
     function, or of the class's `__call__`) name tensors the trainer has. A parameter
     with a default is optional (the trainer passes it when it has it). The names a
-    component may use are `TOKEN_MASK_INPUTS` / `SAMPLE_FILTER_INPUTS`.
+    component may use are declared in `grouprl.inputs.INPUTS` (name, shape, stage).
   * Keyword-only parameters (after `*`; of the function, or of the class's `__init__`)
     are config parameters, with the paper's defaults.
-  * `Selector.build(registry, name, params)` checks both and gives a callable that takes
-    a dict of the available inputs; `Selector.input_names` / `required_inputs` say what
-    to compute (e.g. entropy only when a mask asks for `entropy_NT`).
+  * `BoundComponent.build(registry, name, params)` checks both and gives a callable that
+    takes a dict of the available inputs; `input_names` / `required_inputs` say what to
+    compute (e.g. entropy only when a mask asks for `entropy_NT`).
 
 Shapes: N completions (rows of a group contiguous), T completion tokens (right-padded),
 B prompts, G completions per prompt.
@@ -31,40 +31,15 @@ B prompts, G completions per prompt.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from grouprl.registry import BoundComponent, Registry, config_params, input_params  # noqa: F401
+from grouprl.registry import Registry
 
 TOKEN_MASKS: Registry = Registry("token mask")
 SAMPLE_FILTERS: Registry = Registry("sample filter")
-
-# Inputs a token mask may ask for, by parameter name.
-#   entropy_NT:        entropy of the sampling policy at each position (no grad)
-#   mask_NT:           completion mask (1 completion token, 0 padding)
-#   adv_N / adv_NT:    advantage per completion / per token
-#   completion_ids_NT: sampled token ids (long)
-#   group_N:           prompt-group index of each row (long); rows of a group contiguous
-#   old_logp_NT:       log π_old of each sampled token
-#   step, max_steps:   optimizer step (0-based) and the run's total number of steps
-TOKEN_MASK_INPUTS = (
-    "entropy_NT",
-    "mask_NT",
-    "adv_N",
-    "adv_NT",
-    "completion_ids_NT",
-    "group_N",
-    "old_logp_NT",
-    "step",
-    "max_steps",
-)
-# Inputs a sample filter may ask for: rewards_BG (NaN = unscorable), truncated_BG (bool,
-# cut at the max completion length), lengths_BG (completion lengths), adv_BG.
-SAMPLE_FILTER_INPUTS = ("rewards_BG", "truncated_BG", "lengths_BG", "adv_BG")
 
 DENOMINATORS = ("selected", "all")
 FORKING_MODES = ("quantile", "top_k")
@@ -115,7 +90,6 @@ class FilterOutput:
 
 
 # The by-name calling convention lives in the registry (shared with advantage estimators).
-Selector = BoundComponent
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,22 +402,13 @@ def gtpo_conflict(
 # ---------------------------------------------------------------------------------------
 
 
-def _refill(value: bool) -> Callable[[Any], Any]:
-    def deco(obj: Any) -> Any:
-        obj.refill = value
-        return obj
-
-    return deco
-
-
 def _check_BG(name: str, x: Tensor) -> Tensor:
     if x.dim() != 2:
         raise ValueError(f"{name} must have shape [B, G], got {tuple(x.shape)}")
     return x
 
 
-@SAMPLE_FILTERS.register("dynamic_sampling")
-@_refill(True)
+@SAMPLE_FILTERS.register("dynamic_sampling", refills=True)
 def dynamic_sampling(rewards_BG: Tensor, *, max_tries: int = 3) -> FilterOutput:
     """Drop prompt groups that carry no learning signal and refill the batch.
 
@@ -503,7 +468,6 @@ def max_variance_subset(values: Tensor, m: int) -> Tensor:
 
 
 @SAMPLE_FILTERS.register("d3s_samples")
-@_refill(False)
 def d3s_samples(
     adv_BG: Tensor,
     rewards_BG: Tensor | None = None,
@@ -557,7 +521,6 @@ def d3s_samples(
 
 
 @SAMPLE_FILTERS.register("mask_truncated")
-@_refill(False)
 def mask_truncated(truncated_BG: Tensor) -> FilterOutput:
     """Give completions cut at the max completion length zero loss weight.
 

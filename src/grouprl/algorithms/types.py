@@ -24,7 +24,7 @@ class PolicyInputs:
     ref_logp_NT:  log π_ref of each token, or None when no reference model is loaded.
     rewards_N:    combined scalar reward of each completion (NaN = unscorable), or None.
     group_N:      index of each row's prompt group (long); rows of a group are contiguous
-                  and a loss that declares `needs_whole_groups` gets whole groups only.
+                  and a loss registered with `whole_groups` gets whole groups only.
     token_weight_NT: weights of a token mask / selection for the policy term (1 = keep,
                   0 = drop, 2 = upweight), or None for "all ones". Regularizers ignore it.
     norm:         the whole optimizer batch's normalizers (for terms that aggregate themselves).

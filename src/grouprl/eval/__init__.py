@@ -1,6 +1,5 @@
 """Evaluation: pass@k / maj@k metrics and answer extraction."""
 
-from grouprl.eval.answers import extract_answer, extract_boxed, normalize_answer
 from grouprl.eval.metrics import (
     maj_at_k,
     majority_answer,
@@ -8,6 +7,7 @@ from grouprl.eval.metrics import (
     pass_at_k,
     summarize_samples,
 )
+from grouprl.rewards.answers import extract_answer, extract_boxed, normalize_answer
 
 __all__ = [
     "extract_answer",

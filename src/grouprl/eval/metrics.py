@@ -53,7 +53,7 @@ def maj_at_k(answers: Sequence[str | None], correct: Sequence[bool], k: int) -> 
 
     The majority answer's correctness is taken from the first sample that gave it (samples
     with the same answer string share one verdict). No answer among the k samples -> 0.0.
-    Answers should already be normalized (see ``grouprl.eval.answers.normalize_answer``).
+    Answers should already be normalized (see ``grouprl.rewards.answers.normalize_answer``).
     """
     if len(answers) != len(correct):
         raise ValueError(f"answers ({len(answers)}) and correct ({len(correct)}) differ in length")

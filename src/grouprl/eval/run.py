@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from grouprl.eval.answers import extract_answer, normalize_answer
+from grouprl.config import RolloutConfig
 from grouprl.eval.metrics import mean_ci95, summarize_samples
 from grouprl.monitor.progress import ProgressBar
-from grouprl.rollout.base import SamplingParams
-from grouprl.rollout.hf import HFEngine
-from grouprl.training.batching import reward_inputs, rollout_columns
+from grouprl.rewards.answers import extract_answer, normalize_answer
+from grouprl.rewards.scoring import score_rollouts
+from grouprl.rollout.base import RolloutEngine, SamplingParams, build_engine
 
 
 def evaluate(
@@ -31,6 +31,7 @@ def evaluate(
     batch_prompts: int = 64,
     seed: int = 0,
     progress: bool = False,
+    engine: RolloutEngine | str | None = None,
 ) -> dict[str, float]:
     """Sample `n` completions for each example and summarize.
 
@@ -39,41 +40,53 @@ def evaluate(
     never changes a training run's random stream and two evaluations are comparable.
     Returns pass@1 (with its 95% interval), pass@k and maj@k for k in `ks` (k <= n), and the
     mean (and 95% interval) of every reward.
+
+    `engine` samples: a RolloutEngine instance (used as is, left open: the caller owns it and
+    keeps its weights in sync), or the registered name of one (`rollout.engine`; default
+    "hf"), which is built on `model` for this call and closed at the end.
     """
     name = correct_reward or rewards.names[0]
     if name not in rewards.names:
         raise ValueError(f"correct_reward {name!r} is not one of the rewards {rewards.names}")
     kcol = rewards.names.index(name)
-    engine = HFEngine(model, tokenizer)
-    params = SamplingParams(n, temperature, top_p, 0, max_new_tokens)
+    params = SamplingParams(
+        num_generations=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
+    )
+    eng: RolloutEngine
+    if engine is None or isinstance(engine, str):
+        rollout_cfg = RolloutConfig(
+            engine=engine or "hf",
+            num_generations=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+        )
+        eng, owned = build_engine(rollout_cfg, model, tokenizer), True
+    else:
+        eng, owned = engine, False
     correct: list[list[bool]] = []
     answers: list[list[str | None]] = []
     per_reward: dict[str, list[float]] = {r: [] for r in rewards.names}
-    with (
-        torch.random.fork_rng(devices=[]),
-        ProgressBar(len(examples), description="eval", enabled=progress) as bar,
-    ):
-        torch.manual_seed(seed)
-        for s in range(0, len(examples), batch_prompts):
-            chunk = list(examples[s : s + batch_prompts])
-            ro = engine.generate([ex.text for ex in chunk], params)
-            prompts, comps, cols = reward_inputs(chunk, ro.completions, n)
-            for key, values in rollout_columns(ro, max_new_tokens).items():
-                cols.setdefault(key, values)
-            res = rewards(prompts, comps, cols)
-            vals = res.rewards_NK
-            for i in range(len(chunk)):
-                rows = range(i * n, (i + 1) * n)
-                correct.append([bool(vals[r, kcol] >= correct_threshold) for r in rows])
-                answers.append(
-                    [
-                        normalize_answer(a) if (a := extract_answer(ro.completions[r])) else None
-                        for r in rows
-                    ]
-                )
-            for k, r in enumerate(rewards.names):
-                per_reward[r].extend(vals[:, k].tolist())
-            bar.update(min(s + batch_prompts, len(examples)), {})
+    try:
+        with (
+            torch.random.fork_rng(devices=[]),
+            ProgressBar(len(examples), description="eval", enabled=progress) as bar,
+        ):
+            torch.manual_seed(seed)
+            for s in range(0, len(examples), batch_prompts):
+                chunk = list(examples[s : s + batch_prompts])
+                ro = eng.generate([ex.text for ex in chunk], params)
+                vals = score_rollouts(rewards, chunk, ro, max_new_tokens).rewards_NK
+                for i in range(len(chunk)):
+                    rows = range(i * n, (i + 1) * n)
+                    correct.append([bool(vals[r, kcol] >= correct_threshold) for r in rows])
+                    answers.append([_answer(ro.completions[r]) for r in rows])
+                for k, r in enumerate(rewards.names):
+                    per_reward[r].extend(vals[:, k].tolist())
+                bar.update(min(s + batch_prompts, len(examples)), {})
+    finally:
+        if owned:
+            eng.close()
     out = summarize_samples(correct, answers, [k for k in ks if k <= n])
     for r, values in per_reward.items():
         mean, lo, hi = mean_ci95(values)
@@ -81,3 +94,9 @@ def evaluate(
         out[f"rewards/{r}/ci_low"] = lo
         out[f"rewards/{r}/ci_high"] = hi
     return out
+
+
+def _answer(completion: str) -> str | None:
+    """The completion's normalized final answer (for maj@k), or None when it gives none."""
+    a = extract_answer(completion)
+    return normalize_answer(a) if a else None

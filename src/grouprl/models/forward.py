@@ -1,251 +1,261 @@
 """The one policy forward: per-token log-probs (and entropy) of completion tokens.
 
-Old log-probs, reference log-probs and the training loss all come from `completion_logprobs`,
-so the PPO ratio on the first iteration is exactly 1. Two layouts give the same numbers:
+Old log-probs, reference log-probs and the training loss all come from `PolicyLogProbs` (or
+its functional face `completion_logprobs`), so the PPO ratio on the first iteration is
+exactly 1. Two layouts give the same numbers:
 
-- repeated: each completion row is `[left-padded prompt; completion]`;
-- shared prefix (`shared_prefix.py`): each prompt once per group, split attention.
+- repeated (`repeated.py`): each completion row is `[prompt; completion]`, compacted;
+- shared prefix (`packing.py`, Prefix Grouper, arXiv 2506.05433): each prompt once per
+  group, split attention (`attention.py`).
 
 Either way only the hidden states that predict real completion tokens go through the LM
-head, in chunks of `chunk_size` positions whose fp32 logits are recomputed in backward
-(activation checkpointing), so `[N, T, V]` fp32 logits never exist at once (the StreamBP
-observation, arXiv 2506.03077, applied to the LM head).
+head, chunk by chunk (`head.py`). Everything runs inside `PolicyLogProbs.forward`, so a
+wrapper around it (DDP, FSDP2) or around its model's modules (PEFT) sees a normal forward.
+A model whose logits the chunked head cannot reproduce runs its own full-logits forward
+instead, after one logged warning per model class.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
+from collections.abc import Iterator
 from functools import lru_cache
 
 import torch
-from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch import Tensor, nn
 
-from grouprl.models.shared_prefix import pack_groups, packed_attention_active, resolve_backend
-
-# Config attributes that change logits after the LM head; such models use the plain forward.
-_HEAD_EXTRAS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "logits_scaling",
-    "output_multiplier_scale",
+from grouprl.models.attention import packed_attention_active, resolve_backend
+from grouprl.models.head import (
+    HeadPlan,
+    UnsupportedHead,
+    chunked_head_logprobs,
+    plan_head,
+    token_logprobs,
 )
+from grouprl.models.packing import pack_groups
+from grouprl.models.repeated import repeated_layout
+
+log = logging.getLogger("grouprl")
+_WARNED: set[type] = set()
 
 
-@lru_cache(maxsize=32)
-def _accepts_logits_to_keep(forward) -> bool:
-    return "logits_to_keep" in inspect.signature(forward).parameters
+class PolicyLogProbs(nn.Module):
+    """Per-token log π and entropy of completion tokens: decoder + chunked LM head, one forward.
 
-
-def position_ids_from_mask(mask_NL: Tensor) -> Tensor:
-    """Positions that skip left padding (as HF generate does): cumsum(mask) - 1, pads at 0."""
-    return (mask_NL.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
-def repeated_inputs(
-    prompt_ids_NP: Tensor,
-    prompt_mask_NP: Tensor,
-    completion_ids_NT: Tensor,
-    completion_mask_NT: Tensor,
-) -> dict[str, Tensor | bool]:
-    """Model kwargs of the repeated layout: rows [left-padded prompt; completion], positions
-    from the mask (as HF generate computes them)."""
-    mask = torch.cat([prompt_mask_NP, completion_mask_NT], dim=1)
-    return {
-        "input_ids": torch.cat([prompt_ids_NP, completion_ids_NT], dim=1),
-        "attention_mask": mask.long(),
-        "position_ids": position_ids_from_mask(mask),
-        "use_cache": False,
-    }
-
-
-def plain_head(model: torch.nn.Module) -> bool:
-    """True when logits = lm_head(decoder hidden states), with nothing applied after."""
-    cfg = getattr(model, "config", None)
-    for attr in _HEAD_EXTRAS:
-        val = getattr(cfg, attr, None)
-        if val not in (None, 1, 1.0):
-            return False
-    try:
-        return model.get_output_embeddings() is not None and model.get_decoder() is not None
-    except (AttributeError, ValueError, NotImplementedError):
-        return False
-
-
-def logprobs_and_entropy(
-    logits_NTV: Tensor,
-    targets_NT: Tensor,
-    temperature: float,
-    *,
-    with_entropy: bool,
-    chunk: int = 64,
-) -> tuple[Tensor, Tensor | None]:
-    """log softmax(logits/τ)[target] and the entropy of softmax(logits/τ), chunked over T.
-
-    logits_NTV may be bf16; each chunk is upcast to fp32 before the softmax.
+    Holds the HF causal LM as the submodule `model`. `shared_prefix` packs rows that share a
+    prompt (consecutive, identical prompt ids and mask) and encodes the prompt once;
+    `chunk_size` is the LM-head chunk (0: automatic); `attn_backend` the packed attention
+    (auto, sdpa or flex).
     """
-    tau = temperature if temperature > 0 else 1.0
-    logps, ents = [], []
-    for s in range(0, logits_NTV.shape[1], chunk):
-        lg = logits_NTV[:, s : s + chunk].float() / tau
-        logp_all = torch.log_softmax(lg, dim=-1)
-        logps.append(logp_all.gather(-1, targets_NT[:, s : s + chunk, None]).squeeze(-1))
-        if with_entropy:
-            ents.append(-(logp_all.exp() * logp_all).sum(-1))
-    logp = torch.cat(logps, dim=1)
-    return logp, (torch.cat(ents, dim=1) if with_entropy else None)
 
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        shared_prefix: bool = False,
+        chunk_size: int = 0,
+        attn_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.shared_prefix = shared_prefix
+        self.chunk_size = chunk_size
+        self.attn_backend = attn_backend
 
-def _head_chunk(
-    hidden_Md: Tensor,
-    targets_M: Tensor,
-    weight_Vd: Tensor,
-    bias_V: Tensor | None,
-    tau: float,
-    entropy_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    logits = torch.nn.functional.linear(hidden_Md, weight_Vd, bias_V).float() / tau
-    logp_all = torch.log_softmax(logits, dim=-1)  # the same op as the naive path: equal values
-    logp = logp_all.gather(-1, targets_M[:, None]).squeeze(-1)
-    # An entropy the loss does not differentiate must not keep graph: under checkpointing its
-    # recomputed [chunk, V] tensors would otherwise live until the whole backward ends.
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    def forward(
+        self,
+        prompt_ids_NP: Tensor,
+        prompt_mask_NP: Tensor,
+        completion_ids_NT: Tensor,
+        attention_mask_NT: Tensor,
+        *,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+        entropy_grad: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Log-probs [N, T] of every real completion token (attention mask 1), 0 elsewhere.
 
-
-def auto_chunk_size(vocab_size: int, budget_bytes: int = 64 * 2**20) -> int:
-    """Positions per LM-head chunk so that one chunk's fp32 logits fit in `budget_bytes`."""
-    return max(16, budget_bytes // (4 * max(1, vocab_size)))
-
-
-def chunked_head_logprobs(
-    hidden_Md: Tensor,
-    targets_M: Tensor,
-    lm_head: torch.nn.Module,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int = 0,
-    entropy_grad: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """log π(target) and entropy at M positions from their hidden states, chunk by chunk.
-
-    With gradients enabled each chunk is checkpointed: its [chunk, V] fp32 logits are freed
-    after the forward and recomputed in backward, so peak memory is one chunk's logits.
-    chunk_size 0 picks it from the vocabulary (`auto_chunk_size`, 64 MiB of logits). The
-    entropy carries gradient only with `entropy_grad` (an entropy regularizer).
-    """
-    tau = temperature if temperature > 0 else 1.0
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
-    logps, ents = [], []
-    use_ckpt = torch.is_grad_enabled() and (hidden_Md.requires_grad or weight.requires_grad)
-    for s in range(0, hidden_Md.shape[0], chunk_size):
-        h, y = hidden_Md[s : s + chunk_size], targets_M[s : s + chunk_size]
-        if use_ckpt:
-            lp, ent = checkpoint(
-                _head_chunk, h, y, weight, bias, tau, entropy_grad, use_reentrant=False
+        Tokens the model sees but is not trained on (tool output inside a completion) are
+        scored too: the caller applies its loss mask. Prompts may be left- or right-padded.
+        """
+        try:
+            plan = plan_head(self.model)
+        except UnsupportedHead as exc:
+            if self.shared_prefix:
+                raise NotImplementedError(
+                    f"shared-prefix forward needs the chunked LM head, but {exc}"
+                ) from None
+            _warn_fallback(self.model, str(exc))
+            return _full_logits(
+                self.model,
+                prompt_ids_NP,
+                prompt_mask_NP,
+                completion_ids_NT,
+                attention_mask_NT,
+                temperature,
+                with_entropy,
+                entropy_grad,
             )
-        else:
-            lp, ent = _head_chunk(h, y, weight, bias, tau, entropy_grad)
-        logps.append(lp)
-        ents.append(ent)
-    if not logps:
-        empty = hidden_Md.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat(logps), torch.cat(ents)
+        real_NT = attention_mask_NT.bool()
+        hidden_of = self._packed_hidden if self.shared_prefix else self._repeated_hidden
+        hidden_Md = hidden_of(plan, prompt_ids_NP, prompt_mask_NP, completion_ids_NT, real_NT)
+        logp_M, ent_M = chunked_head_logprobs(
+            hidden_Md,
+            completion_ids_NT[real_NT],
+            plan.head,
+            temperature=temperature,
+            chunk_size=self.chunk_size,
+            entropy_grad=entropy_grad,
+            scaling=plan.scaling,
+        )
+        return _scatter_NT(logp_M, real_NT), (_scatter_NT(ent_M, real_NT) if with_entropy else None)
 
+    def _repeated_hidden(
+        self,
+        plan: HeadPlan,
+        prompt_ids_NP: Tensor,
+        prompt_mask_NP: Tensor,
+        completion_ids_NT: Tensor,
+        real_NT: Tensor,
+    ) -> Tensor:
+        """Hidden states [M, d] that predict the real completion tokens, in the repeated layout."""
+        layout = repeated_layout(prompt_ids_NP, prompt_mask_NP, completion_ids_NT, real_NT)
+        hidden_NLd = plan.decoder(**layout.model_inputs()).last_hidden_state
+        return hidden_NLd[_rows_like(real_NT)[real_NT], layout.src_col_NT[real_NT]]
 
-def _scatter_NT(values_M: Tensor, valid_NT: Tensor) -> Tensor:
-    out = values_M.new_zeros(valid_NT.shape)
-    return out.masked_scatter(valid_NT, values_M)
+    def _packed_hidden(
+        self,
+        plan: HeadPlan,
+        prompt_ids_NP: Tensor,
+        prompt_mask_NP: Tensor,
+        completion_ids_NT: Tensor,
+        real_NT: Tensor,
+    ) -> Tensor:
+        """Hidden states [M, d] that predict the real completion tokens, in the packed layout."""
+        layout = pack_groups(prompt_ids_NP, prompt_mask_NP, completion_ids_NT, real_NT)
+        layout.backend = resolve_backend(self.attn_backend, completion_ids_NT.device)
+        with packed_attention_active(self.model, layout):
+            hidden_RLd = plan.decoder(
+                input_ids=layout.input_ids_RL, position_ids=layout.position_ids_RL, use_cache=False
+            ).last_hidden_state
+        rows_NT = layout.row_N[:, None].expand_as(real_NT)
+        return hidden_RLd[rows_NT[real_NT], layout.src_col_NT[real_NT]]
 
 
 def completion_logprobs(
-    model: torch.nn.Module,
+    model: nn.Module,
     prompt_ids_NP: Tensor,
     prompt_mask_NP: Tensor,
     completion_ids_NT: Tensor,
-    completion_mask_NT: Tensor,
+    attention_mask_NT: Tensor,
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
-    shared_prefix: bool = False,
-    chunk_size: int = 0,
-    attn_backend: str = "auto",
+    shared_prefix: bool | None = None,
+    chunk_size: int | None = None,
+    attn_backend: str | None = None,
     entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Log-probs [N, T] of each completion token given its prompt, and optionally entropy [N, T].
+    """Log-probs [N, T] of each real completion token given its prompt, optionally entropy.
 
-    Positions past a completion's length (its mask) hold 0. With `shared_prefix`, rows that
-    share a prompt (consecutive, identical prompt ids and mask) are packed and the prompt is
-    encoded once; the values equal the repeated layout's up to float rounding.
+    The functional face of `PolicyLogProbs`: `model` is an HF causal LM (wrapped for this
+    call), a `PolicyLogProbs`, or a `DistributedDataParallel` around one, which is then
+    called so its hooks run. The layout arguments (`shared_prefix`, `chunk_size`,
+    `attn_backend`) default to the module's settings (PolicyLogProbs' defaults for a bare
+    model); given, they decide for this call. Values are 0 where attention_mask_NT is 0;
+    with `shared_prefix` they equal the repeated layout's up to float rounding.
     """
-    if not plain_head(model):
-        if shared_prefix:
-            raise NotImplementedError(
-                "shared-prefix forward needs a plain LM head (no logit scaling/softcapping)"
-            )
-        return _full_logits_path(
-            model,
+    policy = _policy_of(model)
+    if policy is None:
+        model = policy = PolicyLogProbs(model)
+    with _settings(
+        policy, shared_prefix=shared_prefix, chunk_size=chunk_size, attn_backend=attn_backend
+    ):
+        return model(
             prompt_ids_NP,
             prompt_mask_NP,
             completion_ids_NT,
-            completion_mask_NT,
-            temperature,
-            with_entropy,
+            attention_mask_NT,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
         )
-    T = completion_ids_NT.shape[1]
-    valid_NT = completion_mask_NT.bool() & (
-        torch.arange(T, device=completion_ids_NT.device) < completion_mask_NT.sum(1, keepdim=True)
-    )
-    decoder = model.get_decoder()
-    if shared_prefix:
-        layout = pack_groups(prompt_ids_NP, prompt_mask_NP, completion_ids_NT, completion_mask_NT)
-        layout.backend = resolve_backend(attn_backend, completion_ids_NT.device)
-        with packed_attention_active(model, layout):
-            hidden = decoder(
-                input_ids=layout.input_ids_RL, position_ids=layout.position_ids_RL, use_cache=False
-            ).last_hidden_state
-        rows = layout.row_N[:, None].expand(-1, T)[valid_NT]
-        cols = layout.src_col_NT[valid_NT]
-        hidden_Md = hidden[rows, cols]
-    else:
-        P = prompt_ids_NP.shape[1]
-        inputs = repeated_inputs(
-            prompt_ids_NP, prompt_mask_NP, completion_ids_NT, completion_mask_NT
-        )
-        hidden = decoder(**inputs).last_hidden_state
-        hidden_Md = hidden[:, P - 1 : P - 1 + T][valid_NT]
-    logp_M, ent_M = chunked_head_logprobs(
-        hidden_Md,
-        completion_ids_NT[valid_NT],
-        model.get_output_embeddings(),
-        temperature=temperature,
-        chunk_size=chunk_size,
-        entropy_grad=entropy_grad,
-    )
-    return _scatter_NT(logp_M, valid_NT), (_scatter_NT(ent_M, valid_NT) if with_entropy else None)
 
 
-def _full_logits_path(
-    model,
-    prompt_ids_NP,
-    prompt_mask_NP,
-    completion_ids_NT,
-    completion_mask_NT,
-    temperature,
-    with_entropy,
-):
-    """Models whose logits are post-processed: the model's own forward, completion positions only."""
-    T = completion_ids_NT.shape[1]
-    kwargs = repeated_inputs(prompt_ids_NP, prompt_mask_NP, completion_ids_NT, completion_mask_NT)
+def _policy_of(model: nn.Module) -> PolicyLogProbs | None:
+    """The PolicyLogProbs that `model` is, or wraps as `.module` (DDP), else None."""
+    if isinstance(model, PolicyLogProbs):
+        return model
+    if isinstance(model, nn.parallel.DistributedDataParallel) and isinstance(
+        model.module, PolicyLogProbs
+    ):
+        return model.module
+    return None
+
+
+@contextlib.contextmanager
+def _settings(policy: PolicyLogProbs, **given: bool | int | str | None) -> Iterator[None]:
+    """Override the policy's layout settings that were given (not None) for one call."""
+    saved = {k: getattr(policy, k) for k in given}
+    try:
+        for k, v in given.items():
+            if v is not None:
+                setattr(policy, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(policy, k, v)
+
+
+def _rows_like(x_NT: Tensor) -> Tensor:
+    """Row index of every element of an [N, T] tensor."""
+    return torch.arange(len(x_NT), device=x_NT.device)[:, None].expand_as(x_NT)
+
+
+def _scatter_NT(values_M: Tensor, real_NT: Tensor) -> Tensor:
+    return values_M.new_zeros(real_NT.shape).masked_scatter(real_NT, values_M)
+
+
+def _warn_fallback(model: nn.Module, reason: str) -> None:
+    cls = type(model)
+    if cls not in _WARNED:
+        _WARNED.add(cls)
+        log.warning(
+            "%s: chunked LM head off, using the model's full-logits forward (%s)",
+            cls.__name__,
+            reason,
+        )
+
+
+@lru_cache(maxsize=32)
+def _accepts_logits_to_keep(forward: object) -> bool:
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def _full_logits(
+    model: nn.Module,
+    prompt_ids_NP: Tensor,
+    prompt_mask_NP: Tensor,
+    completion_ids_NT: Tensor,
+    attention_mask_NT: Tensor,
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The model's own forward (repeated layout), logits kept from the first predictor on."""
+    real_NT = attention_mask_NT.bool()
+    layout = repeated_layout(prompt_ids_NP, prompt_mask_NP, completion_ids_NT, attention_mask_NT)
+    src_M = layout.src_col_NT[real_NT]
+    L = layout.input_ids_NL.shape[1]
+    first = int(src_M.min()) if len(src_M) else L - 1
     if _accepts_logits_to_keep(type(model).forward):
-        logits = model(**kwargs, logits_to_keep=T + 1).logits[:, :-1]
+        logits_NKV = model(**layout.model_inputs(), logits_to_keep=L - first).logits
     else:
-        logits = model(**kwargs).logits[:, -(T + 1) : -1]
-    logp, ent = logprobs_and_entropy(
-        logits, completion_ids_NT, temperature, with_entropy=with_entropy
-    )
-    keep = completion_mask_NT.bool()
-    return logp.masked_fill(~keep, 0.0), (ent.masked_fill(~keep, 0.0) if ent is not None else None)
+        logits_NKV = model(**layout.model_inputs()).logits[:, first:]
+    # only columns first..L-1 were kept
+    logits_MV = logits_NKV[_rows_like(real_NT)[real_NT], src_M - first]
+    tau = temperature if temperature > 0 else 1.0
+    logp_M, ent_M = token_logprobs(logits_MV, completion_ids_NT[real_NT], tau, entropy_grad)
+    return _scatter_NT(logp_M, real_NT), (_scatter_NT(ent_M, real_NT) if with_entropy else None)

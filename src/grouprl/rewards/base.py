@@ -273,6 +273,13 @@ class RewardSet:
     def __len__(self) -> int:
         return len(self.fns)
 
+    @property
+    def collapse_risk(self) -> bool:
+        """Whether a registered function here declares `collapse_risk` (e.g. majority_vote)."""
+        return any(
+            s.name in REWARDS and REWARDS.capabilities(s.name).collapse_risk for s in self.specs
+        )
+
     def __call__(self, prompts: list, completions: list, columns: dict[str, list]) -> RewardResult:
         n = len(completions)
         if len(prompts) != n:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from grouprl.eval.answers import extract_answer, extract_boxed, normalize_answer
+from grouprl.rewards.answers import extract_answer, extract_boxed, normalize_answer
 from grouprl.rewards.base import REWARDS, completion_text
 from grouprl.rewards.builtins import _math_verify_timeout, _parse_gold
 
@@ -90,7 +90,7 @@ def _math_answer(text: str) -> str | None:
     return normalize_answer(answer) or None
 
 
-@REWARDS.register("majority_vote")
+@REWARDS.register("majority_vote", collapse_risk=True)
 class MajorityVote:
     r"""TTRL's majority-vote pseudo-reward (Zuo et al., "TTRL: Test-Time Reinforcement
     Learning", arXiv 2504.16084; PRIME-RL/TTRL verl/workers/reward_manager/ttrl.py).
@@ -105,7 +105,7 @@ class MajorityVote:
          where nobody answered: all 0.0).
 
     Modes (`mode`):
-      math:   the answer of `grouprl.eval.answers.extract_answer` (last ``\boxed{}``, else
+      math:   the answer of `grouprl.rewards.answers.extract_answer` (last ``\boxed{}``, else
               last ``<answer>``, else last number), normalized by `normalize_answer`
               (identical normalized strings vote together at once); distinct strings
               are compared with math-verify, ``verify(parse(rep), parse(answer))`` with

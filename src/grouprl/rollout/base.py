@@ -1,22 +1,29 @@
-"""The `Rollouts` batch and the rollout-engine interface.
+"""The `Rollouts` batch, the `RolloutEngine` protocol and `build_engine`.
 
 A rollout engine turns B prompt strings into B*G sampled completions. Groups are
-contiguous: rows g*G .. g*G+G-1 are the completions of prompt g.
+contiguous: rows g*G .. g*G+G-1 are the completions of prompt g. Engines are registered
+in `ROLLOUT_ENGINES` by name (`rollout.engine` in the config) and built with `build_engine`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from grouprl.registry import Registry
+from grouprl.config import ConfigError  # config imports only grouprl.registry: no cycle
+from grouprl.registry import Registry, RegistryError
+
+if TYPE_CHECKING:
+    from grouprl.config import RolloutConfig
 
 
 @dataclass
 class SamplingParams:
+    """How to sample: G completions per prompt; temperature 0 means greedy decoding."""
+
     num_generations: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
@@ -90,11 +97,87 @@ class Rollouts:
         )
 
 
+@runtime_checkable
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts: ...
+    """What the learner needs from a sampler.
+
+    Lifecycle: `build_engine` (or `from_config`) once per run, `generate` per step,
+    `update_weights` after every optimizer step, `close` at the end (idempotent).
+    """
+
+    @classmethod
+    def from_config(
+        cls,
+        rollout_cfg: RolloutConfig,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_prompt_length: int | None = None,
+    ) -> RolloutEngine:
+        """Build the engine for `model` (the policy) from the `rollout` config section."""
+        ...
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
+        """B prompts -> B*G rollouts, groups contiguous."""
+        ...
+
+    def update_weights(self, model: torch.nn.Module, *, step: int) -> None:
+        """Sample from `model`'s current weights from now on (called after each optimizer step
+        with the unwrapped policy; `step` is the learner's step count after the update)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine's resources; calling it again does nothing."""
+        ...
 
 
-ROLLOUT_ENGINES: Registry = Registry("rollout engine")
+ROLLOUT_ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine")
+
+_ENGINE_METHODS = ("from_config", "generate", "update_weights", "close")
+
+
+def sampling_params(rollout_cfg: RolloutConfig) -> SamplingParams:
+    """The sampling part of the `rollout` config section."""
+    return SamplingParams(
+        num_generations=rollout_cfg.num_generations,
+        temperature=rollout_cfg.temperature,
+        top_p=rollout_cfg.top_p,
+        top_k=rollout_cfg.top_k,
+        max_new_tokens=rollout_cfg.max_new_tokens,
+    )
+
+
+def build_engine(
+    rollout_cfg: RolloutConfig,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    max_prompt_length: int | None = None,
+) -> RolloutEngine:
+    """The engine named by `rollout_cfg.engine`, built with its `from_config`.
+
+    Raises ConfigError (key `rollout.engine`) for an unknown name, or for a registered
+    class that lacks part of the `RolloutEngine` protocol; the latter is checked before
+    building, so a broken plug-in fails before it loads anything.
+    """
+    name = rollout_cfg.engine
+    try:
+        cls = ROLLOUT_ENGINES.get(name)
+    except RegistryError as exc:
+        raise ConfigError(f"rollout.engine: {exc}") from None
+    missing = [m for m in _ENGINE_METHODS if not callable(getattr(cls, m, None))]
+    if missing:
+        raise ConfigError(
+            f"rollout.engine: {name!r} ({getattr(cls, '__qualname__', cls)!r}) is not a "
+            f"RolloutEngine: it lacks {', '.join(missing)} (needs {', '.join(_ENGINE_METHODS)})"
+        )
+    engine = cls.from_config(rollout_cfg, model, tokenizer, max_prompt_length=max_prompt_length)
+    if not isinstance(engine, RolloutEngine):
+        raise ConfigError(
+            f"rollout.engine: {name!r}.from_config returned {type(engine).__qualname__}, "
+            f"which is not a RolloutEngine (needs {', '.join(_ENGINE_METHODS)})"
+        )
+    return engine
 
 
 def completion_mask_from_eos(

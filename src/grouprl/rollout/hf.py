@@ -1,10 +1,27 @@
-"""Rollouts with HF transformers `generate` (CPU or one GPU)."""
+"""Rollouts with HF transformers `generate` (CPU or one GPU), sampling from the policy itself."""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from grouprl.rollout.base import ROLLOUT_ENGINES, Rollouts, SamplingParams, completion_mask_from_eos
+
+if TYPE_CHECKING:
+    from grouprl.config import RolloutConfig
+
+
+def _cache_field(out: Any) -> str:
+    """The name this transformers version gives the KV cache, in outputs and `generate` kwargs.
+
+    Transformers 5.x renamed `past_key_values` to `cache` (the old name warns, FutureWarning);
+    older releases (>= 4.56 is supported) know only `past_key_values`. A model output is a
+    dataclass whose fields carry the current name, so ask it rather than the version number.
+    """
+    names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set()
+    return "cache" if "cache" in names else "past_key_values"
 
 
 @ROLLOUT_ENGINES.register("hf")
@@ -18,25 +35,53 @@ class HFEngine:
     def __init__(
         self,
         model: torch.nn.Module,
-        tokenizer,
+        tokenizer: Any,
         *,
         max_prompt_length: int | None = None,
         share_prefill: bool = True,
-    ):
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
         self.share_prefill = share_prefill
 
-    def _prefill_once(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, G: int):
+    @classmethod
+    def from_config(
+        cls,
+        rollout_cfg: RolloutConfig,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_prompt_length: int | None = None,
+    ) -> HFEngine:
+        return cls(
+            model,
+            tokenizer,
+            max_prompt_length=max_prompt_length,
+            share_prefill=rollout_cfg.share_prefill,
+        )
+
+    @torch.no_grad()
+    def update_weights(self, model: torch.nn.Module, *, step: int) -> None:
+        """Nothing to do when `model` is the policy this engine samples from (the usual case:
+        the optimizer updated it in place); otherwise copy its weights into ours."""
+        if model is self.model:
+            return
+        self.model.load_state_dict(model.state_dict())
+
+    def close(self) -> None:
+        """No resources of its own: the model belongs to the caller."""
+
+    def _prefill_once(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, G: int) -> dict[str, Any]:
         """KV cache of each prompt but its last token, computed once and repeated G times.
 
-        `generate` then runs only the last prompt token per row, so prefill costs P tokens
-        per prompt instead of G*P. Same positions and masks as generate's own prefill, so the
-        logits, and hence the samples for a given seed, are the same (tests check it).
+        Returned as the `generate` kwarg that carries it (empty when unavailable). `generate`
+        then runs only the last prompt token per row, so prefill costs P tokens per prompt
+        instead of G*P. Same positions and masks as generate's own prefill, so the logits,
+        and hence the samples for a given seed, are the same (tests check it).
         """
         if ids_BP.shape[1] < 2:
-            return None
+            return {}
         pos = (mask_BP.long().cumsum(1) - 1).clamp(min=0)
         out = self.model(
             input_ids=ids_BP[:, :-1],
@@ -44,11 +89,12 @@ class HFEngine:
             position_ids=pos[:, :-1],
             use_cache=True,
         )
-        cache = getattr(out, "past_key_values", None)
+        key = _cache_field(out)
+        cache = getattr(out, key, None)
         if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-            return None
+            return {}
         cache.batch_repeat_interleave(G)
-        return cache
+        return {key: cache}
 
     def eos_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
@@ -71,7 +117,7 @@ class HFEngine:
         ids = ids_BP.repeat_interleave(G, dim=0)
         mask = mask_BP.repeat_interleave(G, dim=0)
         greedy = params.temperature == 0
-        gen_kwargs = dict(
+        gen_kwargs: dict[str, Any] = dict(
             max_new_tokens=params.max_new_tokens,
             do_sample=not greedy,
             pad_token_id=tok.pad_token_id,
@@ -85,9 +131,7 @@ class HFEngine:
         self.model.eval()
         try:
             if self.share_prefill and G > 1:
-                cache = self._prefill_once(ids_BP, mask_BP, G)
-                if cache is not None:
-                    gen_kwargs["past_key_values"] = cache
+                gen_kwargs.update(self._prefill_once(ids_BP, mask_BP, G))
             out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
         finally:
             self.model.train(was_training)

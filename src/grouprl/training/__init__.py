@@ -1,0 +1,1 @@
+"""Training: the loop, and its parts by job: collect, plan, learn, checkpoint."""

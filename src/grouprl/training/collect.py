@@ -1,19 +1,29 @@
-"""Sampling and scoring one batch of prompt groups, with refilling sample filters.
+"""The collector: the only caller of the rollout engine and the reward functions.
 
-DAPO-style dynamic sampling drops groups that carry no signal (all rewards equal) and
-samples new prompts until the batch is full again, bounded by the filter's `max_tries`.
+It samples B prompt groups, scores them, and (for a filter registered with `refills`, DAPO's
+dynamic sampling, arXiv 2503.14476) drops groups that carry no signal and samples new
+prompts until the batch is full again, bounded by the filter's `max_tries`. It also draws
+ReMax's greedy baseline (arXiv 2310.10505) when the estimator asks for `baseline_B`, and
+keeps the first `rollout.num_train_samples` completions of each group for the update
+(TTRL votes with all G samples and trains on k, arXiv 2504.16084). What it returns is
+final: the planning stage never calls back into generation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from grouprl.data.datasets import PromptExample
-from grouprl.rollout.base import Rollouts
+from grouprl.algorithms.advantages import combine_rewards
+from grouprl.data.datasets import PromptDataset, PromptExample
+from grouprl.data.sampler import PromptSampler
+from grouprl.registry import BoundComponent
+from grouprl.rewards.base import RewardSet
+from grouprl.rewards.scoring import score_rollouts
+from grouprl.rollout.base import RolloutEngine, Rollouts, SamplingParams
 
 
 @dataclass
@@ -24,8 +34,10 @@ class ScoredBatch:
     indices: list[int]  # dataset indices of the prompts (stable prompt keys)
     rollouts: Rollouts
     rewards_NK: Tensor
+    rewards_N: Tensor  # combined with the reward weights (NaN if a weighted reward is NaN)
     errors: dict[str, int] = field(default_factory=dict)
     reward_metrics: dict[str, float] = field(default_factory=dict)  # e.g. ttrl/majority_ratio
+    baseline_B: Tensor | None = None  # ReMax: combined reward of one greedy completion
 
     @property
     def num_groups(self) -> int:
@@ -34,13 +46,16 @@ class ScoredBatch:
     def select_groups(self, groups: list[int]) -> ScoredBatch:
         G = self.rollouts.group_size
         rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
-        return ScoredBatch(
-            [self.examples[g] for g in groups],
-            [self.indices[g] for g in groups],
-            self.rollouts.select(rows),
-            self.rewards_NK[rows],
-            dict(self.errors),
-            dict(self.reward_metrics),
+        return replace(
+            self,
+            examples=[self.examples[g] for g in groups],
+            indices=[self.indices[g] for g in groups],
+            rollouts=self.rollouts.select(rows),
+            rewards_NK=self.rewards_NK[rows],
+            rewards_N=self.rewards_N[rows],
+            errors=dict(self.errors),
+            reward_metrics=dict(self.reward_metrics),
+            baseline_B=None if self.baseline_B is None else self.baseline_B[groups],
         )
 
 
@@ -51,15 +66,11 @@ def first_per_group(batch: ScoredBatch, k: int) -> ScoredBatch:
     rows = torch.tensor(
         [g * G + j for g in range(batch.num_groups) for j in range(k)], dtype=torch.long
     )
-    ro = batch.rollouts.select(rows)
-    ro.group_size = k
-    return ScoredBatch(
-        batch.examples,
-        batch.indices,
-        ro,
-        batch.rewards_NK[rows],
-        dict(batch.errors),
-        dict(batch.reward_metrics),
+    return replace(
+        batch,
+        rollouts=replace(batch.rollouts.select(rows), group_size=k),
+        rewards_NK=batch.rewards_NK[rows],
+        rewards_N=batch.rewards_N[rows],
     )
 
 
@@ -90,9 +101,7 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
         sampling_logp_NT=None
         if any(x is None for x in sampled)
         else torch.cat([_pad_to(x, T, 0.0, False) for x in sampled]),  # type: ignore[arg-type]
-        meta=None
-        if any(r.meta is None for r in parts)
-        else [m for r in parts for m in r.meta],  # type: ignore[union-attr]
+        meta=None if any(r.meta is None for r in parts) else [m for r in parts for m in r.meta],  # type: ignore[union-attr]
     )
 
 
@@ -103,25 +112,111 @@ def concat_batches(parts: list[ScoredBatch], pad_token_id: int) -> ScoredBatch:
     for p in parts:
         for k, v in p.errors.items():
             errors[k] = errors.get(k, 0) + v
+    baselines = [p.baseline_B for p in parts]
     return ScoredBatch(
-        [e for p in parts for e in p.examples],
-        [i for p in parts for i in p.indices],
-        concat_rollouts([p.rollouts for p in parts], pad_token_id),
-        torch.cat([p.rewards_NK for p in parts]),
-        errors,
-        parts[-1].reward_metrics,
+        examples=[e for p in parts for e in p.examples],
+        indices=[i for p in parts for i in p.indices],
+        rollouts=concat_rollouts([p.rollouts for p in parts], pad_token_id),
+        rewards_NK=torch.cat([p.rewards_NK for p in parts]),
+        rewards_N=torch.cat([p.rewards_N for p in parts]),
+        errors=errors,
+        reward_metrics=parts[-1].reward_metrics,
+        baseline_B=None if any(b is None for b in baselines) else torch.cat(baselines),  # type: ignore[arg-type]
     )
 
 
-def batch_inputs(batch: ScoredBatch, rewards_N: Tensor, weights_K: Tensor) -> dict[str, Any]:
-    """The named inputs advantage estimators and sample filters may ask for."""
-    G = batch.rollouts.group_size
-    B = batch.num_groups
+def collect_inputs(batch: ScoredBatch, weights_K: Tensor) -> dict[str, Any]:
+    """The `collect`-stage inputs (grouprl.inputs) of a scored batch, for a refilling filter."""
+    B, G = batch.num_groups, batch.rollouts.group_size
     return {
-        "rewards_BG": rewards_N.view(B, G),
+        "rewards_BG": batch.rewards_N.view(B, G),
         "rewards_BGK": batch.rewards_NK.view(B, G, -1),
         "weights_K": weights_K,
         "lengths_BG": batch.rollouts.lengths_N.view(B, G),
         "truncated_BG": batch.rollouts.truncated_N.view(B, G),
         "prompt_keys_B": [str(i) for i in batch.indices],
     }
+
+
+class Collector:
+    """Samples and scores the groups of one step (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        engine: RolloutEngine,
+        rewards: RewardSet,
+        dataset: PromptDataset,
+        sampler: PromptSampler,
+        sampling: SamplingParams,
+        pad_token_id: int,
+        refill: BoundComponent | None = None,
+        want_baseline: bool = False,
+        num_train_samples: int = 0,
+    ) -> None:
+        self.engine, self.rewards, self.dataset = engine, rewards, dataset
+        self.sampler, self.sampling = sampler, sampling
+        self.pad_token_id = pad_token_id
+        self.refill = refill
+        self.want_baseline = want_baseline
+        self.num_train_samples = num_train_samples
+
+    def collect(self, B: int) -> tuple[ScoredBatch, dict[str, float]]:
+        """B scored groups ready for planning, and the collector's metrics."""
+        batch, stats = self._fill(B) if self.refill is not None else (self._sample(B), {})
+        if self.want_baseline:
+            batch.baseline_B = self._greedy_baseline(batch)
+        k = self.num_train_samples
+        if 0 < k < batch.rollouts.group_size:
+            batch = first_per_group(batch, k)
+        return batch, stats
+
+    def _score(self, examples: list[PromptExample], ro: Rollouts) -> tuple[Tensor, Any]:
+        res = score_rollouts(self.rewards, examples, ro, self.sampling.max_new_tokens)
+        return combine_rewards(res.rewards_NK, self.rewards.weights_K), res
+
+    def _sample(self, n_prompts: int) -> ScoredBatch:
+        indices = self.sampler.next(n_prompts)
+        examples = [self.dataset[i] for i in indices]
+        ro = self.engine.generate([ex.text for ex in examples], self.sampling)
+        rewards_N, res = self._score(examples, ro)
+        return ScoredBatch(
+            examples=examples,
+            indices=indices,
+            rollouts=ro,
+            rewards_NK=res.rewards_NK,
+            rewards_N=rewards_N,
+            errors=dict(res.errors),
+            reward_metrics=dict(res.metrics),
+        )
+
+    def _fill(self, B: int) -> tuple[ScoredBatch, dict[str, float]]:
+        """B groups that the refilling filter keeps, within its `max_tries` extra rounds."""
+        refill = self.refill
+        assert refill is not None
+        parts, kept, dropped, tries = [], 0, 0, 0
+        while True:
+            batch = self._sample(B - kept)
+            tries += 1
+            out = refill(collect_inputs(batch, self.rewards.weights_K))
+            keep = [g for g in range(batch.num_groups) if not bool(out.drop_groups_B[g])]
+            dropped += batch.num_groups - len(keep)
+            if keep:
+                parts.append(batch.select_groups(keep))
+                kept += len(keep)
+            if kept >= B or tries > out.max_tries:
+                break
+        stats = {
+            f"{refill.name}/dropped_groups": float(dropped),
+            f"{refill.name}/sampling_rounds": float(tries),
+            f"{refill.name}/kept_groups": float(kept),
+        }
+        if not parts:  # every group was dropped: train on the last batch (its advantages are 0)
+            return batch, stats
+        return concat_batches(parts, self.pad_token_id), stats
+
+    def _greedy_baseline(self, batch: ScoredBatch) -> Tensor:
+        """ReMax's baseline: the combined reward of one greedy completion per prompt."""
+        params = replace(self.sampling, num_generations=1, temperature=0.0)
+        ro = self.engine.generate([ex.text for ex in batch.examples], params)
+        return self._score(batch.examples, ro)[0]

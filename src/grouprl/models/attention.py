@@ -1,0 +1,150 @@
+"""The `grouprl_packed` transformers attention function: the packed layout's split mask.
+
+Prefix Grouper (arXiv 2506.05433) changes only the attention mask: embeddings, norms and
+MLPs are per token and RoPE depends only on the position ids. So instead of a copy of each
+model's code, a function registered with `transformers.AttentionInterface` applies the
+packed layout's split mask (`packing.allowed`) in every attention layer of any model that
+calls the interface. `packed_attention_active` routes a model to it for one forward;
+transformers builds no mask for an implementation it does not know, so the model code runs
+untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import flex_attention
+from transformers import AttentionInterface
+
+from grouprl.models.packing import PackedLayout
+
+ATTN_NAME = "grouprl_packed"
+_ACTIVE: contextvars.ContextVar[PackedLayout | None] = contextvars.ContextVar(
+    "grouprl_packed_layout", default=None
+)
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The registered attention function: the active layout's split mask, SDPA or flex.
+
+    query [R, H, L, d], key/value [R, Hkv, L, d] -> output [R, L, H, d] (the interface's layout).
+    """
+    layout = _ACTIVE.get()
+    if layout is None:
+        raise RuntimeError(f"attention '{ATTN_NAME}' called outside grouprl's packed forward")
+    if kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError(
+            "attention sinks / logit softcapping are not supported by the packed layout"
+        )
+    gqa = key.shape[1] != query.shape[1]
+    if layout.backend == "flex":
+        out = flex_attention_fn()(
+            query,
+            key,
+            value,
+            block_mask=layout.block_mask(sliding_window),
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+    else:
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=layout.attention_mask(sliding_window),
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+_FLEX_FN: Callable[..., Tensor] | None = None
+
+
+def flex_attention_fn() -> Callable[..., Tensor]:
+    """flex_attention, compiled on GPU (dynamic shapes: packed lengths change every step).
+
+    On CPU it runs eagerly (a reference implementation, used by the equivalence tests)."""
+    global _FLEX_FN
+    if _FLEX_FN is None:
+        if torch.cuda.is_available():
+            _FLEX_FN = torch.compile(flex_attention, dynamic=True)
+        else:
+
+            def _eager(*args: Any, **kwargs: Any) -> Tensor:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "flex_attention is not compiled"
+                    return flex_attention(*args, **kwargs)
+
+            _FLEX_FN = _eager
+    return _FLEX_FN
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """auto -> flex on CUDA (block-sparse, no dense mask), sdpa elsewhere."""
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if name not in ("sdpa", "flex"):
+        raise ValueError(
+            f"unknown shared-prefix attention backend {name!r}; use auto, sdpa or flex"
+        )
+    return name
+
+
+def register() -> None:
+    """Make `grouprl_packed` a known transformers attention implementation (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, packed_attention)
+
+
+@contextlib.contextmanager
+def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Set every config's `_attn_implementation` to the registered `name`, then restore."""
+    configs = {id(c): c for c in _configs(model)}.values()
+    saved = [(c, c._attn_implementation) for c in configs]
+    try:
+        for c, _ in saved:
+            c._attn_implementation = name
+        yield
+    finally:
+        for c, impl in saved:
+            c._attn_implementation = impl
+
+
+@contextlib.contextmanager
+def packed_attention_active(model: torch.nn.Module, layout: PackedLayout) -> Iterator[None]:
+    """Route the model's attention through `grouprl_packed` under `layout` for one forward."""
+    register()
+    token = _ACTIVE.set(layout)
+    try:
+        with attention_implementation(model, ATTN_NAME):
+            yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _configs(model: torch.nn.Module) -> list[Any]:
+    """Every config object whose `_attn_implementation` the model's attention reads."""
+    out = []
+    for m in model.modules():
+        cfg = getattr(m, "config", None)  # only HF modules carry one
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            out.append(cfg)
+    return out

@@ -1,0 +1,107 @@
+"""Whether a model can run the shared-prefix layout exactly (`check_support`), with a reason.
+
+The packed layout of Prefix Grouper (arXiv 2506.05433) is exact only when tokens interact
+through attention alone: an SSM, a convolution or any recurrent state would carry one
+completion into the next one packed after it. So `check_support` accepts a model only when
+(1) the chunked LM head reproduces its logits (`head.plan_head`: a separate decoder, no
+softcapping), (2) every entry of its config's `layer_types` is a full or sliding attention
+layer, (3) no module of its decoder looks like a state-carrying mixer (SSM, mamba,
+convolution, recurrence, linear attention, gated delta rule, RWKV), and (4) a numeric
+self-check in fp32 (eval mode) with three completions of several tokens gives the same
+log-probs packed as repeated, so a completion that can see another one shows up.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from grouprl.models.forward import completion_logprobs
+from grouprl.models.head import UnsupportedHead, plan_head
+
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+# Words (CamelCase parts of a module's class name) and phrases (lowercased class name) of
+# modules that keep state across tokens.
+_STATE_WORDS = frozenset({"ssm", "mamba", "conv", "recurrent", "rnn", "lstm", "rwkv", "hyena"})
+_STATE_PHRASES = ("linearattention", "gateddelta", "deltanet", "lightningattention", "retention")
+# Self-check batch: one random prompt, three completions (lengths 3, 4, 2) packed together.
+_PROMPT_LEN, _LENGTHS = 5, (3, 4, 2)
+
+
+def check_support(model: nn.Module, *, tolerance: float | None = None) -> tuple[bool, str]:
+    """Can this HF causal LM use the packed layout exactly? Returns (ok, one-line reason).
+
+    `tolerance` bounds the self-check's max |packed - repeated| log-prob difference (1e-4).
+    The self-check runs in fp32: on a half-precision model it runs on an fp32 copy (memory:
+    one fp32 copy of the weights, for the duration of the check).
+    """
+    try:
+        plan = plan_head(model)
+    except UnsupportedHead as exc:
+        return False, str(exc)
+    cfg = model.config.get_text_config()
+    layer_types = getattr(cfg, "layer_types", None) or ()  # configs without it: the walk decides
+    odd = sorted({str(t) for t in layer_types} - ATTENTION_LAYER_TYPES)
+    if odd:
+        return False, (
+            f"layer_types {', '.join(odd)}: only full/sliding attention layers pack exactly "
+            "(a recurrent/convolution state or another attention pattern would mix completions)"
+        )
+    stateful = _stateful_module(plan.decoder)
+    if stateful:
+        return False, (
+            f"module {stateful} keeps state across tokens: "
+            "it would carry one packed completion into the next"
+        )
+    return _self_check(model, 1e-4 if tolerance is None else tolerance)
+
+
+def _stateful_module(decoder: nn.Module) -> str | None:
+    """'name (Class)' of the first decoder module that looks like an SSM/conv/recurrent mixer."""
+    for name, m in decoder.named_modules():
+        if isinstance(m, Conv1D):  # GPT-2's "Conv1D" is a linear layer
+            continue
+        cls = type(m).__name__
+        words = {w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", cls)}
+        if (
+            isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            or words & _STATE_WORDS
+            or any(p in cls.lower() for p in _STATE_PHRASES)
+        ):
+            return f"{name or '<decoder>'} ({cls})"
+    return None
+
+
+def _self_check(model: nn.Module, tolerance: float) -> tuple[bool, str]:
+    """Packed vs repeated log-probs in fp32 on a batch where a leak between completions shows."""
+    param = next(model.parameters())
+    probe = model if param.dtype == torch.float32 else copy.deepcopy(model).float()
+    vocab = probe.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    G, T = len(_LENGTHS), max(_LENGTHS)
+    prompt_NP = torch.randint(0, vocab, (1, _PROMPT_LEN), generator=g).repeat(G, 1)
+    comp_NT = torch.randint(0, vocab, (G, T), generator=g)
+    mask_NT = (torch.arange(T) < torch.tensor(_LENGTHS)[:, None]).float()
+    args = [t.to(param.device) for t in (prompt_NP, torch.ones_like(prompt_NP), comp_NT, mask_NT)]
+    modes = {m: m.training for m in probe.modules()}
+    probe.eval()  # dropout would make the two layouts differ at random
+    try:
+        with torch.no_grad():
+            want, _ = completion_logprobs(probe, *args)
+            got, _ = completion_logprobs(probe, *args, shared_prefix=True)
+    except Exception as exc:  # an attention path we cannot drive
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        return False, f"the packed forward failed: {type(exc).__name__}: {first_line}"
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    err = float((want - got).abs().max())
+    if not err <= tolerance:
+        return False, (
+            f"packed and repeated log-probs differ by {err:.2e} > {tolerance:.0e} on a self-check"
+        )
+    return True, "attention-only layers, chunked LM head, self-check passed"

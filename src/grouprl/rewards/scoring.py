@@ -1,0 +1,52 @@
+"""Score rollouts: the prompts, completions and columns reward functions expect (TRL layout)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grouprl.data.datasets import PromptExample
+from grouprl.rewards.base import RewardResult, RewardSet
+from grouprl.rollout.base import Rollouts
+
+
+def reward_inputs(
+    examples: list[PromptExample], completions: list[str], group_size: int
+) -> tuple[list[Any], list[Any], dict[str, list[Any]]]:
+    """prompts_N, completions_N, columns (each a list of N), with each prompt repeated G times.
+
+    Conversational prompts get conversational completions ([{"role": "assistant", ...}]),
+    as TRL passes them, so a TRL reward file works unchanged.
+    """
+    prompts = [ex.prompt for ex in examples for _ in range(group_size)]
+    comps: list[Any] = [
+        [{"role": "assistant", "content": c}] if isinstance(p, list) else c
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    keys: dict[str, None] = {}
+    for ex in examples:
+        keys.update(dict.fromkeys(ex.columns))
+    columns = {k: [ex.columns.get(k) for ex in examples for _ in range(group_size)] for k in keys}
+    return prompts, comps, columns
+
+
+def rollout_columns(ro: Rollouts, max_new_tokens: int) -> dict[str, list[Any]]:
+    """Extra reward kwargs from the rollouts: token ids (as TRL passes `completion_ids`) and
+    the max completion length (for length shaping such as DAPO's overlong penalty)."""
+    return {
+        "completion_ids": [
+            row[mask.bool()].tolist()
+            for row, mask in zip(ro.completion_ids_NT, ro.attention_mask_NT, strict=True)
+        ],
+        "max_completion_length": [max_new_tokens] * ro.num_rollouts,
+    }
+
+
+def score_rollouts(
+    rewards: RewardSet, examples: list[PromptExample], ro: Rollouts, max_new_tokens: int
+) -> RewardResult:
+    """Run every reward function on the B*G completions of `examples` (rows of a group
+    contiguous); dataset columns first, rollout columns where no dataset column has the name."""
+    prompts, comps, columns = reward_inputs(examples, ro.completions, ro.group_size)
+    for key, values in rollout_columns(ro, max_new_tokens).items():
+        columns.setdefault(key, values)
+    return rewards(prompts, comps, columns)

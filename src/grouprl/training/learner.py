@@ -1,0 +1,225 @@
+"""The learner: policy, reference, optimizer and schedule, and the micro-batched update.
+
+It is the only code that runs the policy forward for training, so it is where data
+parallelism (DDP / FSDP2) and adapters (LoRA) plug in. Every forward goes through the
+`PolicyLogProbs` module, whose `forward` wrappers see. After each step it publishes the new
+weights to the rollout engine (`publish_weights`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grouprl.algorithms.types import BatchNorm, PolicyInputs
+from grouprl.components import Components
+from grouprl.config import Config
+from grouprl.models.forward import PolicyLogProbs, completion_logprobs
+from grouprl.rollout.base import RolloutEngine, Rollouts
+from grouprl.training.batching import micro_batches
+from grouprl.training.optim import build_optimizer, build_scheduler
+from grouprl.training.plan import TrainBatch
+
+log = logging.getLogger("grouprl")
+
+
+def make_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of the policy as it is now (π_ref)."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+class Learner:
+    """Owns the trainable policy; `update(TrainBatch)` runs `train.num_iterations` steps."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: Config,
+        components: Components,
+        *,
+        shared_prefix: bool,
+        temperature: float,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.components = components
+        self.temperature = temperature
+        self.policy = PolicyLogProbs(
+            model,
+            shared_prefix=shared_prefix,
+            chunk_size=cfg.model.logprob_chunk_size,
+            attn_backend=cfg.model.shared_prefix_backend,
+        )
+        # No reference model unless a component asks for one (e.g. kl with beta > 0).
+        self.ref_model = make_reference(model) if components.needs_ref else None
+        self.ref_policy = (
+            PolicyLogProbs(
+                self.ref_model,
+                shared_prefix=shared_prefix,
+                chunk_size=cfg.model.logprob_chunk_size,
+                attn_backend=cfg.model.shared_prefix_backend,
+            )
+            if self.ref_model is not None
+            else None
+        )
+        self.optimizer = build_optimizer(model, cfg.train)
+        total_updates = cfg.train.max_steps * cfg.train.num_iterations
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, total_updates)
+
+    @property
+    def shared_prefix(self) -> bool:
+        return self.policy.shared_prefix
+
+    # ------------------------------------------------------------------ forwards
+    def logprobs(
+        self,
+        ro: Rollouts,
+        *,
+        policy: torch.nn.Module | None = None,
+        with_entropy: bool,
+        entropy_grad: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-token log-probs (and entropy) of every real completion token, at the
+        sampling temperature; 0 on padding."""
+        return completion_logprobs(
+            self.policy if policy is None else policy,
+            ro.prompt_ids_NP,
+            ro.prompt_mask_NP,
+            ro.completion_ids_NT,
+            ro.attention_mask_NT,
+            temperature=self.temperature,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+        )
+
+    def micro_batches(self, ro: Rollouts) -> list[slice]:
+        # losses that couple a group's rows get whole groups
+        G = ro.group_size if self.components.whole_groups else 1
+        return micro_batches(ro.num_rollouts, self.cfg.train.micro_batch_size, G)
+
+    @torch.no_grad()
+    def prepass(
+        self, ro: Rollouts, with_entropy: bool, *, policy: torch.nn.Module | None = None
+    ) -> dict[str, Tensor]:
+        """Log-probs (and entropy) of the batch under `policy` (default: the policy as it is
+        now, i.e. the sampling policy), in the update's micro-batches."""
+        logps, ents = [], []
+        for s in self.micro_batches(ro):
+            lp, ent = self.logprobs(ro.select(s), policy=policy, with_entropy=with_entropy)
+            logps.append(lp)
+            if ent is not None:
+                ents.append(ent)
+        out = {"old_logp_NT": torch.cat(logps)}
+        if ents:
+            out["entropy_NT"] = torch.cat(ents)
+        return out
+
+    # ------------------------------------------------------------------ the update
+    def update(self, tb: TrainBatch, *, step: int) -> dict[str, float]:
+        """`num_iterations` optimizer steps over the batch, micro-batched with exact
+        normalization: the policy term over `tb.policy_mask_NT`, the regularizers over the
+        loss mask, both normalizers spanning the whole batch (`TrainBatch`)."""
+        cfg, comp = self.cfg.train, self.components
+        ro, mask = tb.rollouts, tb.loss_mask_NT
+        group_N = torch.arange(ro.num_rollouts, device=mask.device) // ro.group_size
+        # With one iteration the policy has not moved when each micro-batch runs, so
+        # logp.detach() *is* π_old: same forward, ratio exactly 1, one forward saved.
+        old_logp_NT = tb.old_logp_NT if cfg.num_iterations > 1 else None
+        if old_logp_NT is None and cfg.num_iterations > 1:
+            old_logp_NT = self.prepass(ro, False)["old_logp_NT"]
+        ref_logp = (
+            self.prepass(ro, False, policy=self.ref_policy)["old_logp_NT"]
+            if self.ref_policy is not None
+            else None
+        )
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, float] = defaultdict(float)
+        scalar_stats: dict[str, list[float]] = defaultdict(list)
+        self.model.train()
+        for it in range(cfg.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            total_loss = 0.0
+            for s in self.micro_batches(ro):
+                logp, ent = self.logprobs(
+                    ro.select(s), with_entropy=True, entropy_grad=comp.needs_entropy_grad
+                )
+                assert ent is not None
+                mask_mb = mask[s]
+                inp = PolicyInputs(
+                    logp_NT=logp,
+                    old_logp_NT=old_logp_NT[s] if old_logp_NT is not None else logp.detach(),
+                    mask_NT=mask_mb,
+                    adv_N=tb.adv_N[s],
+                    entropy_NT=ent if comp.needs_entropy_grad else ent.detach(),
+                    ref_logp_NT=ref_logp[s] if ref_logp is not None else None,
+                    rewards_N=tb.rewards_N[s] if tb.rewards_N is not None else None,
+                    group_N=group_N[s],
+                    token_weight_NT=tb.token_weight_NT[s]
+                    if tb.token_weight_NT is not None
+                    else None,
+                    norm=tb.policy_norm,
+                    step=step * cfg.num_iterations + it,
+                )
+                policy = comp.loss(inp)
+                inp.norm = tb.reg_norm
+                regs = [reg(inp) for reg in comp.regularizers]
+                loss = self._aggregate(policy, tb.policy_mask_NT[s], tb.policy_norm)
+                for term in regs:
+                    loss = loss + self._aggregate(term, mask_mb, tb.reg_norm)
+                loss.backward()
+                total_loss += float(loss.detach())
+                n_tok = float(mask_mb.sum())
+                stats = {"entropy": ent.detach()}
+                for term in [policy, *regs]:
+                    stats.update(term.stats_NT)
+                    for k, v in term.stats.items():
+                        scalar_stats[k].append(float(v))
+                for k, v in stats.items():
+                    sums[k] += float((v.detach() * mask_mb).sum())
+                    counts[k] += n_tok
+            grad_norm = self._step(step, sums, counts)
+        out = {k: sums[k] / counts[k] if counts[k] else 0.0 for k in sums}
+        out.update({k: sum(v) / len(v) for k, v in scalar_stats.items()})
+        out["loss"] = total_loss
+        out["grad_norm"] = grad_norm
+        out["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _step(self, step: int, sums: dict[str, float], counts: dict[str, float]) -> float:
+        """Clip, then one optimizer and schedule step; a non-finite gradient skips the update."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.train.max_grad_norm
+        )
+        if not math.isfinite(float(grad_norm)):
+            # A NaN/inf gradient would poison the weights: skip this update, keep the run.
+            self.optimizer.zero_grad(set_to_none=True)
+            sums["train/skipped_updates"] += 1
+            counts["train/skipped_updates"] = 1
+            log.warning("step %d: non-finite gradient norm, update skipped", step + 1)
+            with warnings.catch_warnings():  # the schedule still advances one update
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+        return float(grad_norm)
+
+    def _aggregate(self, term: Any, mask_NT: Tensor, norm: BatchNorm) -> Tensor:
+        if term.aggregated is not None:  # a term that normalizes itself (e.g. DisCO)
+            return term.aggregated
+        return self.components.aggregation(term.per_token_NT, mask_NT, norm)
+
+    def publish_weights(self, engine: RolloutEngine, step: int) -> None:
+        """Hand the updated policy to the rollout engine (a no-op for one that samples from
+        the live module)."""
+        engine.update_weights(self.model, step=step)

@@ -1,0 +1,48 @@
+"""The metrics of one training step: rewards per function, lengths, timing, throughput."""
+
+from __future__ import annotations
+
+import torch
+
+from grouprl.algorithms.advantages import group_reward_stats
+from grouprl.training.collect import ScoredBatch
+
+
+def reward_metrics(batch: ScoredBatch, names: list[str]) -> dict[str, float]:
+    """Group statistics of the combined reward, and mean/std/errors/NaNs per function."""
+    B, G = batch.num_groups, batch.rollouts.group_size
+    out = dict(group_reward_stats(batch.rewards_N.view(B, G)))
+    out.update(batch.reward_metrics)
+    for k, name in enumerate(names):
+        col = batch.rewards_NK[:, k]
+        valid = col[~torch.isnan(col)]
+        out[f"rewards/{name}/mean"] = float(valid.mean()) if valid.numel() else float("nan")
+        out[f"rewards/{name}/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
+        out[f"rewards/{name}/errors"] = float(batch.errors.get(name, 0))
+        out[f"rewards/{name}/nan_count"] = float(torch.isnan(col).sum())
+    return out
+
+
+def completion_metrics(batch: ScoredBatch) -> dict[str, float]:
+    ro = batch.rollouts
+    lengths = ro.lengths_N
+    return {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float(ro.truncated_N.float().mean()),
+    }
+
+
+def timing_metrics(batch: ScoredBatch, t_collect: float, t_plan: float, t_train: float) -> dict:
+    """Seconds per stage and tokens (prompt + completion) per second over the whole step."""
+    ro = batch.rollouts
+    total = t_collect + t_plan + t_train
+    tokens = float(ro.prompt_mask_NP.sum() + ro.attention_mask_NT.sum())
+    return {
+        "time/collect": t_collect,
+        "time/plan": t_plan,
+        "time/train": t_train,
+        "time/step": total,
+        "tokens_per_second": tokens / max(total, 1e-9),
+    }

@@ -1,0 +1,247 @@
+"""The planning stage: one scored batch in, one training batch out, on the whole batch.
+
+Advantages and their modifiers, sample filters, the token mask and regularizer calibration
+all run here ONCE over the whole optimizer batch, before micro-batching, so that group
+statistics, quantiles and top-k selections never depend on how the update is split. Each
+component gets the inputs it names (`grouprl.inputs`), computed on demand: the no-grad
+pre-pass of the sampling policy runs only when a component asks for log-probs or entropy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grouprl.algorithms.types import BatchNorm
+from grouprl.components import Components
+from grouprl.rewards.answers import extract_answer
+from grouprl.rollout.base import Rollouts
+from grouprl.training.collect import ScoredBatch
+
+# (rollouts, with_entropy) -> {"old_logp_NT": [N, T], "entropy_NT": [N, T] (with entropy)}
+PrePass = Callable[[Rollouts, bool], dict[str, Tensor]]
+
+
+@dataclass
+class TrainBatch:
+    """What the learner trains on: rollouts, advantages, weights and exact normalizers.
+
+    policy_mask_NT: the tokens the policy term is normalized over (the loss mask, or only
+                    the selected tokens for a token mask with denominator "selected").
+    policy_norm / reg_norm: whole-batch normalizers of the policy term / the regularizers.
+    old_logp_NT:    the pre-pass log-probs, when one ran (reused as π_old with several
+                    iterations: same forward, same micro-batches, so the ratio starts at 1).
+    """
+
+    rollouts: Rollouts
+    adv_N: Tensor
+    rewards_N: Tensor | None
+    token_weight_NT: Tensor | None
+    policy_mask_NT: Tensor
+    policy_norm: BatchNorm
+    reg_norm: BatchNorm
+    old_logp_NT: Tensor | None = None
+
+    @property
+    def loss_mask_NT(self) -> Tensor:
+        return self.rollouts.loss_mask_NT
+
+
+class StepInputs(Mapping[str, Any]):
+    """The declared inputs of one step, each computed the first time a component asks."""
+
+    def __init__(
+        self,
+        batch: ScoredBatch,
+        weights_K: Tensor,
+        prepass: PrePass,
+        *,
+        with_entropy: bool,
+        step: int,
+        max_steps: int,
+    ) -> None:
+        self.batch, self.weights_K, self._prepass = batch, weights_K, prepass
+        self.with_entropy = with_entropy
+        self.step, self.max_steps = step, max_steps
+        self.adv_BG: Tensor | None = None
+        self._cache: dict[str, Any] = {}
+        self._old: dict[str, Tensor] | None = None
+
+    @property
+    def B(self) -> int:
+        return self.batch.num_groups
+
+    @property
+    def G(self) -> int:
+        return self.batch.rollouts.group_size
+
+    def prepass(self) -> dict[str, Tensor]:
+        if self._old is None:
+            self._old = self._prepass(self.batch.rollouts, self.with_entropy)
+        return self._old
+
+    @property
+    def prepass_ran(self) -> bool:
+        return self._old is not None
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in PROVIDERS:
+            raise KeyError(name)
+        if name not in self._cache:
+            value = PROVIDERS[name](self)
+            if name in _FIXED:  # values that change during planning are never cached
+                self._cache[name] = value
+            return value
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(PROVIDERS)
+
+    def __len__(self) -> int:
+        return len(PROVIDERS)
+
+
+def _answers_BG(s: StepInputs) -> list[list[str | None]]:
+    ans = [extract_answer(c) for c in s.batch.rollouts.completions]
+    return [ans[b * s.G : (b + 1) * s.G] for b in range(s.B)]
+
+
+def _adv_N(s: StepInputs) -> Tensor | None:
+    return None if s.adv_BG is None else s.adv_BG.reshape(-1)
+
+
+def _ro(s: StepInputs) -> Rollouts:
+    return s.batch.rollouts
+
+
+# One provider per name declared in grouprl.inputs (tests/test_inputs.py checks the match).
+PROVIDERS: dict[str, Callable[[StepInputs], Any]] = {
+    "rewards_BG": lambda s: s.batch.rewards_N.view(s.B, s.G),
+    "rewards_BGK": lambda s: s.batch.rewards_NK.view(s.B, s.G, -1),
+    "weights_K": lambda s: s.weights_K,
+    "lengths_BG": lambda s: _ro(s).lengths_N.view(s.B, s.G),
+    "truncated_BG": lambda s: _ro(s).truncated_N.view(s.B, s.G),
+    "prompt_keys_B": lambda s: [str(i) for i in s.batch.indices],
+    "baseline_B": lambda s: s.batch.baseline_B,
+    "answers_BG": _answers_BG,
+    "seq_logp_BG": lambda s: (
+        (s.prepass()["old_logp_NT"] * _ro(s).loss_mask_NT).sum(1).view(s.B, s.G)
+    ),
+    "entropy_NT": lambda s: s.prepass().get("entropy_NT"),
+    "old_logp_NT": lambda s: s.prepass()["old_logp_NT"],
+    "adv_BG": lambda s: s.adv_BG,
+    "adv_N": _adv_N,
+    "adv_NT": lambda s: (
+        None if s.adv_BG is None else s.adv_BG.reshape(-1, 1).expand_as(_ro(s).loss_mask_NT)
+    ),
+    "mask_NT": lambda s: _ro(s).loss_mask_NT,
+    "completion_ids_NT": lambda s: _ro(s).completion_ids_NT,
+    "group_N": lambda s: (
+        torch.arange(_ro(s).num_rollouts, device=_ro(s).loss_mask_NT.device) // s.G
+    ),
+    "step": lambda s: s.step,
+    "max_steps": lambda s: s.max_steps,
+}
+_FIXED = frozenset(PROVIDERS) - {"adv_BG", "adv_N", "adv_NT"}
+
+
+def make_train_batch(
+    ro: Rollouts,
+    adv_N: Tensor,
+    *,
+    rewards_N: Tensor | None = None,
+    token_weight_NT: Tensor | None = None,
+    denominator: str = "all",
+    max_new_tokens: int,
+    old_logp_NT: Tensor | None = None,
+) -> TrainBatch:
+    """A TrainBatch with its whole-batch normalizers: the policy term over the loss mask (or
+    only the selected tokens, denominator "selected"), the regularizers over the loss mask."""
+    loss_mask = ro.loss_mask_NT
+    policy_mask = (
+        loss_mask
+        if token_weight_NT is None or denominator == "all"
+        else loss_mask * (token_weight_NT > 0)
+    )
+    num_groups = ro.num_rollouts // ro.group_size
+    return TrainBatch(
+        rollouts=ro,
+        adv_N=adv_N,
+        rewards_N=rewards_N,
+        token_weight_NT=token_weight_NT,
+        policy_mask_NT=policy_mask,
+        policy_norm=BatchNorm.of(policy_mask, max_new_tokens, num_groups),
+        reg_norm=BatchNorm.of(loss_mask, max_new_tokens, num_groups),
+        old_logp_NT=old_logp_NT,
+    )
+
+
+def plan_batch(
+    batch: ScoredBatch,
+    comps: Components,
+    *,
+    weights_K: Tensor,
+    prepass: PrePass,
+    step: int,
+    max_steps: int,
+    max_new_tokens: int,
+) -> tuple[TrainBatch, dict[str, float]]:
+    """Advantages, filters, token mask and calibration over the whole batch (in that order)."""
+    ro = batch.rollouts
+    calibrating = [r for r in comps.calibrating if r.needs_calibration]
+    wanted = comps.wanted_inputs()
+    inputs = StepInputs(
+        batch,
+        weights_K,
+        prepass,
+        with_entropy="entropy_NT" in wanted or bool(calibrating),
+        step=step,
+        max_steps=max_steps,
+    )
+    metrics: dict[str, float] = {}
+    adv_BG = comps.advantage(inputs)
+    for mod in comps.modifiers:
+        inputs.adv_BG = adv_BG
+        adv_BG = mod(inputs)
+    adv_N = adv_BG.reshape(-1).float()
+    inputs.adv_BG = adv_N.view(inputs.B, inputs.G)
+
+    loss_mask = ro.loss_mask_NT
+    token_weight, denominator = None, "all"
+    for flt in comps.sample_filters:
+        if flt.caps.refills:  # already applied by the collector
+            continue
+        out = flt(inputs)
+        row_w = out.keep_BG.reshape(-1, 1).to(loss_mask.dtype)
+        token_weight = row_w * loss_mask if token_weight is None else token_weight * row_w
+        metrics.update(out.stats)
+    if comps.token_mask is not None:
+        sel = comps.token_mask(inputs)
+        token_weight = (
+            sel.token_weight_NT if token_weight is None else token_weight * sel.token_weight_NT
+        )
+        denominator = sel.denominator
+        if sel.adv_N is not None:
+            adv_N = sel.adv_N.float()
+        metrics.update(sel.stats)
+    for reg in calibrating:  # e.g. entropy-band bounds from the first batch's distribution
+        reg.calibrate(inputs["entropy_NT"], loss_mask, token_weight)
+
+    metrics["advantage/abs_mean"] = float(adv_N.abs().mean())
+    if token_weight is not None:
+        kept = (token_weight > 0).float() * loss_mask
+        metrics["selection/kept_token_frac"] = float(kept.sum() / loss_mask.sum().clamp(min=1))
+    train_batch = make_train_batch(
+        ro,
+        adv_N,
+        rewards_N=batch.rewards_N,
+        token_weight_NT=token_weight,
+        denominator=denominator,
+        max_new_tokens=max_new_tokens,
+        old_logp_NT=inputs.prepass()["old_logp_NT"] if inputs.prepass_ran else None,
+    )
+    return train_batch, metrics

@@ -1,0 +1,115 @@
+"""Start-up pieces of a run: seeding, the training data, the rewards, the shared-prefix decision."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from grouprl.config import Config, ConfigError
+from grouprl.data.datasets import PromptDataset, load_prompts
+from grouprl.models.support import check_support
+from grouprl.registry import RegistryError
+
+log = logging.getLogger("grouprl")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def task_of(cfg: Config) -> Any:
+    """The built-in task named by `data.task`, built with `data.task_params`."""
+    from grouprl.data.tasks import get_task
+
+    try:
+        return get_task(str(cfg.data.task), **cfg.data.task_params)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"data.task: {exc}") from None
+
+
+def _benchmark_rows(name: str, path: str | Path, params: dict[str, Any]) -> list[dict]:
+    from grouprl.data.benchmarks import load_benchmark
+
+    try:
+        return load_benchmark(name, path, **params)
+    except RegistryError as exc:
+        raise ConfigError(f"data.benchmark: {exc}") from None
+
+
+def load_dataset_from_config(
+    cfg: Config, tokenizer: Any, split: str = "train", source: Any = None
+) -> PromptDataset:
+    """The prompts of `split` (train: data.path or data.task; eval: data.eval_path or the
+    task's held-out split), or of `source` (a path or a list of dicts) when given."""
+    d = cfg.data
+    if source is None:
+        if d.task:
+            source = task_of(cfg).rows(split)
+        else:
+            source = d.path if split == "train" else d.eval_path
+    if source is None:
+        key = "data.path" if split == "train" else "data.eval_path"
+        raise ConfigError(
+            f"{key}: no {split} data given (a file path, or data.task for a built-in task)"
+        )
+    if d.benchmark and isinstance(source, (str, Path)):
+        source = _benchmark_rows(d.benchmark, source, d.benchmark_params)
+    return load_prompts(
+        source if isinstance(source, (str, Path)) else list(source),
+        tokenizer=tokenizer,
+        prompt_column=d.prompt_column,
+        max_prompt_length=d.max_prompt_length,
+        on_bad_row=d.on_bad_row,
+        chat_template=d.chat_template,
+        split=d.split,
+        system_prompt=d.system_prompt,
+    )
+
+
+def resolve_rewards(cfg: Config, reward_funcs: Sequence[Any] | None) -> None:
+    """Reward functions given to the API replace the config's; a built-in task without
+    configured rewards brings its own."""
+    if reward_funcs is not None:
+        cfg.rewards = list(reward_funcs)
+    elif not cfg.rewards and cfg.data.task:
+        cfg.rewards = list(task_of(cfg).rewards)
+
+
+def training_prompts(cfg: Config, tokenizer: Any, given: Any) -> PromptDataset:
+    """The training prompts (`given` replaces the config's), with skipped rows reported."""
+    if isinstance(given, PromptDataset):
+        return given
+    data = load_dataset_from_config(cfg, tokenizer, source=given)
+    if data.skipped:
+        log.warning(
+            "%s: skipped %d bad rows (data.on_bad_row=skip); first: %s",
+            data.source,
+            data.skipped,
+            "; ".join(data.skipped_reasons[:3]),
+        )
+    return data
+
+
+def decide_shared_prefix(model: torch.nn.Module, mode: str) -> bool:
+    """`model.shared_prefix`: off; on (refuses a model that cannot, with the reason); auto
+    (uses it when `check_support` accepts the model, else one warning and the repeated
+    layout)."""
+    if mode == "off":
+        return False
+    ok, reason = check_support(model)
+    if ok:
+        return True
+    if mode == "on":
+        raise ConfigError(f"model.shared_prefix=on: this model cannot use it: {reason}")
+    log.warning(
+        "shared prefix off (model.shared_prefix=auto): %s; using the repeated layout", reason
+    )
+    return False
