@@ -86,6 +86,9 @@ class DataConfig:
     system_prompt: str | None = None
     split: str = "train"
     shuffle: bool = True
+    # a step may hold the same prompt twice only when train.prompts_per_step > dataset size
+    # is asked for explicitly
+    allow_repeats: bool = False
 
 
 @dataclass
@@ -117,6 +120,12 @@ class TrainConfig:
     save_every: int = 50  # 0 = only at the end
     keep_checkpoints: int = 2
     resume: bool = False
+    # an output_dir holding an earlier run: moved aside to <output_dir>.old-<time> first
+    overwrite: bool = False
+    # stop the run when one reward function fails (error, timeout) on more than this share
+    # of its samples over the last reward_failure_window steps (1.0 = never stop)
+    reward_failure_limit: float = 0.5
+    reward_failure_window: int = 20
     tensorboard: bool = False
     progress: bool = True
     collapse_monitor: str = choice("auto", "auto", "on", "off")  # auto: on with majority_vote
