@@ -112,7 +112,8 @@ def run_arm(arm: str, task, s: DemoSettings, start: Path, out: Path) -> dict[str
     tok = load_tokenizer(str(start))
     model = AutoModelForCausalLM.from_pretrained(str(start))
     spec = ARMS[arm]
-    cfg = rl_config(task, replace(s, recipe=spec["recipe"]), start, out / arm)
+    # an arm rerun in the same --workdir replaces the earlier one (moved aside)
+    cfg = rl_config(task, replace(s, recipe=spec["recipe"], overwrite=True), start, out / arm)
     cfg.update({k: v for k, v in spec.items() if k != "recipe"})
     t0 = time.perf_counter()
     res = Trainer(cfg, model=model, tokenizer=tok, train_dataset=task.train_rows).train()

@@ -168,6 +168,7 @@ def recipe_config(name: str, model_dir: Path, run_dir: Path, steps: int, s: Demo
         rollout["num_generations"] = G
     cfg["train"] = {
         "output_dir": str(run_dir),
+        "overwrite": True,  # a rerun replaces the earlier one (moved aside)
         "seed": s.seed,
         "max_steps": steps,
         "prompts_per_step": s.prompts_per_step,

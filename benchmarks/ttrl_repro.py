@@ -70,6 +70,7 @@ def adapt(
         },
         "train": {
             "output_dir": str(out / f"{recipe}_seed{seed}"),
+            "overwrite": True,  # a rerun replaces the earlier one (moved aside)
             "seed": seed,
             "max_steps": steps,
             "prompts_per_step": 8,

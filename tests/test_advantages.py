@@ -147,3 +147,68 @@ def test_group_reward_stats() -> None:
     # 5 NaN among 16 rewards
     assert stats["reward/nan_frac"] == 5 / 16
     assert set(stats) == {"reward", "reward_std", "frac_reward_zero_std", "reward/nan_frac"}
+
+
+# ---------------------------------------------------------------- huge and infinite rewards
+
+INF = float("inf")
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+@pytest.mark.parametrize("big", [1e20, 1e30, 1e38])
+def test_grpo_huge_rewards_give_the_same_advantages(scale: str, big: float) -> None:
+    # [0, 1, 2, 3]: mean 1.5, deviations [-1.5, -0.5, 0.5, 1.5], unbiased var 5/3,
+    #   std 1.2909944 -> A = [-1.1618950, -0.3872983, 0.3872983, 1.1618950] (eps negligible).
+    # Scaled by 1e20 the advantages are the same; in float32 the squared deviations
+    # (~1e40) overflowed, the std was inf and every advantage 0.
+    s = math.sqrt(5 / 3)
+    expected = [[-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s]]
+    small = grpo(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), scale=scale)
+    huge = grpo(torch.tensor([[0.0, 1.0, 2.0, 3.0]]) * big, scale=scale)
+    assert huge.dtype == torch.float32 and torch.isfinite(huge).all()
+    torch.testing.assert_close(huge, small)
+    torch.testing.assert_close(huge, torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_grpo_hand_computed_values_are_unchanged_and_exactly_rounded() -> None:
+    # test_grpo_group_scale's example: computed in float64, the float32 result is the
+    # hand-computed value rounded once to float32.
+    adv = grpo(torch.tensor([[3.0, 1.0, 2.0], [1.0, 0.0, 1.0]]))
+    s = math.sqrt(1 / 3) + EPS
+    hand = [[1 / (1 + EPS), -1 / (1 + EPS), 0.0], [(1 / 3) / s, (-2 / 3) / s, (1 / 3) / s]]
+    assert torch.equal(adv, torch.tensor(hand, dtype=torch.float64).float())
+
+
+def test_grpo_dr_grpo_scale_of_huge_rewards() -> None:
+    # scale="none" returns r - mean itself: [-1.5e30, -0.5e30, 0.5e30, 1.5e30]
+    adv = grpo(torch.tensor([[0.0, 1e30, 2e30, 3e30]]), scale="none")
+    torch.testing.assert_close(adv, torch.tensor([[-1.5e30, -0.5e30, 0.5e30, 1.5e30]]))
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("inf", [INF, -INF])
+def test_grpo_infinite_reward_is_unscorable(scale: str, inf: float) -> None:
+    # An infinite reward is left out like NaN: [1, inf, 0, 2] -> valid {1, 0, 2}, as in
+    # test_grpo_nan_rewards_excluded: A = [0, 0, -1, 1]/(1 + eps)
+    adv = grpo(torch.tensor([[1.0, inf, 0.0, 2.0]]), scale=scale)
+    torch.testing.assert_close(adv, grpo(torch.tensor([[1.0, NAN, 0.0, 2.0]]), scale=scale))
+    assert adv[0, 1] == 0 and torch.isfinite(adv).all()
+
+
+def test_combine_rewards_huge_and_infinite() -> None:
+    rewards = torch.tensor([[1e30, 2e30], [3e38, 3e38], [INF, 1.0], [1.0, INF]])
+    out = combine_rewards(rewards, torch.tensor([1.0, 1.0]))
+    # row 0: 3e30; row 1: 6e38 is beyond float32 -> unscorable; rows 2, 3: inf -> unscorable
+    assert out.dtype == torch.float32
+    assert out[0] == pytest.approx(3e30, rel=1e-6)
+    assert torch.isnan(out[1:]).all()
+    # an infinite reward of weight 0 is only logged, as NaN would be
+    assert combine_rewards(torch.tensor([[2.0, INF]]), torch.tensor([1.0, 0.0])).tolist() == [2.0]
+
+
+def test_group_reward_stats_huge_and_infinite() -> None:
+    # per-group std of [0, 1e20, 2e20, 3e20] is 1e20·sqrt(5/3); inf counts as unscorable
+    stats = group_reward_stats(torch.tensor([[0.0, 1e20, 2e20, 3e20], [1.0, INF, 1.0, 1.0]]))
+    assert stats["reward_std"] == pytest.approx(1e20 * math.sqrt(5 / 3) / 2, rel=1e-6)
+    assert stats["reward/nan_frac"] == 1 / 8
+    assert stats["frac_reward_zero_std"] == 0.5

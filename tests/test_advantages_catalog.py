@@ -528,3 +528,65 @@ def test_xrpo_novelty_edges() -> None:
         xrpo_novelty(
             torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), lam=-1.0
         )
+
+
+# ---------------------------------------------------------------- group sizes, huge rewards
+
+INF = float("inf")
+
+
+def test_group_relative_estimators_declare_a_minimum_group_of_two() -> None:
+    # their baseline or scale comes from the other completions of the prompt: G = 1 -> A = 0
+    for name in ["grpo", "rloo", "bnpo", "ngrpo", "gdpo", "riskpo"]:
+        assert ADVANTAGES.capabilities(name).min_group_size == 2, name
+    # ReMax's baseline is a separate greedy completion; single-stream has no group at all
+    assert ADVANTAGES.capabilities("remax").min_group_size == 1
+    caps = ADVANTAGES.capabilities("single_stream")
+    assert (caps.min_group_size, caps.max_group_size) == (1, 1)
+    for name in ADVANTAGE_MODIFIERS.names():  # G = 1 leaves the advantage as it is
+        assert ADVANTAGE_MODIFIERS.capabilities(name).min_group_size == 1
+
+
+R = [[0.0, 1.0, 2.0, 3.0], [1.0, 0.0, 0.0, 3.0]]
+BIG = 2.0**67  # ~1.5e20, a power of two: 3·BIG is exact in float32 (for r_max, reward_max)
+
+
+@pytest.mark.parametrize(
+    "name, call",
+    [
+        # std-normalized: the same advantages at any reward scale
+        ("ngrpo", lambda r, k: ngrpo(r, r_max=3.0 * k, eps=0.0)),
+        ("gdpo", lambda r, k: gdpo(r[..., None], eps=0.0)),
+        ("riskpo", lambda r, k: RiskPO(bundle_size=2, eps=0.0)(r)),
+        ("bnpo", lambda r, k: bnpo(r, reward_max=3.0 * k)),  # rewards rescaled to [0, 1]
+        # unnormalized: scaled by k (compared after dividing by k)
+        ("rloo", lambda r, k: rloo(r) / k),
+        ("remax", lambda r, k: remax(r, T([1.0, 0.5]) * k) / k),
+    ],
+)
+def test_huge_rewards_give_the_same_advantages(name: str, call) -> None:
+    # In float32 the squared deviations of rewards ~1e20 overflowed (std inf, A = 0); the
+    # estimators compute in float64, so scaling the rewards by 1e20 changes nothing.
+    small = call(T(R), 1.0)
+    huge = call(T(R) * BIG, BIG)
+    assert huge.dtype == torch.float32 and torch.isfinite(huge).all()
+    assert small.abs().sum() > 0
+    torch.testing.assert_close(huge, small, rtol=1e-5, atol=1e-6)
+
+
+def test_rloo_huge_rewards_hand_computed() -> None:
+    # [0, 1e20, 2e20, 3e20]: A = 4/3 · (r − 1.5e20) = [-2e20, -2/3e20, 2/3e20, 2e20]
+    close(rloo(T([[0.0, 1e20, 2e20, 3e20]])) / 1e20, [[-2.0, -2 / 3, 2 / 3, 2.0]])
+
+
+@pytest.mark.parametrize("inf", [INF, -INF])
+def test_infinite_rewards_are_unscorable_like_nan(inf: float) -> None:
+    for fn in (rloo, lambda r: ngrpo(r, r_max=5.0), lambda r: gdpo(r[..., None])):
+        torch.testing.assert_close(fn(T([[1.0, inf, 0.0, 2.0]])), fn(T([[1.0, NAN, 0.0, 2.0]])))
+    # ReMax: an infinite reward or baseline gives A = 0 like a NaN one
+    close(remax(T([[1.0, inf]]), T([0.5])), [[0.5, 0.0]])
+    close(remax(T([[1.0, 2.0]]), T([inf])), [[0.0, 0.0]])
+    # single-stream: no advantage and no tracker update for it
+    est = SingleStream(normalize=False)
+    close(est(T([[inf]]), ["p"]), [[0.0]])
+    assert est.state_dict() == {"alpha": {}, "beta": {}}

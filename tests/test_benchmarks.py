@@ -381,5 +381,6 @@ def test_training_config_reads_a_benchmark_file(tmp_path, tiny_model_dir):
     result = trainer.train()
     assert "rewards/mcq_comprehensiveness/mean" in result.history[-1]
     cfg["data"]["benchmark"] = "medmcq"
+    cfg["train"]["output_dir"] = str(tmp_path / "out2")
     with pytest.raises(ConfigError, match='data.benchmark: .*did you mean "medmcqa"'):
         Trainer(load_config(cfg))

@@ -56,7 +56,12 @@ def test_bad_row_names_file_row_field(capsys, tmp_path, tiny_model_dir):
     assert "prompts.jsonl: row 2: field 'prompt'" in err
     # skip mode trains on the good rows and counts the bad one
     code, out, _ = run(
-        capsys, "train", str(tmp_path / "run.yaml"), "data.on_bad_row=skip", "train.max_steps=1"
+        capsys,
+        "train",
+        str(tmp_path / "run.yaml"),
+        "data.on_bad_row=skip",
+        "train.max_steps=1",
+        "train.prompts_per_step=2",  # 2 usable rows
     )
     assert code == 0 and "trained 1 steps" in out
 

@@ -267,3 +267,131 @@ def test_too_long_counts_the_templated_text():
     # "<user> hello world\n<assistant> " is 4 tokens, the raw prompt only 2.
     with pytest.raises(DataError, match="prompt has 4 tokens"):
         load_prompts([{"prompt": "hello world"}], tokenizer=tok, max_prompt_length=3)
+
+
+# ---------------------------------------------------------------- text that is not Unicode
+
+
+def write_lines(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+GOOD = b'{"prompt": "hello world"}'
+
+
+@pytest.mark.parametrize(
+    "line, tail",
+    [
+        (
+            b'{"prompt": "what \\ud800 is"}',
+            "field 'prompt': not valid Unicode text: lone surrogate U+D800 at character 6",
+        ),
+        (
+            b'{"prompt": [{"role": "user", "content": "hi \\udfff"}]}',
+            "field 'prompt': item 1: 'content': not valid Unicode text: lone surrogate U+DFFF "
+            "at character 4",
+        ),
+        (
+            b'{"prompt": "ok", "answer": ["5", "\\ud83d"]}',
+            "field 'answer': item 2: not valid Unicode text: lone surrogate U+D83D at character 1",
+        ),
+        (
+            b'{"prompt": "ok", "meta": {"k\\udc80": 1}}',
+            "field 'meta': key 'k\\udc80': not valid Unicode text: lone surrogate U+DC80 or "
+            "the undecodable byte 0x80 at character 2",
+        ),
+        (b'{"prompt": "caf\xe9"}', "invalid UTF-8: byte 0xe9 at byte 16 of the line"),
+        (b'{"prompt": "ok"}\xff', "invalid UTF-8: byte 0xff at byte 17 of the line"),
+    ],
+)
+def test_bad_text_in_jsonl_is_a_bad_row_with_file_row_and_field(tmp_path, line, tail):
+    path = write_lines(tmp_path / "d.jsonl", [GOOD, line, GOOD])
+    with pytest.raises(DataError) as err:
+        load_prompts(path)
+    assert str(err.value).startswith(f"{path}: row 2: {tail}"), str(err.value)
+    str(err.value).encode("utf-8")  # the message itself is printable
+    ds = load_prompts(path, on_bad_row="skip")
+    assert [ex.row for ex in ds] == [1, 3] and ds.skipped == 1 and ds.skipped_rows == [2]
+    assert ds.skipped_reasons[0].startswith(f"{path}: row 2: {tail}")
+
+
+def test_lone_surrogate_in_a_python_list():
+    rows = [ROWS[0], {"prompt": "x\ud800"}, ROWS[1]]
+    with pytest.raises(DataError) as err:
+        load_prompts(rows)
+    assert str(err.value) == (
+        "<memory>: row 2: field 'prompt': not valid Unicode text: lone surrogate U+D800 at "
+        "character 2"
+    )
+    ds = load_prompts(rows, on_bad_row="skip")
+    assert [ex.row for ex in ds] == [1, 3] and ds.skipped_rows == [2]
+
+
+def test_invalid_utf8_inside_a_json_list_is_that_row(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_bytes(b'[{"prompt": "a"}, {"prompt": "caf\xe9"}, {"prompt": "b"}]')
+    with pytest.raises(DataError, match=r"d\.json: row 2: field 'prompt': not valid Unicode text"):
+        load_prompts(path)
+    ds = load_prompts(path, on_bad_row="skip")
+    assert [ex.text for ex in ds] == ["a", "b"] and ds.skipped_rows == [2]
+
+
+def test_invalid_utf8_in_a_parquet_string_column_is_that_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Arrow does not validate UTF-8 when a binary column is viewed as strings
+    answers = pa.array([b"5", b"caf\xe9", b"7"], type=pa.binary()).view(pa.string())
+    table = pa.table({"prompt": ["a", "b", "c"], "answer": answers})
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d\.parquet: row 2: field 'answer': invalid UTF-8"):
+        load_prompts(tmp_path / "d.parquet")
+    ds = load_prompts(tmp_path / "d.parquet", on_bad_row="skip")
+    assert [ex.text for ex in ds] == ["a", "c"] and ds.skipped_rows == [2]
+    assert [ex.columns["answer"] for ex in ds] == ["5", "7"]
+
+
+def test_line_separators_inside_json_strings_do_not_split_rows(tmp_path):
+    # U+2028, U+0085 and U+001C are line breaks for str.splitlines, not for JSON Lines
+    text = "a\u2028b\x85c\x1cd"
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf"  # a byte-order mark
+        + json.dumps({"prompt": text}, ensure_ascii=False).encode()
+        + b"\r\n"
+        + GOOD
+    )
+    ds = load_prompts(path)
+    assert [ex.text for ex in ds] == [text, "hello world"] and [ex.row for ex in ds] == [1, 2]
+
+
+def test_every_skipped_row_is_listed():
+    rows = [{"prompt": ""}] * 7 + [ROWS[0]]
+    ds = load_prompts(rows, on_bad_row="skip")
+    assert ds.skipped == 7 and ds.skipped_rows == [1, 2, 3, 4, 5, 6, 7]
+    assert len(ds.skipped_reasons) == 5  # only the first few messages are kept
+
+
+def test_a_tokenizer_that_fails_is_a_bad_row():
+    class Refuses:
+        def __call__(self, text, add_special_tokens=False):
+            if "bad" in text:
+                raise RuntimeError("cannot encode")
+            return {"input_ids": list(text)}
+
+    rows = [{"prompt": "good"}, {"prompt": "bad"}]
+    with pytest.raises(
+        DataError,
+        match=r"^<memory>: row 2: field 'prompt': tokenizer failed: RuntimeError: cannot encode$",
+    ):
+        load_prompts(rows, tokenizer=Refuses(), max_prompt_length=10)
+    ds = load_prompts(rows, tokenizer=Refuses(), max_prompt_length=10, on_bad_row="skip")
+    assert [ex.row for ex in ds] == [1] and ds.skipped_rows == [2]
+
+
+def test_deeply_nested_json_line_is_a_bad_row(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [GOOD, b"[" * 100_000, GOOD])
+    ds = load_prompts(path, on_bad_row="skip")
+    assert ds.skipped_rows == [2]
+    assert "row 2: invalid JSON" in ds.skipped_reasons[0]

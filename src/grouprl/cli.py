@@ -29,8 +29,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from grouprl.config import ConfigError
     from grouprl.data.datasets import DataError
     from grouprl.registry import RegistryError
+    from grouprl.rewards import RewardFailureError
+    from grouprl.training.checkpoint import CheckpointError
 
-    return (UserError, ConfigError, DataError, RegistryError, FileNotFoundError)
+    return (
+        UserError,
+        ConfigError,
+        DataError,
+        RegistryError,
+        CheckpointError,
+        RewardFailureError,
+        FileNotFoundError,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -44,6 +54,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"trained {result.steps} steps; run directory: {result.run_dir}; last reward: {last.get('reward', float('nan')):.4f}"
     )
+    if result.interrupted:
+        print(
+            f"stopped early ({result.interrupted}); checkpoint: {result.checkpoint}\n"
+            f"resume with: grouprl train {args.config} {' '.join(args.overrides)} "
+            "train.resume=true".replace("  ", " ")
+        )
     return 0
 
 
@@ -182,7 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from grouprl.demo import DemoSettings, run_demo
 
-    s = DemoSettings.for_task(args.task, seed=args.seed)
+    s = DemoSettings.for_task(args.task, seed=args.seed, overwrite=args.overwrite)
     if args.quick:
         s.sft_steps, s.grpo_steps, s.eval_problems = 60, 10, 50
     summary = run_demo(args.output_dir, s, progress=not args.no_progress)
@@ -301,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a seconds-long smoke version")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument(
+        "--overwrite", action="store_true", help="move an earlier demo run in --output-dir aside"
+    )
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("recipes", help="list recipes, or print one resolved config")

@@ -8,6 +8,7 @@ components is checked here too, at start-up, with the config key to blame.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,13 @@ class Components:
         return stateful
 
 
+def _why(exc: Exception) -> str:
+    """An exception as the tail of a ConfigError; unexpected types keep their name."""
+    if isinstance(exc, (ValueError, TypeError, KeyError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def split_spec(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     params = dict(spec)
     return str(params.pop("name")), params
@@ -94,8 +102,8 @@ def _bind(registry: Registry, key: str, spec: dict[str, Any], consumer: str) -> 
     name, params = split_spec(spec)
     try:
         bound = BoundComponent.build(registry, name, params)
-    except (RegistryError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{key}: {exc}") from None
+    except Exception as exc:  # a constructor may fail any way on a bad value: name the key
+        raise ConfigError(f"{key}: {_why(exc)}") from None
     allowed = allowed_inputs(consumer)
     unknown = [n for n in bound.input_names if n not in allowed]
     if unknown:
@@ -134,18 +142,19 @@ def _build_components(cfg: Config) -> Components:
         loss_fn = LOSSES.get(loss_name)
         LOSSES.check_params(loss_name, loss_params, where="loss")
         loss = functools.partial(loss_fn, **loss_params)
-    except RegistryError as exc:
+    except (RegistryError, TypeError) as exc:  # TypeError: a parameter name that is no string
         raise ConfigError(f"loss: {exc}") from None
     regs, reg_caps = [], []
     for i, spec in enumerate(cfg.regularizers):
         name, params = split_spec(spec)
         try:
             reg = REGULARIZERS.build(name, **params)
-        except (RegistryError, ValueError, TypeError) as exc:
-            raise ConfigError(f"regularizers.{i}: {exc}") from None
+            active = isinstance(reg, Regularizer) and bool(reg.active)
+        except Exception as exc:  # a constructor may fail any way on a bad value
+            raise ConfigError(f"regularizers.{i}: {_why(exc)}") from None
         if not isinstance(reg, Regularizer):
             raise ConfigError(f"regularizers.{i}: {name!r} is not a grouprl Regularizer")
-        if reg.active:  # a zero coefficient: no term, and nothing to compute for it
+        if active:  # a zero coefficient: no term, and nothing to compute for it
             regs.append(reg)
             reg_caps.append(REGULARIZERS.capabilities(name))
     return Components(
@@ -218,8 +227,8 @@ def probe_components(cfg: Config) -> None:
     for key, run in checks:
         try:
             run()
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ConfigError(f"{key}: {exc}") from None
+        except Exception as exc:  # any failure on the probe batch is this key's bad value
+            raise ConfigError(f"{key}: {_why(exc)}") from None
 
 
 def check_compatible(comps: Components, cfg: Config) -> None:
@@ -242,7 +251,13 @@ def check_compatible(comps: Components, cfg: Config) -> None:
     if "baseline_B" in comps.advantage_inputs() and cfg.rollout.temperature == 0:
         raise ConfigError("advantage: remax's greedy baseline equals the samples at temperature 0")
     k, G = cfg.rollout.num_train_samples, cfg.rollout.num_generations
+    if cfg.rollout.temperature == 0 and G > 1:
+        raise ConfigError(
+            f"rollout.temperature: 0 samples greedily, so the {G} completions of a prompt are "
+            "identical and a group-relative advantage is 0 at every step; use a temperature > 0"
+        )
     group = k if 0 < k < G else G  # the group size the update sees
+    group_key = "rollout.num_train_samples" if 0 < k < G else "rollout.num_generations"
     parts = [
         ("advantage", comps.advantage.name, comps.advantage.caps),
         *((f"advantage.modifiers.{i}", m.name, m.caps) for i, m in enumerate(comps.modifiers)),
@@ -257,9 +272,59 @@ def check_compatible(comps: Components, cfg: Config) -> None:
                 else (f"exactly {low}" if low == high else f"between {low} and {high}")
             )
             raise ConfigError(
-                f"rollout.num_generations: {key} {name!r} needs {need} completions per prompt "
+                f"{group_key}: {key} {name!r} needs {need} completions per prompt "
                 f"(the update's group size), got {group}"
             )
+
+
+def check_reward_specs(cfg: Config) -> None:
+    """Each `rewards` / `extra_rewards` entry has a reward's shape, a registered name (if it
+    names one) and a finite weight, checked at start-up without importing reward files (those
+    load when the run builds its RewardSet); and not every weight is 0 (no learning signal)."""
+    from grouprl.rewards import REWARDS, RewardSpec
+
+    weights: list[float] = []
+    names: dict[str, str] = {}
+    for section in ("rewards", "extra_rewards"):
+        for i, item in enumerate(getattr(cfg, section)):
+            key = f"{section}.{i}"
+            try:
+                spec = _reward_spec(item, RewardSpec)
+                for attr in ("name", "path", "alias"):
+                    value = getattr(spec, attr)
+                    if value is not None and (not isinstance(value, str) or not value):
+                        raise ValueError(f"{attr} must be a non-empty string, got {value!r}")
+                if spec.fn is not None and not callable(spec.fn):
+                    raise ValueError(f"fn must be a Python callable, got {spec.fn!r}")
+                if spec.name is not None:
+                    REWARDS.get(spec.name)  # did-you-mean for a typo
+            except Exception as exc:
+                raise ConfigError(f"{key}: {_why(exc)}") from None
+            if not math.isfinite(spec.weight):
+                raise ConfigError(f"{key}.weight: must be a finite number, got {spec.weight}")
+            if spec.display_name in names:
+                raise ConfigError(
+                    f"{key}: a second reward named {spec.display_name!r} (also "
+                    f"{names[spec.display_name]}); give one an 'alias' so metrics stay apart"
+                )
+            names[spec.display_name] = key
+            weights.append(spec.weight)
+    if weights and not any(weights):
+        raise ConfigError("rewards: every reward has weight 0, so every advantage would be 0")
+
+
+def _reward_spec(item: Any, spec_cls: Any) -> Any:
+    """A config entry as a RewardSpec: a name, a "file.py:function" path, a mapping or a
+    callable (the Python API), as `RewardSet` reads it."""
+    if isinstance(item, spec_cls):
+        return item
+    if isinstance(item, dict):
+        return spec_cls.from_dict(item)
+    if isinstance(item, str):
+        return spec_cls(path=item) if ".py:" in item else spec_cls(name=item)
+    if callable(item):
+        return spec_cls(fn=item)
+    raise ValueError(f"expected a reward name, 'file.py:function' or a mapping, got {item!r}")
 
 
 def build_rewards(cfg: Config) -> Any:
@@ -290,4 +355,5 @@ def load_config(
     cfg = load_schema(source, overrides, check=check)
     if check:
         build_components(cfg)
+        check_reward_specs(cfg)
     return cfg

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 import re
 import types
 import typing
@@ -25,23 +27,55 @@ from grouprl.registry import did_you_mean
 class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the key."""
 
+    def __init__(self, message: object = "", *args: object) -> None:
+        # A key or value may hold lone surrogates (a YAML "\ud800" escape): escape them so
+        # that the message can always be printed and logged.
+        if isinstance(message, str):
+            message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        super().__init__(message, *args)
+
 
 class _Loader(yaml.SafeLoader):
-    """YAML with YAML 1.2 floats: `1e-6` is a number (PyYAML's 1.1 rules read a string)."""
+    """YAML 1.2 core-schema scalars; PyYAML implements YAML 1.1, where `on`, `off`, `yes`,
+    `no` are booleans (so `model.shared_prefix: on` read as True), `1e-6` is a string,
+    `010` is octal 8, `1:30` is 90 and `2024-01-01` a date. Here only true/false are
+    booleans, `1e-6` is a float, `010` is 10, and the others are strings."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
+class _Dumper(yaml.SafeDumper):
+    """Quotes exactly the strings `_Loader` would read as something else (e.g. `1e5`)."""
+
+
+_YAML11_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp")}
+_YAML12_SCALARS = [
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    (
+        "tag:yaml.org,2002:float",
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
         |\.[0-9_]+(?:[eE][-+][0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
-        re.X,
+        "-+0123456789.",
     ),
-    list("-+0123456789."),
-)
+]
+for _cls in (_Loader, _Dumper):
+    _cls.yaml_implicit_resolvers = {
+        ch: [(tag, rx) for tag, rx in resolvers if tag not in _YAML11_TAGS]
+        for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    for _tag, _rx, _first in _YAML12_SCALARS:
+        _cls.add_implicit_resolver(_tag, re.compile(_rx, re.X), list(_first))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    # YAML 1.2: 0o17 and 0x1F have bases; a leading zero is still decimal (010 = 10)
+    return int(text, 0) if text[:2].lower() in ("0o", "0x", "0b") else int(text, 10)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def yaml_load(text: str) -> Any:
@@ -123,7 +157,7 @@ class TrainConfig:
     # an output_dir holding an earlier run: moved aside to <output_dir>.old-<time> first
     overwrite: bool = False
     # stop the run when one reward function fails (error, timeout) on more than this share
-    # of its samples over the last reward_failure_window steps (1.0 = never stop)
+    # of its samples over its last reward_failure_window calls (1.0 = never stop)
     reward_failure_limit: float = 0.5
     reward_failure_window: int = 20
     tensorboard: bool = False
@@ -174,6 +208,10 @@ def recipe_names() -> list[str]:
 
 def load_recipe(name: str) -> dict[str, Any]:
     names = recipe_names()
+    if not isinstance(name, str):
+        raise ConfigError(
+            f"recipe: expected a recipe name, got {name!r}; known: {', '.join(names)}"
+        )
     if name not in names:
         raise ConfigError(
             f"recipe: unknown recipe {name!r}{did_you_mean(name, names)}; known: {', '.join(names)}"
@@ -215,6 +253,8 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.learning_rate=3e-4' -> (['train', 'learning_rate'], 0.0003)."""
+    if not isinstance(text, str):
+        raise ConfigError(f"override {text!r} is not a string of the form section.key=value")
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     key, raw = text.split("=", 1)
@@ -223,7 +263,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
         value = yaml_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
+    except Exception as exc:  # YAMLError, or a ValueError of a tag such as `!!int x`
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
     return key.split("."), value
 
@@ -235,6 +275,8 @@ def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
         if isinstance(node, list):
             node = node[_index(part, node, where)]
             continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {'.'.join(path[:i])} is {node!r}, not a section")
         if part not in node or node[part] is None:
             node[part] = {}
         node = node[part]
@@ -259,6 +301,9 @@ def _index(part: str, node: list, where: str) -> int:
 
 
 # ---------------------------------------------------------------------------- validation
+
+
+_WORDS = ("on", "off", "yes", "no", "y", "n")  # YAML 1.1 booleans, strings here
 
 
 def _type_name(tp: Any) -> str:
@@ -293,7 +338,8 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            hint = " (only true and false are booleans)" if str(value).lower() in _WORDS else ""
+            raise ConfigError(f"{key}: expected true or false, got {value!r}{hint}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -312,6 +358,14 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
+def _key_name(key: Any) -> str:
+    """A key as a part of a dotted path; quoted when it is empty, not a string, or holds
+    spaces, dots, colons or quotes (so the message's key stays readable)."""
+    if isinstance(key, str) and re.fullmatch(r"[^\s.:'\"]+", key):
+        return key
+    return repr(key)
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
@@ -319,7 +373,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
+        dotted = f"{prefix}.{_key_name(key)}" if prefix else _key_name(key)
         if key not in fields:
             raise ConfigError(
                 f"{dotted}: unknown key{did_you_mean(str(key), list(fields))}; "
@@ -329,8 +383,14 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, dotted)
             continue
-        value = _check_value(dotted, value, tp)
         choices = fields[key].metadata.get("choices")
+        if choices and isinstance(value, bool):
+            raise ConfigError(
+                f"{dotted}: expected one of {', '.join(map(str, choices))}, got the boolean "
+                f"{value}; a YAML 1.1 loader (yaml.safe_load) reads unquoted on/off/yes/no as "
+                "booleans: quote the word, or load the file with grouprl.load_config"
+            )
+        value = _check_value(dotted, value, tp)
         if choices and value not in choices:
             raise ConfigError(
                 f"{dotted}: {value!r} is not one of {', '.join(map(str, choices))}"
@@ -343,31 +403,92 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 def _check_component(dotted: str, spec: Any) -> None:
     if not isinstance(spec, dict) or "name" not in spec:
         raise ConfigError(f"{dotted}: expected a mapping with a 'name' key, got {spec!r}")
+    if not isinstance(spec["name"], str) or not spec["name"]:
+        raise ConfigError(f"{dotted}.name: expected a component name, got {spec['name']!r}")
+
+
+# Integer fields and the lowest value that can work (0 means "off" or "all" where allowed).
+_INT_MIN: dict[str, int] = {
+    "model.logprob_chunk_size": 0,  # 0 = 64 MiB of logits per chunk
+    "data.max_prompt_length": 1,
+    "rollout.num_generations": 1,
+    "rollout.top_k": 0,  # 0 = no top-k filtering
+    "rollout.max_new_tokens": 1,
+    "train.max_steps": 0,
+    "train.prompts_per_step": 1,
+    "train.micro_batch_size": 1,
+    "train.num_iterations": 1,
+    "train.warmup_steps": 0,
+    "train.save_every": 0,  # 0 = only at the end
+    "train.keep_checkpoints": 1,  # a resume needs the latest one
+    "train.reward_failure_window": 1,
+    "train.eval_every": 0,  # 0 = never
+    "train.eval_samples": 1,
+    "train.eval_limit": 0,  # 0 = all
+}
+# String fields that name something and cannot be empty.
+_NON_EMPTY = ("data.prompt_column", "data.split", "rollout.engine", "train.output_dir")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _check_number(key: str, value: float, low: float, high: float = math.inf) -> None:
+    """low <= value <= high and finite; NaN fails (every comparison with NaN is false)."""
+    if not (math.isfinite(value) and low <= value <= high):
+        rule = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise ConfigError(f"{key}: must be a finite number {rule}, got {value}")
+
+
+def _check_device(name: str) -> None:
+    if name == "auto":
+        return
+    import torch  # late: the schema layer does not need torch otherwise
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"model.device: {name!r} is not a device (auto, cpu, cuda, cuda:N, mps): {exc}"
+        ) from None
+    if device.type == "meta":
+        raise ConfigError("model.device: 'meta' holds no data; use auto, cpu, cuda or cuda:N")
 
 
 def validate(cfg: Config) -> Config:
-    """Cross-field checks of the schema. Components are checked against their registries by
-    `grouprl.components.load_config` (= `grouprl.load_config`), one layer up."""
+    """Range and cross-field checks of the schema: a value that cannot work (or that would
+    silently stop learning) fails here with its key. Components are checked against their
+    registries by `grouprl.components.load_config` (= `grouprl.load_config`), one layer up."""
     t, r = cfg.train, cfg.rollout
-    for key, val, low in [
-        ("train.max_steps", t.max_steps, 0),
-        ("train.prompts_per_step", t.prompts_per_step, 1),
-        ("train.micro_batch_size", t.micro_batch_size, 1),
-        ("train.num_iterations", t.num_iterations, 1),
-        ("rollout.num_generations", r.num_generations, 1),
-        ("rollout.max_new_tokens", r.max_new_tokens, 1),
-        ("data.max_prompt_length", cfg.data.max_prompt_length, 1),
-    ]:
-        if val < low:
-            raise ConfigError(f"{key}: must be >= {low}, got {val}")
-    if t.learning_rate < 0:
-        raise ConfigError(f"train.learning_rate: must be >= 0, got {t.learning_rate}")
-    if r.temperature < 0:
-        raise ConfigError(f"rollout.temperature: must be >= 0, got {r.temperature}")
+    for key, low in _INT_MIN.items():
+        if _get(cfg, key) < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {_get(cfg, key)}")
+    for key in _NON_EMPTY:
+        if not _get(cfg, key).strip():
+            raise ConfigError(f"{key}: must not be empty")
+    _check_device(cfg.model.device)
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"train.seed: must be in [0, 2**32) (numpy's seed range), got {t.seed}")
+    _check_number("train.learning_rate", t.learning_rate, 0.0)
+    _check_number("train.weight_decay", t.weight_decay, 0.0)
+    if not t.max_grad_norm > 0:  # NaN fails too
+        raise ConfigError(
+            f"train.max_grad_norm: must be > 0, got {t.max_grad_norm}: gradients are scaled by "
+            "max_grad_norm / norm, so 0 zeroes every update and a negative value reverses it "
+            "(use .inf to turn clipping off)"
+        )
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        raise ConfigError(f"train.adam_betas: expected two numbers in [0, 1), got {t.adam_betas}")
+    if not 0 < t.reward_failure_limit <= 1:
+        raise ConfigError(
+            f"train.reward_failure_limit: must be in (0, 1] (1.0 = never stop), "
+            f"got {t.reward_failure_limit}"
+        )
+    _check_number("rollout.temperature", r.temperature, 0.0)
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
-    if len(t.adam_betas) != 2:
-        raise ConfigError(f"train.adam_betas: expected two numbers, got {t.adam_betas}")
     if not 0 <= r.num_train_samples <= r.num_generations:
         raise ConfigError(
             f"rollout.num_train_samples: must be between 0 (all) and rollout.num_generations "
@@ -378,7 +499,18 @@ def validate(cfg: Config) -> Config:
             "train.eval_every: set data.eval_path (or use data.task) to evaluate during training"
         )
     _check_component("advantage", cfg.advantage)
+    modifiers = cfg.advantage.get("modifiers") or []
+    if not isinstance(modifiers, list):
+        raise ConfigError(
+            f"advantage.modifiers: expected a list of {{name: ..., params...}}, got {modifiers!r}"
+        )
+    for i, mod in enumerate(modifiers):
+        _check_component(f"advantage.modifiers.{i}", mod)
     _check_component("loss", cfg.loss)
+    if not isinstance(cfg.loss.get("aggregation", ""), str):
+        raise ConfigError(
+            f"loss.aggregation: expected an aggregation name, got {cfg.loss['aggregation']!r}"
+        )
     for i, reg in enumerate(cfg.regularizers):
         _check_component(f"regularizers.{i}", reg)
     for i, flt in enumerate(cfg.sample_filters):
@@ -386,6 +518,24 @@ def validate(cfg: Config) -> Config:
     if cfg.token_mask is not None:
         _check_component("token_mask", cfg.token_mask)
     return cfg
+
+
+def _read_yaml_file(path: Path) -> dict[str, Any]:
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):  # a name too long, or with a NUL byte
+        found = False
+    if not found:
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        user = yaml_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except Exception as exc:  # YAMLError, or a ValueError of a tag such as `!!int x`
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return user
 
 
 def load_config(
@@ -399,16 +549,16 @@ def load_config(
         user: dict[str, Any] = {}
     elif isinstance(source, dict):
         user = copy.deepcopy(source)
+    elif isinstance(source, (str, os.PathLike)):
+        user = _read_yaml_file(Path(source))
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            user = yaml_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(user, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raise ConfigError(
+            f"config: expected a YAML file path or a mapping, got {type(source).__name__}"
+        )
+    if isinstance(overrides, str) or not isinstance(overrides, (list, tuple, type(None))):
+        raise ConfigError(
+            f"overrides: expected a list of 'section.key=value' strings, got {overrides!r}"
+        )
     parsed = [parse_override(o) for o in overrides or []]
     recipe = user.get("recipe")
     for path_, value in parsed:
@@ -439,4 +589,5 @@ def _plain(x: Any) -> Any:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+    """The config as YAML that `load_config` reads back to the same Config."""
+    return yaml.dump(_plain(cfg.to_dict()), Dumper=_Dumper, sort_keys=False)

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grouprl.config import ConfigError
 from grouprl.data.datasets import load_prompts
 from grouprl.data.tasks import get_task
 from grouprl.eval.run import evaluate
 from grouprl.models.tiny import build_tiny_model, save_model
 from grouprl.monitor.report import plot_curves, write_summary
 from grouprl.rewards import RewardSet
+from grouprl.training.rundir import holds_a_run
 from grouprl.training.setup import seed_everything
 from grouprl.training.sft import sft
 from grouprl.training.trainer import Trainer
@@ -45,6 +47,7 @@ class DemoSettings:
     num_layers: int = 3
     recipe: str | None = None  # None: plain GRPO on the task's rewards
     extra: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False  # an earlier run in the output folder is moved aside, not refused
 
     @staticmethod
     def for_task(task: str, **overrides: Any) -> DemoSettings:
@@ -154,6 +157,7 @@ def rl_config(
             "max_grad_norm": s.grpo_max_grad_norm,
             "save_every": 0,
             "progress": progress,
+            "overwrite": s.overwrite,
             **s.extra,
         },
     }
@@ -164,6 +168,11 @@ def run_demo(
 ) -> dict[str, Any]:
     s = settings or DemoSettings()
     out = Path(output_dir)
+    if not s.overwrite and holds_a_run(out / "grpo"):  # fail now, not after the SFT stage
+        raise ConfigError(
+            f"{out} already holds a demo run; pass --overwrite (the old GRPO run is moved to "
+            f"{out / 'grpo'}.old-<time>) or choose another --output-dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     task = get_task(s.task)

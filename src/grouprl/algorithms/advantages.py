@@ -2,17 +2,28 @@
 
 Shapes: B prompts, G completions per prompt, N = B·G rollouts, K reward functions.
 A NaN reward marks an unscorable sample: it is left out of every mean and std and gets
-advantage 0. A group with fewer than two valid rewards, or whose valid rewards are all
-equal, carries no learning signal and gets advantage exactly 0 (where a method differs,
-its docstring says so).
+advantage 0. An infinite reward is treated the same way (as `RewardSet` already turns a
+function's non-finite value into NaN): no finite advantage could be derived from it. A
+group with fewer than two valid rewards, or whose valid rewards are all equal, carries no
+learning signal and gets advantage exactly 0 (where a method differs, its docstring says
+so).
 
 Calling convention (the trainer dispatches by parameter name): the parameters before `*`
 are inputs, named from `rewards_BG`, `rewards_BGK`, `weights_K`, `lengths_BG`,
 `seq_logp_BG`, `answers_BG`, `baseline_B`, `prompt_keys_B` and, for the modifiers in
 `ADVANTAGE_MODIFIERS`, `adv_BG`; the keyword-only parameters after `*` are config with the
 paper's defaults. Stateful estimators are classes: keyword-only `__init__`, `__call__` with
-the inputs, and `state_dict()` / `load_state_dict()` with plain python data. The catalog
-estimators compute in float64 and return float32 advantages.
+the inputs, and `state_dict()` / `load_state_dict()` with plain python data.
+
+Every estimator computes its statistics in float64 and returns float32 advantages (`grpo`:
+the rewards' own floating dtype), so rewards up to ~1e150 in magnitude (any float32 value)
+still give advantages: in float32, the squared deviations of rewards >= ~2e19 overflow,
+the std becomes inf and every advantage 0.
+
+Group size: estimators whose baseline or scale comes from the other completions of the
+same prompt are registered with `min_group_size=2`, so G = 1 (or
+`rollout.num_train_samples: 1`) is refused at start-up instead of training on advantages
+that are always 0.
 """
 
 from __future__ import annotations
@@ -41,6 +52,12 @@ def _check_BG(rewards_BG: Tensor) -> Tensor:
     return _as_float(rewards_BG)
 
 
+def _scorable(x: Tensor) -> Tensor:
+    """x in float64 with ±inf as NaN: an infinite reward is unscorable, like a NaN one."""
+    x = x.to(torch.float64)
+    return torch.where(torch.isinf(x), torch.nan, x)
+
+
 def _centered(rewards_BG: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Valid mask, valid count per group and r − mean_G r over valid entries (0 elsewhere)."""
     valid_BG = ~torch.isnan(rewards_BG)
@@ -64,7 +81,8 @@ def _no_signal(rewards_BG: Tensor, valid_BG: Tensor, n_B: Tensor) -> Tensor:
     return (n_B < 2) | (hi_B == lo_B)
 
 
-@ADVANTAGES.register("grpo")
+# Group-relative: the baseline (and std) come from the group, so G = 1 gives A = 0 always.
+@ADVANTAGES.register("grpo", min_group_size=2)
 def grpo(rewards_BG: Tensor, *, scale: str = "group", eps: float = 1e-6) -> Tensor:
     """Group-relative advantage of GRPO.
 
@@ -80,13 +98,15 @@ def grpo(rewards_BG: Tensor, *, scale: str = "group", eps: float = 1e-6) -> Tens
     that up-weights nearly solved or nearly failed prompts.
 
     NaN rewards are excluded from mean and std and get A = 0; groups with < 2 valid rewards
-    or all-equal valid rewards get A = 0 exactly.
+    or all-equal valid rewards get A = 0 exactly. Computed in float64; the result has the
+    rewards' floating dtype.
     """
     if scale not in GRPO_SCALES:
         raise ValueError(f"grpo: scale must be one of {', '.join(GRPO_SCALES)}; got {scale!r}")
     if eps < 0:
         raise ValueError(f"grpo: eps must be >= 0, got {eps}")
-    rewards_BG = _check_BG(rewards_BG)
+    out_dtype = _check_BG(rewards_BG).dtype
+    rewards_BG = _scorable(rewards_BG)
     valid_BG, n_B, centered_BG = _centered(rewards_BG)
     if scale == "group":
         adv_BG = centered_BG / (_unbiased_std(centered_BG, n_B, dim=-1)[:, None] + eps)
@@ -101,27 +121,30 @@ def grpo(rewards_BG: Tensor, *, scale: str = "group", eps: float = 1e-6) -> Tens
     else:
         adv_BG = centered_BG
     keep_BG = valid_BG & ~_no_signal(rewards_BG, valid_BG, n_B)[:, None]
-    return torch.where(keep_BG, adv_BG, 0.0)
+    return torch.where(keep_BG, adv_BG, 0.0).to(out_dtype)
 
 
 def combine_rewards(rewards_NK: Tensor, weights_K: Tensor) -> Tensor:
     """Weighted sum of K reward functions per sample: r_N = Σ_k w_k r_{N,k}.
 
-    A sample is NaN (unscorable) when any reward with nonzero weight is NaN for it; NaN in a
-    weight-0 column is ignored (that reward is only logged).
+    A sample is NaN (unscorable) when any reward with nonzero weight is NaN or infinite for
+    it; NaN in a weight-0 column is ignored (that reward is only logged). The sum is taken in
+    float64 and returned in the rewards' floating dtype; a sum beyond that dtype's range is
+    unscorable too (NaN), never inf.
     """
     if rewards_NK.dim() != 2 or weights_K.shape != (rewards_NK.shape[1],):
         raise ValueError(
             f"combine_rewards: expected rewards [N, K] and weights [K], got "
             f"{tuple(rewards_NK.shape)} and {tuple(weights_K.shape)}"
         )
-    rewards_NK = _as_float(rewards_NK)
-    w_K = weights_K.to(rewards_NK.dtype)
+    out_dtype = _as_float(rewards_NK).dtype
+    r_NK = _scorable(rewards_NK)
+    w_K = weights_K.to(torch.float64)
     used_K = w_K != 0
-    nan_N = (torch.isnan(rewards_NK) & used_K).any(dim=-1)
+    nan_N = (torch.isnan(r_NK) & used_K).any(dim=-1)
     # Zero unused columns before multiplying so that 0·NaN never enters the sum.
-    total_N = (torch.where(used_K, rewards_NK, 0.0) * w_K).sum(dim=-1)
-    return torch.where(nan_N, torch.nan, total_N)
+    total_N = (torch.where(used_K, r_NK, 0.0) * w_K).sum(dim=-1).to(out_dtype)
+    return torch.where(nan_N | ~torch.isfinite(total_N), torch.nan, total_N)
 
 
 def group_reward_stats(rewards_BG: Tensor) -> dict[str, float]:
@@ -132,9 +155,9 @@ def group_reward_stats(rewards_BG: Tensor) -> dict[str, float]:
                           group with < 2 valid rewards counts as std 0.
     frac_reward_zero_std: fraction of groups whose valid rewards are all equal (including
                           groups with < 2 valid rewards): their advantage is 0.
-    reward/nan_frac:      fraction of rewards that are NaN (unscorable).
+    reward/nan_frac:      fraction of rewards that are NaN or infinite (unscorable).
     """
-    rewards_BG = _check_BG(rewards_BG).double()
+    rewards_BG = _scorable(_check_BG(rewards_BG))
     valid_BG, n_B, centered_BG = _centered(rewards_BG)
     no_signal_B = _no_signal(rewards_BG, valid_BG, n_B)
     std_B = torch.where(n_B < 2, 0.0, _unbiased_std(centered_BG, n_B, dim=-1))
@@ -154,7 +177,7 @@ def _f64_BG(rewards_BG: Tensor, who: str) -> Tensor:
     if not isinstance(rewards_BG, Tensor) or rewards_BG.dim() != 2:
         shape = tuple(rewards_BG.shape) if isinstance(rewards_BG, Tensor) else type(rewards_BG)
         raise ValueError(f"{who}: rewards must have shape [B, G], got {shape}")
-    return rewards_BG.to(torch.float64)
+    return _scorable(rewards_BG)
 
 
 def _same_shape(x: Tensor, like_BG: Tensor, name: str, who: str) -> Tensor:
@@ -183,7 +206,8 @@ def _mean_token_logp(seq_logp_BG: Tensor, lengths_BG: Tensor) -> Tensor:
     return seq_logp_BG / lengths_BG.clamp(min=1.0)
 
 
-@ADVANTAGES.register("rloo")
+# Group-relative: the leave-one-out baseline needs another completion of the prompt.
+@ADVANTAGES.register("rloo", min_group_size=2)
 def rloo(rewards_BG: Tensor) -> Tensor:
     """REINFORCE leave-one-out baseline.
 
@@ -203,6 +227,8 @@ def rloo(rewards_BG: Tensor) -> Tensor:
     return torch.where(keep_BG, adv_BG, 0.0).float()
 
 
+# Not group-relative: the baseline is a separate greedy completion, so G = 1 (the paper's
+# setting) still carries signal.
 @ADVANTAGES.register("remax")
 def remax(rewards_BG: Tensor, baseline_B: Tensor) -> Tensor:
     """Greedy-decoding baseline of ReMax.
@@ -221,7 +247,7 @@ def remax(rewards_BG: Tensor, baseline_B: Tensor) -> Tensor:
     if not isinstance(baseline_B, Tensor) or baseline_B.shape != (r_BG.shape[0],):
         shape = tuple(baseline_B.shape) if isinstance(baseline_B, Tensor) else type(baseline_B)
         raise ValueError(f"remax: baseline must have shape [B] = ({r_BG.shape[0]},), got {shape}")
-    b_B = baseline_B.to(torch.float64)
+    b_B = _scorable(baseline_B)
     valid_BG = ~torch.isnan(r_BG) & ~torch.isnan(b_B)[:, None]
     return torch.where(valid_BG, r_BG - b_B[:, None], 0.0).float()
 
@@ -255,7 +281,8 @@ def bnpo_beta_params(p_B: Tensor) -> tuple[float, float]:
     return max(1.0, 1.0 + c * m / 3.0), max(1.0, 1.0 + c * (1.0 - m) / 3.0)
 
 
-@ADVANTAGES.register("bnpo")
+# Group-relative: centered on the group's mean reward p, so G = 1 gives A = 0 always.
+@ADVANTAGES.register("bnpo", min_group_size=2)
 def bnpo(
     rewards_BG: Tensor,
     *,
@@ -299,7 +326,9 @@ def bnpo(
     return torch.where(keep_BG, centered_BG * weight_B[:, None], 0.0).float()
 
 
-@ADVANTAGES.register("ngrpo")
+# Group-relative: the virtual r_max joins the group's own rewards, and a group with fewer
+# than two valid rewards gets A = 0 (as in the authors' code).
+@ADVANTAGES.register("ngrpo", min_group_size=2)
 def ngrpo(
     rewards_BG: Tensor, *, r_max: float = 1.0, num_virtual: int = 1, eps: float = 1e-6
 ) -> Tensor:
@@ -342,7 +371,8 @@ def ngrpo(
     return torch.where(keep_BG, adv_BG, 0.0).float()
 
 
-@ADVANTAGES.register("gdpo")
+# Group-relative: each reward is normalized within its group first.
+@ADVANTAGES.register("gdpo", min_group_size=2)
 def gdpo(rewards_BGK: Tensor, weights_K: Tensor | None = None, *, eps: float = 1e-4) -> Tensor:
     """Group reward-decoupled normalization (normalize, then sum, then batch-normalize).
 
@@ -364,7 +394,7 @@ def gdpo(rewards_BGK: Tensor, weights_K: Tensor | None = None, *, eps: float = 1
     if not isinstance(rewards_BGK, Tensor) or rewards_BGK.dim() != 3:
         shape = tuple(rewards_BGK.shape) if isinstance(rewards_BGK, Tensor) else type(rewards_BGK)
         raise ValueError(f"gdpo: rewards must have shape [B, G, K], got {shape}")
-    r_BGK = rewards_BGK.to(torch.float64)
+    r_BGK = _scorable(rewards_BGK)
     K = r_BGK.shape[-1]
     if weights_K is None:
         w_K = torch.ones(K, dtype=torch.float64)
@@ -400,7 +430,9 @@ RISKPO_QUANTILE_MODES = ("batch", "mix", "track")
 RISKPO_CREDITS = ("uniform", "sum_mean")
 
 
-@ADVANTAGES.register("riskpo")
+# Group-relative over "papers" (the j-th completions of a bundle's prompts): with G = 1 a
+# bundle has one paper, fewer than the two its quantiles need, so A = 0 always.
+@ADVANTAGES.register("riskpo", min_group_size=2)
 class RiskPO:
     """Mixed Value-at-Risk advantage over bundles of prompts (RiskPO).
 
@@ -747,7 +779,7 @@ def xrpo_novelty(
     if not isinstance(adv_BG, Tensor) or adv_BG.dim() != 2:
         raise ValueError("xrpo_novelty: advantages must have shape [B, G]")
     a_BG = adv_BG.to(torch.float64)
-    r_BG = _same_shape(rewards_BG, adv_BG, "rewards", "xrpo_novelty")
+    r_BG = _scorable(_same_shape(rewards_BG, adv_BG, "rewards", "xrpo_novelty"))
     logp_BG = _same_shape(seq_logp_BG, adv_BG, "seq_logp", "xrpo_novelty")
     len_BG = _same_shape(lengths_BG, adv_BG, "lengths", "xrpo_novelty")
     valid_BG = ~torch.isnan(r_BG)

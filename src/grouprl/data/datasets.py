@@ -4,13 +4,17 @@ Every row needs a prompt column holding a string or chat messages (a list of
 ``{"role", "content"}`` dicts); every other column is kept for the reward functions.
 A bad row is reported with its place, ``"<file>: row <n>: field '<name>': <what>"``,
 and either stops the load (``on_bad_row="error"``) or is skipped and counted
-(``on_bad_row="skip"``).
+(``on_bad_row="skip"``). Text that is not valid Unicode is a bad row like any other: a line
+of a .jsonl file with invalid UTF-8 bytes, a string of a .parquet file with them, or a
+lone surrogate anywhere in a row (a ``"\ud800"`` JSON escape without its pair, or such a
+Python string), which no tokenizer can encode.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +60,8 @@ class PromptDataset(Sequence):
     source: str
     examples: list[PromptExample] = field(default_factory=list)
     skipped: int = 0
-    skipped_reasons: list[str] = field(default_factory=list)
+    skipped_reasons: list[str] = field(default_factory=list)  # the first MAX_REASONS
+    skipped_rows: list[int] = field(default_factory=list)  # 1-based row number of every skip
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -78,13 +83,27 @@ class _NoTemplate(_BadRow):
     """Internal: chat messages but no chat template; a setup error, never skipped."""
 
 
-class _InvalidJSON(str):
-    """Internal marker for a .jsonl line that does not parse (its text is the error)."""
+class _Unreadable(str):
+    """Internal marker for a row that could not be read (bad JSON, bad UTF-8); its text is
+    the reason, with the field first when one is known (as `benchmarks.py` reads it)."""
+
+    def __new__(cls, what: str, field: str | None = None) -> _Unreadable:
+        marker = super().__new__(cls, what if field is None else f"field '{field}': {what}")
+        marker.what, marker.field = what, field
+        return marker
+
+
+_InvalidJSON = _Unreadable  # the name `benchmarks.py` imports
+
+
+def _printable(text: str) -> str:
+    """`text` with lone surrogates escaped, so a message about them can be printed."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _place(source: str, row: int, field: str | None, what: str) -> str:
     where = f"{source}: row {row}: "
-    return where + (f"field '{field}': {what}" if field else what)
+    return _printable(where + (f"field '{field}': {what}" if field is not None else what))
 
 
 def load_prompts(
@@ -139,6 +158,7 @@ def load_prompts(
             if on_bad_row == "error" or isinstance(bad, _NoTemplate):
                 raise DataError(msg) from None
             out.skipped += 1
+            out.skipped_rows.append(row)
             if len(out.skipped_reasons) < MAX_REASONS:
                 out.skipped_reasons.append(msg)
             continue
@@ -167,46 +187,76 @@ def _open(source: Any, split: str) -> tuple[str, Iterator[tuple[int, Any]]]:
         )
     name = os.fspath(source)
     path = Path(name).expanduser()
-    if not path.exists():
+    try:
+        found = path.exists()
+    except (OSError, ValueError):  # a name too long, or with a NUL byte
+        found = False
+    if not found:
         raise DataError(f"{name}: no such file or directory")
     if path.is_dir():
-        return name, enumerate(_read_saved(path, name, split), start=1)
+        return name, _read_saved(path, name, split)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return name, _read_jsonl(path, name)
     if suffix == ".json":
         return name, _read_json(path, name)
     if suffix == ".parquet":
-        return name, enumerate(_read_parquet(path, name), start=1)
+        return name, _read_parquet(path, name)
     raise DataError(
         f"{name}: unsupported format {suffix or '(no extension)'!r}; "
         f"supported: {', '.join(SUPPORTED_FORMATS)}"
     )
 
 
-def _read_text(path: Path, name: str) -> str:
+def _read_bytes(path: Path, name: str) -> bytes:
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        data = path.read_bytes()
+    except OSError as e:
         raise DataError(f"{name}: cannot read: {e}") from e
+    return data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+
+
+def _parse_json(text: str) -> Any:
+    """json.loads; very deep nesting (RecursionError) is reported as invalid JSON too."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
 
 
 def _read_jsonl(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    """Rows numbered by line so the number matches an editor; blank lines are ignored."""
-    for lineno, line in enumerate(_read_text(path, name).splitlines(), start=1):
-        if not line.strip():
+    """Rows numbered by line so the number matches an editor; blank lines are ignored.
+
+    Lines are split on b"\\n" and decoded one by one, so one line with invalid UTF-8 is one
+    bad row, and a U+2028 or U+0085 inside a JSON string does not split a row.
+    """
+    for lineno, raw in enumerate(_read_bytes(path, name).split(b"\n"), start=1):
+        raw = raw.removesuffix(b"\r")
+        if not raw.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield (
+                lineno,
+                _Unreadable(
+                    f"invalid UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line"
+                ),
+            )
+            continue
+        try:
+            yield lineno, _parse_json(line)
         except json.JSONDecodeError as e:
             # A bad line is a bad row: _RowReader.example turns the marker into a _BadRow.
-            yield lineno, _InvalidJSON(f"invalid JSON: {e.msg} (column {e.colno})")
+            yield lineno, _Unreadable(f"invalid JSON: {e.msg} (column {e.colno})")
 
 
 def _read_json(path: Path, name: str) -> Iterator[tuple[int, Any]]:
-    text = _read_text(path, name)
+    # Invalid UTF-8 bytes inside strings become lone surrogates (U+DC80..U+DCFF) here, so the
+    # row holding them is the bad row (`_check_text`), not the whole file.
+    text = _read_bytes(path, name).decode("utf-8", errors="surrogateescape")
     try:
-        data = json.loads(text)
+        data = _parse_json(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # many ".json" files are really JSON Lines
             return _read_jsonl(path, name)
@@ -216,16 +266,46 @@ def _read_json(path: Path, name: str) -> Iterator[tuple[int, Any]]:
     return enumerate(data, start=1)
 
 
-def _read_parquet(path: Path, name: str) -> list[dict]:
+def _read_parquet(path: Path, name: str) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several error types for bad files
         raise DataError(f"{name}: cannot read parquet: {e}") from e
+    return _arrow_rows(table)
 
 
-def _read_saved(path: Path, name: str, split: str) -> list[dict]:
+def _arrow_rows(table: Any) -> Iterator[tuple[int, Any]]:
+    """Rows of a pyarrow Table. Arrow does not check that a string column is valid UTF-8, so
+    when converting the whole table fails, rows are converted one by one and a row that
+    fails is a bad row naming its column."""
+    try:
+        return enumerate(table.to_pylist(), start=1)
+    except UnicodeDecodeError:
+        return _arrow_rows_one_by_one(table)
+
+
+def _arrow_rows_one_by_one(table: Any) -> Iterator[tuple[int, Any]]:
+    for i in range(table.num_rows):
+        one = table.slice(i, 1)
+        try:
+            yield i + 1, one.to_pylist()[0]
+        except UnicodeDecodeError as e:
+            bad = None
+            for col in one.column_names:
+                try:
+                    one.column(col).to_pylist()
+                except UnicodeDecodeError:
+                    bad = col
+                    break
+            yield (
+                i + 1,
+                _Unreadable(f"invalid UTF-8: {e.reason} (byte 0x{e.object[e.start]:02x})", bad),
+            )
+
+
+def _read_saved(path: Path, name: str, split: str) -> Iterator[tuple[int, Any]]:
     import datasets
 
     try:
@@ -240,7 +320,7 @@ def _read_saved(path: Path, name: str, split: str) -> list[dict]:
                 f"{name}: no split {split!r}; available splits: {', '.join(sorted(ds))}"
             )
         ds = ds[split]
-    return ds.to_list()
+    return _arrow_rows(ds.with_format("arrow")[:])
 
 
 # ---------------------------------------------------------------- rows
@@ -259,17 +339,21 @@ class _RowReader:
 
     def example(self, record: Any, row: int) -> PromptExample:
         col = self.prompt_column
-        if isinstance(record, _InvalidJSON):
-            raise _BadRow(str(record))
+        if isinstance(record, _Unreadable):
+            raise _BadRow(record.what, record.field)
         if not isinstance(record, dict):
             raise _BadRow(f"expected an object with a {col!r} field, got {type(record).__name__}")
+        _check_text(record)
         if col not in record:
             raise _BadRow(f"missing (columns: {', '.join(map(str, record)) or 'none'})", col)
         prompt = record[col]
         _check_prompt(prompt, col)
         text = self.render(prompt)
         if self.tokenizer is not None and self.max_prompt_length is not None:
-            n_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            try:
+                n_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            except Exception as e:  # a tokenizer may refuse some text
+                raise _BadRow(f"tokenizer failed: {type(e).__name__}: {e}", col) from e
             if n_tokens > self.max_prompt_length:
                 raise _BadRow(
                     f"prompt has {n_tokens} tokens, more than "
@@ -306,6 +390,41 @@ class _RowReader:
                 self.prompt_column,
             )
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(record: dict) -> None:
+    """Raise _BadRow at the first string of the row (keys included, at any depth) that holds
+    a lone surrogate: it is not valid Unicode, and tokenizers and UTF-8 writers refuse it."""
+    stack: list[tuple[Any, str, str]] = [(k, str(k), "") for k in record]
+    stack += [(v, str(k), "") for k, v in record.items()]
+    stack.reverse()
+    while stack:
+        value, field, where = stack.pop()
+        if isinstance(value, str):
+            bad = _SURROGATE.search(value)
+            if bad:
+                code = ord(bad.group())
+                byte = (
+                    f" or the undecodable byte 0x{code - 0xDC00:02x}"
+                    if 0xDC80 <= code <= 0xDCFF
+                    else ""
+                )
+                raise _BadRow(
+                    f"{where}not valid Unicode text: lone surrogate U+{code:04X}{byte} at "
+                    f"character {bad.start() + 1}",
+                    field,
+                )
+        elif isinstance(value, dict):
+            items = [(k, f"{where}key {k!r}: ") for k in value]
+            items += [(v, f"{where}{k!r}: ") for k, v in value.items()]
+            stack.extend((v, field, w) for v, w in reversed(items))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(
+                (v, field, f"{where}item {i + 1}: ") for i, v in reversed(list(enumerate(value)))
+            )
 
 
 def _check_prompt(prompt: Any, col: str) -> None:

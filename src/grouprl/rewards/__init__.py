@@ -6,6 +6,7 @@ from grouprl.rewards import (
     majority,  # noqa: F401  (registers majority_vote)
 )
 from grouprl.rewards.base import (
+    DEFAULT_TIMEOUT,
     REWARDS,
     RewardResult,
     RewardSet,
@@ -20,9 +21,12 @@ from grouprl.rewards.builtins import (
     format_reward,
     math_accuracy,
 )
+from grouprl.rewards.health import RewardFailureError
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "REWARDS",
+    "RewardFailureError",
     "RewardResult",
     "RewardSet",
     "RewardSpec",

@@ -8,38 +8,20 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["extract_answer", "extract_boxed", "normalize_answer"]
+from grouprl.rewards.scan import brace_pairs, tag_spans
+
+__all__ = ["answer_tags", "extract_answer", "extract_boxed", "normalize_answer"]
 
 _BOXED = re.compile(r"\\boxed\b")
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_BLANKS = re.compile(r"[ \t]*")
+_TOKEN = re.compile(r"[^\s$]+")
+_ANSWER_OPEN = re.compile("<answer>", re.IGNORECASE)
+_ANSWER_CLOSE = re.compile("</answer>", re.IGNORECASE)
 # An integer, a decimal, a fraction a/b, or a number with thousands commas, optionally
-# negative. The look-behind keeps "x2" or "5-3" from yielding "2" or "-3".
+# negative. The look-behind keeps "x2" or "5-3" from yielding "2" or "-3". Linear: a match
+# can only start where the look-behind allows, once per run of digits.
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d+/\d+|(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
 _THOUSANDS = re.compile(r"(?<![\d,.])\d{1,3}(?:,\d{3})+(?![\d,])")
-
-
-def _boxed_at(text: str, start: int) -> str | None:
-    """Content of the ``\\boxed`` that ends at ``start``, or None if it is cut off."""
-    i = start
-    while i < len(text) and text[i] in " \t":
-        i += 1
-    if i >= len(text):
-        return None
-    if text[i] != "{":
-        # "\boxed 5" form: one token, up to whitespace or a closing "$".
-        if i == start:  # "\boxedx" is another command, not a boxed answer
-            return None
-        m = re.match(r"[^\s$]+", text[i:])
-        return m.group(0) if m else None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-    return None  # unbalanced: the completion was truncated inside the box
 
 
 def extract_boxed(text: str) -> str | None:
@@ -47,13 +29,33 @@ def extract_boxed(text: str) -> str | None:
 
     ``"so \\boxed{\\frac{1}{2}}"`` -> ``"\\frac{1}{2}"``. The brace-less form ``\\boxed 5``
     is accepted too. A final box cut off by truncation is skipped in favour of an earlier
-    complete one.
+    complete one. Linear in the text: the braces are paired once (`brace_pairs`), not
+    rescanned from every box.
     """
+    pairs: dict[int, int] | None = None
     for m in reversed(list(_BOXED.finditer(text))):
-        content = _boxed_at(text, m.end())
-        if content is not None:
-            return content
-    return None
+        start = m.end()
+        i = _BLANKS.match(text, start).end()
+        if i >= len(text):
+            continue
+        if text[i] != "{":
+            # "\boxed 5" form: one token, up to whitespace or a closing "$"; "\boxedx" is
+            # another command, not a boxed answer.
+            token = _TOKEN.match(text, i) if i > start else None
+            if token is not None:
+                return token.group(0)
+            continue
+        if pairs is None:
+            pairs = brace_pairs(text)
+        j = pairs.get(i)
+        if j is not None:
+            return text[i + 1 : j]
+    return None  # none, or every box unbalanced: cut off inside the box
+
+
+def answer_tags(text: str) -> list[str]:
+    """The contents of the ``<answer>...</answer>`` pairs (case-insensitive), left to right."""
+    return [text[a:b] for a, b in tag_spans(text, _ANSWER_OPEN, _ANSWER_CLOSE)]
 
 
 def extract_answer(text: str) -> str | None:
@@ -65,7 +67,7 @@ def extract_answer(text: str) -> str | None:
     """
     found = extract_boxed(text)
     if found is None:
-        tags = _ANSWER_TAG.findall(text)
+        tags = answer_tags(text)
         found = tags[-1] if tags else None
     if found is None:
         numbers = _NUMBER.findall(text)
@@ -84,10 +86,16 @@ def normalize_answer(ans: str) -> str:
     stays ``"2.0"`` and ``"1/2"`` is not ``"0.5"``; a comma-grouped pair like ``"(1,234)"``
     is read as a thousands number.
     """
-    s = ans.strip()
-    s = s.rstrip(".").strip()
-    while len(s) >= 2 and s.startswith("$") and s.endswith("$"):
-        s = s[1:-1].strip()
-    s = s.rstrip(".").strip()
+    s = ans.strip().rstrip(".").strip()
+    # Peel "$...$" pairs by moving two ends inward: slicing once per pair would copy the
+    # string each time (quadratic on "$$$...$$$").
+    lo, hi = 0, len(s)
+    while hi - lo >= 2 and s[lo] == "$" and s[hi - 1] == "$":
+        lo, hi = lo + 1, hi - 1
+        while lo < hi and s[lo].isspace():
+            lo += 1
+        while hi > lo and s[hi - 1].isspace():
+            hi -= 1
+    s = s[lo:hi].rstrip(".").strip()
     s = " ".join(s.split())
     return _THOUSANDS.sub(lambda m: m.group(0).replace(",", ""), s)

@@ -19,6 +19,7 @@ import inspect
 import logging
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,10 +29,14 @@ from typing import Any
 import torch
 
 from grouprl.registry import Registry, RegistryError, did_you_mean, keyword_params
+from grouprl.rewards.health import FailureWindow, RewardFailureError
+from grouprl.rewards.outcome import Outcome, call_reward
+from grouprl.rewards.worker import RewardWorker, fork_available
 
 RewardFn = Callable[..., list[float | None]]
 REWARDS: Registry[RewardFn] = Registry("reward")
 logger = logging.getLogger("grouprl.rewards")
+DEFAULT_TIMEOUT = 30.0  # seconds per call of one reward function (RewardSpec.timeout)
 
 
 def completion_text(c: Any) -> str:
@@ -73,7 +78,10 @@ class RewardSpec:
     """One reward function of a config: a built-in `name` or a `path` "file.py:function".
 
     weight: its weight in the combined reward; params: keyword arguments bound to it;
-    alias: the display name (default: name, or the function's name for a path).
+    alias: the display name (default: name, or the function's name for a path);
+    timeout: seconds one call may take before it is cut off and its column is NaN (the
+    function runs in a worker process, `rewards/worker.py`); 0 or None runs it in this
+    process without a deadline (for debugging, or a reward that needs the GPU).
     """
 
     name: str | None = None
@@ -82,12 +90,14 @@ class RewardSpec:
     params: dict = field(default_factory=dict)
     alias: str | None = None
     fn: Callable | None = None  # a Python callable (the Python API), instead of name/path
+    timeout: float | None = DEFAULT_TIMEOUT
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.name, self.path, self.fn)) != 1:
             raise ValueError(
                 f"a reward needs exactly one of 'name' (a built-in), 'path' "
-                f"('file.py:function') or 'fn' (a callable), got name={self.name!r}, path={self.path!r}"
+                f"('file.py:function') or 'fn' (a callable), got name={self.name!r}, "
+                f"path={self.path!r}"
             )
         if not isinstance(self.params, dict):
             raise ValueError(f"reward {self.display_name!r}: params must be a mapping")
@@ -97,6 +107,14 @@ class RewardSpec:
             raise ValueError(
                 f"reward {self.display_name!r}: weight must be a number, got {self.weight!r}"
             ) from None
+        if self.timeout is not None:
+            t = self.timeout
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < math.inf:
+                raise ValueError(
+                    f"reward {self.display_name!r}: timeout must be a number of seconds >= 0 "
+                    f"(0 or null: no deadline, run in-process), got {t!r}"
+                )
+            self.timeout = float(t)
 
     @property
     def display_name(self) -> str:
@@ -232,25 +250,54 @@ class RewardResult:
     rewards_NK: float32 [N, K], NaN where a function could not score (None, non-finite,
                 or the function failed for the whole batch).
     names:      the K display names, in column order.
-    errors:     per function, 1 if it failed on this batch (exception or bad output).
+    errors:     per function, 1 if it failed on this batch: raised, returned a bad result,
+                timed out or crashed its worker (the last two also counted below).
     nones:      per function, how many entries were None or non-finite.
+    metrics:    the functions' own `last_metrics` (e.g. ttrl/majority_ratio), and per
+                function rewards/<name>/timeouts, /crashes and /seconds (its wall time).
+    timeouts:   per function, 1 if it was cut off at its deadline on this batch.
+    crashes:    per function, 1 if its worker died during the call (segfault, exit, OOM).
     """
 
     rewards_NK: torch.Tensor
     names: list[str]
     errors: dict[str, int]
     nones: dict[str, int]
-    metrics: dict[str, float] = field(default_factory=dict)  # from functions' `last_metrics`
-
-
-class _BadOutput(Exception):
-    """A reward function returned something that is not N numbers or Nones."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    timeouts: dict[str, int] = field(default_factory=dict)
+    crashes: dict[str, int] = field(default_factory=dict)
 
 
 class RewardSet:
-    """Named, weighted reward functions, run once per batch; failures become NaN, never raise."""
+    """Named, weighted reward functions, run once per batch; failures become NaN, never raise.
 
-    def __init__(self, specs: list[RewardSpec | dict | str]) -> None:
+    Deadlines: a function with a `timeout` (`RewardSpec.timeout`, seconds, default 30) runs
+    in a worker process (`rewards/worker.py`: one per RewardSet, forked at the first call, so
+    lambdas and closures work unpickled). At its deadline the worker is killed and the
+    function's column is NaN for that call; a worker that dies (segfault, ``os._exit``,
+    ``sys.exit``, MemoryError) gives NaN the same way; the next call forks a fresh one. A
+    function's state lives in the worker, so it survives between calls until a timeout or a
+    crash replaces the worker, and the parent never sees it (its `last_metrics` come back
+    with each result). ``timeout: 0`` (or None) runs the function in this process, without
+    a deadline. `close()` stops the worker; it is idempotent, and also runs at interpreter
+    exit and when the set is garbage-collected.
+
+    Health: each call records, per function, how many of its samples failed (it raised,
+    returned a bad result, timed out or crashed; a None is not a failure).
+    `check_health()` returns a `RewardFailureError` naming the first function whose failed
+    share over its last `failure_window` calls exceeds `failure_limit` (a window not yet
+    full never trips; limit 1.0 never trips), else None; `raise_if_unhealthy()` raises it.
+    The trainer calls one of them after each step and stops the run.
+    `configure_health(limit, window)` sets both later (it restarts the windows).
+    """
+
+    def __init__(
+        self,
+        specs: list[RewardSpec | dict | str],
+        *,
+        failure_limit: float = 0.5,
+        failure_window: int = 20,
+    ) -> None:
         self.specs = [_as_spec(s) for s in specs]
         self.names = [s.display_name for s in self.specs]
         seen: set[str] = set()
@@ -263,15 +310,25 @@ class RewardSet:
         self.fns = [load_reward_fn(s) for s in self.specs]
         self.weights_K = torch.tensor([s.weight for s in self.specs], dtype=torch.float32)
         self._warned: set[str] = set()  # functions whose traceback was already logged
+        self._health = FailureWindow(self.names, limit=failure_limit, window=failure_window)
+        self._worker: RewardWorker | None = None
+        if not fork_available() and any(s.timeout for s in self.specs):
+            logger.warning("this platform cannot fork: reward timeouts are ignored (in-process)")
 
     @classmethod
-    def from_config(cls, items: list[dict | str]) -> RewardSet:
+    def from_config(cls, items: list[dict | str], **kwargs: Any) -> RewardSet:
         """From config entries: a built-in name ("format"), a "file.py:function" string,
-        or a mapping of RewardSpec fields."""
-        return cls(list(items))
+        or a mapping of RewardSpec fields; `kwargs` go to the constructor."""
+        return cls(list(items), **kwargs)
 
     def __len__(self) -> int:
         return len(self.fns)
+
+    def __enter__(self) -> RewardSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def collapse_risk(self) -> bool:
@@ -279,6 +336,29 @@ class RewardSet:
         return any(
             s.name in REWARDS and REWARDS.capabilities(s.name).collapse_risk for s in self.specs
         )
+
+    # ------------------------------------------------------------ health
+
+    def configure_health(self, limit: float = 0.5, window: int = 20) -> None:
+        """Stop when a function fails on more than `limit` of its samples over its last
+        `window` calls (config: train.reward_failure_limit / reward_failure_window)."""
+        self._health = FailureWindow(self.names, limit=limit, window=window)
+
+    def check_health(self) -> RewardFailureError | None:
+        """The error naming a function over its failure limit (class docstring), or None."""
+        return self._health.check()
+
+    def raise_if_unhealthy(self) -> None:
+        """Raise `check_health()`'s error, if any."""
+        error = self._health.check()
+        if error is not None:
+            raise error
+
+    def failure_share(self, name: str) -> float | None:
+        """The share of `name`'s samples that failed over its window; None until it is full."""
+        return self._health.share(name)
+
+    # ------------------------------------------------------------ scoring
 
     def __call__(self, prompts: list, completions: list, columns: dict[str, list]) -> RewardResult:
         n = len(completions)
@@ -290,42 +370,70 @@ class RewardSet:
         rewards_NK = torch.full((n, len(self.fns)), float("nan"), dtype=torch.float32)
         errors = dict.fromkeys(self.names, 0)
         nones = dict.fromkeys(self.names, 0)
+        timeouts = dict.fromkeys(self.names, 0)
+        crashes = dict.fromkeys(self.names, 0)
         metrics: dict[str, float] = {}
         # Columns first, so that a column can never shadow prompts or completions.
         kwargs = {**columns, "prompts": prompts, "completions": completions}
-        for k, (name, fn) in enumerate(zip(self.names, self.fns, strict=True)):
-            try:
-                values, n_none = _to_floats(fn(**kwargs), n)
-            except _BadOutput as e:
+        for k, (name, fn, spec) in enumerate(zip(self.names, self.fns, self.specs, strict=True)):
+            t0 = time.perf_counter()
+            if spec.timeout and fork_available():
+                outcome = self._worker_for_call().run(k, kwargs, n, spec.timeout)
+            else:
+                outcome = call_reward(fn, kwargs, n)
+            metrics[f"rewards/{name}/seconds"] = time.perf_counter() - t0
+            timeouts[name] = int(outcome.status == "timeout")
+            crashes[name] = int(outcome.status == "crash")
+            metrics[f"rewards/{name}/timeouts"] = float(timeouts[name])
+            metrics[f"rewards/{name}/crashes"] = float(crashes[name])
+            self._health.record(
+                name, failed=n if outcome.failed else 0, total=n, error=outcome.error
+            )
+            if outcome.failed:
                 errors[name] += 1
-                logger.warning("reward %r returned a bad result (column set to NaN): %s", name, e)
+                self._log_failure(name, outcome)
                 continue
-            except Exception as e:
-                errors[name] += 1
-                self._log_failure(name, e)
-                continue
-            rewards_NK[:, k] = torch.tensor(values, dtype=torch.float32)
-            nones[name] += n_none
+            rewards_NK[:, k] = torch.tensor(outcome.values, dtype=torch.float32)
+            nones[name] += outcome.n_none
             # A function may report diagnostics of this call (e.g. TTRL's majority ratio).
-            target = getattr(fn, "func", fn)
-            extra = getattr(target, "last_metrics", None)
-            if isinstance(extra, dict):
-                metrics.update({str(key): float(val) for key, val in extra.items()})
+            metrics.update(outcome.metrics)
         return RewardResult(
             rewards_NK=rewards_NK,
             names=list(self.names),
             errors=errors,
             nones=nones,
             metrics=metrics,
+            timeouts=timeouts,
+            crashes=crashes,
         )
 
-    def _log_failure(self, name: str, e: Exception) -> None:
-        msg = "reward %r failed on this batch (column set to NaN): %s: %s"
-        if name in self._warned:
-            logger.warning(msg, name, type(e).__name__, e)
-        else:  # the full traceback once per function is enough to debug it
+    def close(self) -> None:
+        """Stop the worker process, if one runs; idempotent. Later calls start a new one."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def _worker_for_call(self) -> RewardWorker:
+        if self._worker is None:
+            self._worker = RewardWorker(self.fns)
+        return self._worker
+
+    def _log_failure(self, name: str, outcome: Outcome) -> None:
+        what = _FAILURE_WORDS[outcome.status]
+        msg = f"reward {name!r} {what} on this batch (column set to NaN): {outcome.error}"
+        if outcome.detail and name not in self._warned:
+            # the full traceback once per function is enough to debug it
             self._warned.add(name)
-            logger.warning(msg, name, type(e).__name__, e, exc_info=e)
+            msg = f"{msg}\n{outcome.detail.rstrip()}"
+        logger.warning("%s", msg)
+
+
+_FAILURE_WORDS = {
+    "bad_output": "returned a bad result",
+    "error": "failed",
+    "timeout": "timed out",
+    "crash": "crashed its worker",
+}
 
 
 def _as_spec(item: RewardSpec | dict | str | Callable) -> RewardSpec:
@@ -343,30 +451,3 @@ def _as_spec(item: RewardSpec | dict | str | Callable) -> RewardSpec:
     raise ValueError(
         f"a reward must be a name, a mapping or a RewardSpec, got {type(item).__name__}"
     )
-
-
-def _to_floats(out: Any, n: int) -> tuple[list[float], int]:
-    """Check a function's output: n entries, each a number or None; None/non-finite -> NaN."""
-    if isinstance(out, torch.Tensor):
-        out = out.detach().reshape(-1).tolist() if out.dim() == 1 else out
-    if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
-        raise _BadOutput(f"expected a list of {n} numbers, got {type(out).__name__}")
-    if len(out) != n:
-        raise _BadOutput(f"returned {len(out)} values for {n} completions")
-    values: list[float] = []
-    n_none = 0
-    for i, v in enumerate(out):
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = v.item()
-        if v is None:
-            values.append(math.nan)
-            n_none += 1
-        elif isinstance(v, (str, bytes, complex)) or not hasattr(v, "__float__"):
-            raise _BadOutput(f"entry {i} is {type(v).__name__} {v!r:.40}, not a number or None")
-        else:  # bool, int, float, numpy scalars
-            f = float(v)
-            if not math.isfinite(f):
-                n_none += 1
-                f = math.nan
-            values.append(f)
-    return values, n_none

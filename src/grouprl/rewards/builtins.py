@@ -12,8 +12,10 @@ import threading
 from typing import Any
 
 from grouprl.rewards.base import REWARDS, completion_text
+from grouprl.rewards.scan import brace_pairs
 
 _BOXED = "\\boxed"
+_SPACES = re.compile(r"\s*")  # \s is str.isspace() for str patterns
 
 
 def _gold(reward: str, column: str, values: list | None) -> list:
@@ -26,21 +28,23 @@ def _gold(reward: str, column: str, values: list | None) -> list:
 
 def find_boxes(text: str) -> list[tuple[int, int, str | None]]:
     r"""Every ``\boxed`` in `text` as (start, end, content); content is None when no
-    balanced ``{...}`` follows. Braces nest, so ``\boxed{\frac{1}{2}}`` holds ``\frac{1}{2}``."""
+    balanced ``{...}`` follows. Braces nest, so ``\boxed{\frac{1}{2}}`` holds ``\frac{1}{2}``.
+
+    A box's content is skipped when searching for the next box. Linear in the text: the
+    braces are paired once (`brace_pairs`), not rescanned from every box.
+    """
     boxes = []
+    pairs: dict[int, int] | None = None
     start = text.find(_BOXED)
     while start != -1:
-        i = start + len(_BOXED)
-        while i < len(text) and text[i].isspace():
-            i += 1
+        i = _SPACES.match(text, start + len(_BOXED)).end()
         content, end = None, start + len(_BOXED)
         if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                depth += {"{": 1, "}": -1}.get(text[j], 0)
-                if depth == 0:
-                    content, end = text[i + 1 : j], j + 1
-                    break
+            if pairs is None:
+                pairs = brace_pairs(text)
+            j = pairs.get(i)
+            if j is not None:
+                content, end = text[i + 1 : j], j + 1
         boxes.append((start, end, content))
         start = text.find(_BOXED, end)
     return boxes
@@ -95,7 +99,8 @@ def math_accuracy(
     evaluated: "the answer is 42" scores 1 against "42", "42 apples, then 43" scores 0,
     "42 ... 6*7" scores 1. Percentages are lenient: "\boxed{10}" and "\boxed{0.1}"
     both equal gold "10\%". Timeouts (seconds, for parsing and for verifying) are
-    used only in the main thread, since math-verify implements them with signals.
+    used only in the main thread, since math-verify implements them with signals; a
+    RewardSet runs the reward in its worker's main thread (unless its timeout is 0).
     """
     # Imported here: math-verify pulls in sympy, which makes `import grouprl` slow.
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
@@ -168,7 +173,26 @@ def _is_letter(s: str) -> bool:
 
 # ---------------------------------------------------------------- format
 
-_THINK_ANSWER = re.compile(r"^<think>.*?</think>\s*<answer>(.*?)</answer>$", re.DOTALL)
+
+def think_answer(text: str) -> str | None:
+    r"""The answer group of ``^<think>.*?</think>\s*<answer>(.*?)</answer>$`` (DOTALL) on a
+    stripped `text`, or None when it does not match.
+
+    The same result as that regex, in one pass: it backtracks over every ``</think>`` and,
+    for each, rescans to the end (quadratic on a run of ``</think><answer></answer>x``).
+    As `text` is stripped, ``$`` is its end, so the answer runs to the final ``</answer>``;
+    the lazy ``.*?`` picks the first ``</think>`` that whitespace and ``<answer>`` follow.
+    """
+    if not (text.startswith("<think>") and text.endswith("</answer>")):
+        return None
+    last = len(text) - len("</answer>")
+    p = text.find("</think>", len("<think>"))
+    while p != -1:
+        q = _SPACES.match(text, p + len("</think>")).end()
+        if text.startswith("<answer>", q) and q + len("<answer>") <= last:
+            return text[q + len("<answer>") : last]
+        p = text.find("</think>", p + 1)
+    return None
 
 
 @REWARDS.register("format")
@@ -187,11 +211,11 @@ def format_reward(prompts: list, completions: list, **kw: Any) -> list[float | N
     """
     rewards: list[float | None] = []
     for completion in completions:
-        match = _THINK_ANSWER.search(completion_text(completion).strip())
-        if match is None:
+        answer = think_answer(completion_text(completion).strip())
+        if answer is None:
             rewards.append(0.0)
             continue
-        answer_text = match.group(1).strip()
+        answer_text = answer.strip()
         boxes = find_boxes(answer_text)
         bonus = 0.0
         if len(boxes) == 1 and boxes[0][2] is not None:

@@ -50,6 +50,7 @@ from typing import Any
 
 from grouprl.rewards.base import REWARDS, completion_text
 from grouprl.rewards.builtins import choice_accuracy, find_boxes, format_reward
+from grouprl.rewards.scan import quoted_spans, tag_spans
 
 GATES = ("none", "format", "correct")
 FAITHFULNESS_CHECKS = ("no_invented", "matches_box", "consistent")
@@ -58,14 +59,17 @@ CITE = "the patient has"
 RULE_OUT = "rule out"
 CONCLUDE = "the most likely diagnosis is"
 
-_TAG_SPACES = re.compile(r"<\s*(/?)\s*(think|answer)\s*>", re.IGNORECASE)
+# "<\s*(/?)\s*name" would try every split of a long run of spaces between its two \s*
+# (quadratic); with the "/" and its spaces optional together, a run is read one way only.
+_TAG_SPACES = re.compile(r"<\s*(?:(/)\s*)?(think|answer)\s*>", re.IGNORECASE)
 _BOX_SPACES = re.compile(r"\\\s+boxed")
-_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_TAGS = {
+    name: (re.compile(f"<{name}>", re.IGNORECASE), re.compile(f"</{name}>", re.IGNORECASE))
+    for name in ("think", "answer")
+}
 _SENTENCE_END = re.compile(r"(?<!\d)\.|\.(?!\d)|[!?;\n]")
 _WORD = re.compile(r"[^\W_]+")
 _TOKEN = re.compile(r"[^\W_]+|[^\w\s]")
-_QUOTE = re.compile(r'"([^"]*)"|\u201c([^\u201d]*)\u201d')
 _MCQ_CONCLUSION = re.compile(
     r"\b(?:answer|diagnosis)\s+(?:is|would be|should be)\b\s*:?", re.IGNORECASE
 )
@@ -95,13 +99,19 @@ class _Trace:
         return [s.strip() for s in _SENTENCE_END.split(self.think) if s.strip()]
 
 
+def _first_pair(text: str, name: str) -> str | None:
+    """What ``<name>(.*?)</name>`` (DOTALL, case-insensitive) finds first, in one pass."""
+    spans = tag_spans(text, *_TAGS[name], first=True)
+    return text[spans[0][0] : spans[0][1]] if spans else None
+
+
 def _read(completion: Any) -> _Trace | None:
     """The reasoning, answer and boxed letter of a completion; None if a tag pair is missing."""
     text = _BOX_SPACES.sub(r"\\boxed", _TAG_SPACES.sub(r"<\1\2>", completion_text(completion)))
-    think, answer = _THINK.search(text), _ANSWER.search(text)
+    think, answer = _first_pair(text, "think"), _first_pair(text, "answer")
     if think is None or answer is None:
         return None
-    return _Trace(think.group(1), answer.group(1), _boxed_letter(text, answer.group(1)))
+    return _Trace(think, answer, _boxed_letter(text, answer))
 
 
 def _boxed_letter(text: str, answer: str) -> str | None:
@@ -259,7 +269,8 @@ def clinical_faithfulness(
     checks = (checks,) if isinstance(checks, str) else tuple(checks)
     if not checks or set(checks) - set(FAITHFULNESS_CHECKS):
         raise ValueError(
-            f"checks must be a non-empty subset of {', '.join(FAITHFULNESS_CHECKS)}; got {list(checks)}"
+            f"checks must be a non-empty subset of {', '.join(FAITHFULNESS_CHECKS)}; "
+            f"got {list(checks)}"
         )
     out: list[float | None] = []
     for i, completion in enumerate(completions):
@@ -322,10 +333,10 @@ def clinical_comprehensiveness(
     sum keeps the value in [0, 1]. With ``zero_if_invented=True`` a trace that cites a
     finding absent from `findings` scores 0: coverage is paid only on top of faithful
     citations (GDPO's advice to condition the easier reward on the harder one); without
-    it, citing every key finding of the concluded condition, present or not, pays. Missing <think> or <answer> tags give 0.0; so does a
-    completion the gate refuses (module docstring). Needs `answer` (a letter among the
-    options), `options` and `key_findings` (and `findings` with zero_if_invented); a row
-    without them gives None.
+    it, citing every key finding of the concluded condition, present or not, pays.
+    Missing <think> or <answer> tags give 0.0; so does a completion the gate refuses
+    (module docstring). Needs `answer` (a letter among the options), `options` and
+    `key_findings` (and `findings` with zero_if_invented); a row without them gives None.
     """
     _check_gate(gate)
     if w_key < 0 or w_rule < 0 or w_key + w_rule <= 0:
@@ -434,7 +445,7 @@ def _conclusion_names_box(trace: _Trace, opts: dict[str, str]) -> bool:
 
 def _quotes_in_prompt(trace: _Trace, prompt: Any) -> bool:
     source = norm(_prompt_text(prompt))
-    spans = [norm(a or b) for a, b in _QUOTE.findall(trace.think)]
+    spans = [norm(s) for s in quoted_spans(trace.think)]
     return all(_contains(source, s) for s in spans if s)
 
 
@@ -483,7 +494,9 @@ def mcq_faithfulness(
 
 def _letter_mentioned(think: str, letter: str) -> bool:
     x = re.escape(letter.casefold())
-    pattern = rf"\b(?:options?|choices?)\s*\(?\s*{x}\b|\(\s*{x}\s*\)"
+    # "\s*\(?\s*" read as "\s*(?:\(\s*)?": the same texts, without trying every split of a
+    # long run of spaces between two \s* (quadratic).
+    pattern = rf"\b(?:options?|choices?)\s*(?:\(\s*)?{x}\b|\(\s*{x}\s*\)"
     return re.search(pattern, think.casefold()) is not None
 
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from grouprl.rewards.answers import extract_answer, extract_boxed, normalize_answer
+from grouprl.rewards.answers import answer_tags, extract_answer, extract_boxed, normalize_answer
 from grouprl.rewards.base import REWARDS, completion_text
 from grouprl.rewards.builtins import _math_verify_timeout, _parse_gold
 
@@ -20,7 +20,6 @@ __all__ = ["MajorityVote", "majority_answer_classes"]
 
 MODES = ("auto", "math", "choice")
 _INTEGER = re.compile(r"-?\d+")
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 
 
 def majority_answer_classes(
@@ -62,6 +61,17 @@ def majority_answer_classes(
     return max(range(len(counts)), key=counts.__getitem__), ids
 
 
+def _integer_key(s: str) -> str:
+    """A canonical form of an integer string: int(a) == int(b) iff the keys are equal.
+
+    Compared as strings, not with int(): Python refuses int() of more than 4300 digits
+    (CPython's int_max_str_digits, a guard against its quadratic conversion), which a
+    completion can write.
+    """
+    digits = s.lstrip("-").lstrip("0") or "0"
+    return digits if digits == "0" or not s.startswith("-") else "-" + digits
+
+
 def _single_letter(s: str | None, *, upper_only: bool) -> str | None:
     if s is None:
         return None
@@ -78,7 +88,7 @@ def _choice_answer(text: str) -> str | None:
     (case-insensitive, returned upper-case), else None."""
     letter = _single_letter(extract_boxed(text), upper_only=False)
     if letter is None:
-        tags = _ANSWER_TAG.findall(text)
+        tags = answer_tags(text)
         letter = _single_letter(tags[-1], upper_only=False) if tags else None
     return letter
 
@@ -129,7 +139,8 @@ class MajorityVote:
                                reward 1[answer ≡ label] (no answer: true reward 0)
       ttrl/ground_truth_ratio  fraction of samples whose answer ≡ label
     math-verify timeouts (`timeout_seconds`, for parsing and verifying) apply only in the
-    main thread, since math-verify implements them with signals.
+    main thread, since math-verify implements them with signals; a RewardSet runs the
+    reward in its worker's main thread (unless its timeout is 0).
     """
 
     def __init__(
@@ -189,7 +200,7 @@ class MajorityVote:
             ):
                 return False
             if _INTEGER.fullmatch(a) and _INTEGER.fullmatch(b):
-                return int(a) == int(b)
+                return _integer_key(a) == _integer_key(b)
             pa, pb = parse(a), parse(b)
             if not pa or not pb:
                 return False

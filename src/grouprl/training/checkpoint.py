@@ -2,12 +2,16 @@
 
 A checkpoint is written into `<dir>.tmp` and renamed into place, so a kill mid-write
 never leaves a half checkpoint that resume would pick up. The directory is also a
-regular HF model directory (`from_pretrained` loads it).
+regular HF model directory (`from_pretrained` loads it). Nothing is unpickled on load:
+tensors come from safetensors or `torch.load(weights_only=True)` (RNG states are stored as
+tensors and numbers for that), the trainer state from JSON. A checkpoint with a missing or
+damaged file is skipped for the previous complete one, with a warning naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,13 +23,32 @@ import torch
 from safetensors.torch import load_file
 
 STEP_PREFIX = "step_"
+log = logging.getLogger("grouprl")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing or cannot be read; the message names it."""
 
 
 def rng_state() -> dict[str, Any]:
-    state = {
+    """torch / python / numpy (/ CUDA) RNG states as tensors and numbers only, so that
+    `torch.load(weights_only=True)` reads them back without unpickling any object."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {
+            "version": version,
+            "state": torch.tensor(mt, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -34,8 +57,18 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (
+            npy["name"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -54,6 +87,7 @@ def save_checkpoint(
     scheduler: Any | None,
     trainer_state: dict[str, Any],
     keep: int = 2,
+    rng: dict[str, Any] | None = None,
 ) -> Path:
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -67,7 +101,7 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -128,6 +162,76 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
     return tied
 
 
+def _read_tensors(path: Path, device: torch.device | str = "cpu") -> Any:
+    """torch.load that never unpickles code: a crafted file fails instead of running."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def read_checkpoint(
+    path: str | Path, *, with_optimizer: bool, with_scheduler: bool, device: Any = "cpu"
+) -> dict[str, Any]:
+    """Every file of a checkpoint, read and checked before anything is applied, so a
+    damaged checkpoint leaves the model untouched. Raises CheckpointError naming the file."""
+    path = Path(path)
+    out: dict[str, Any] = {"path": path}
+    state_file = path / "trainer_state.json"
+    try:
+        out["trainer_state"] = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_file}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{state_file}: unreadable ({exc})") from None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors weights")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            weights.update(load_file(str(f)))
+        except Exception as exc:
+            raise CheckpointError(f"{f}: unreadable ({type(exc).__name__}: {exc})") from None
+    out["weights"] = weights
+    out["rng"] = _read_tensors(path / "rng.pt")
+    if with_optimizer:
+        out["optimizer"] = _read_tensors(path / "optimizer.pt", device)
+    if with_scheduler:
+        out["scheduler"] = _read_tensors(path / "scheduler.pt")
+    return out
+
+
+def apply_checkpoint(
+    data: dict[str, Any],
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+) -> dict[str, Any]:
+    """Load what `read_checkpoint` read into the model, optimizer, scheduler and RNGs."""
+    path = data["path"]
+    missing, unexpected = model.load_state_dict(data["weights"], strict=False)
+    missing = [m for m in missing if m not in _tied_names(model)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    try:
+        if optimizer is not None:
+            optimizer.load_state_dict(data["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(data["scheduler"])
+        set_rng_state(data["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path}: optimizer, scheduler or RNG state does not fit: {exc}"
+        ) from None
+    return data["trainer_state"]
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -136,14 +240,34 @@ def load_checkpoint(
     scheduler: Any | None,
 ) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG; return the trainer state (step, cursor)."""
-    path = Path(path)
-    load_weights(model, path)
     device = next(model.parameters()).device
-    if optimizer is not None and (path / "optimizer.pt").is_file():
-        optimizer.load_state_dict(
-            torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    data = read_checkpoint(
+        path,
+        with_optimizer=optimizer is not None,
+        with_scheduler=scheduler is not None,
+        device=device,
+    )
+    return apply_checkpoint(data, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def read_latest(
+    run_dir: str | Path, *, with_optimizer: bool, with_scheduler: bool, device: Any = "cpu"
+) -> dict[str, Any] | None:
+    """The newest checkpoint whose files all read, newest first; one that does not is
+    skipped with a warning naming the file. None when the run has no checkpoint; a
+    CheckpointError naming every failure when none is usable."""
+    ckpts = list_checkpoints(run_dir)
+    failures = []
+    for ckpt in reversed(ckpts):
+        try:
+            return read_checkpoint(
+                ckpt, with_optimizer=with_optimizer, with_scheduler=with_scheduler, device=device
+            )
+        except CheckpointError as exc:
+            failures.append(str(exc))
+            log.warning("checkpoint %s is not usable: %s; trying the previous one", ckpt.name, exc)
+    if failures:
+        raise CheckpointError(
+            f"{run_dir}: no usable checkpoint to resume from: " + "; ".join(failures)
         )
-    if scheduler is not None and (path / "scheduler.pt").is_file():
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / "trainer_state.json").read_text())
+    return None

@@ -98,6 +98,18 @@ def training_prompts(cfg: Config, tokenizer: Any, given: Any) -> PromptDataset:
     return data
 
 
+def check_dataset_size(cfg: Config, size: int) -> None:
+    """A step of more prompts than the dataset holds repeats prompts within the step: only
+    when asked for (`data.allow_repeats`)."""
+    B = cfg.train.prompts_per_step
+    if B > size and not cfg.data.allow_repeats:
+        raise ConfigError(
+            f"train.prompts_per_step: {B} prompts per step, but the training data has {size} "
+            "rows, so a step would hold some prompts twice; lower it, add data, or set "
+            "data.allow_repeats=true"
+        )
+
+
 def decide_shared_prefix(model: torch.nn.Module, mode: str) -> bool:
     """`model.shared_prefix`: off; on (refuses a model that cannot, with the reason); auto
     (uses it when `check_support` accepts the model, else one warning and the repeated

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from grouprl.components import Components, build_components, build_rewards, load_config
-from grouprl.config import Config, ConfigError, dump_config
+from grouprl.config import Config, ConfigError, dump_config, yaml_load
 from grouprl.data.datasets import PromptDataset
 from grouprl.data.sampler import PromptSampler
 from grouprl.models.loading import load_model_and_tokenizer
@@ -28,23 +28,22 @@ from grouprl.monitor.collapse import CollapseMonitor
 from grouprl.monitor.progress import ProgressBar
 from grouprl.monitor.sinks import MetricsLogger
 from grouprl.rollout.base import build_engine, sampling_params
-from grouprl.training.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-)
+from grouprl.training.checkpoint import rng_state, save_checkpoint
 from grouprl.training.collect import Collector
 from grouprl.training.learner import Learner
 from grouprl.training.metrics import completion_metrics, reward_metrics, timing_metrics
 from grouprl.training.plan import plan_batch
+from grouprl.training.resume import resume_run
+from grouprl.training.rundir import RunLock, check_run_dir, move_aside
 from grouprl.training.setup import (
+    check_dataset_size,
     decide_shared_prefix,
     load_dataset_from_config,
     resolve_rewards,
     seed_everything,
     training_prompts,
 )
+from grouprl.training.signals import StopRequests
 
 log = logging.getLogger("grouprl")
 
@@ -55,6 +54,14 @@ class TrainResult:
     steps: int
     history: list[dict[str, float]]
     stopped_early: bool = False  # train.stop_on_collapse ended the run
+    # what ended the run before max_steps: a signal name ("SIGTERM") or "SystemExit(...)"
+    interrupted: str | None = None
+    checkpoint: Path | None = None  # the last checkpoint written
+
+
+def plain_config(cfg: Config) -> dict[str, Any]:
+    """The config as YAML-safe data (what a checkpoint keeps to compare on resume)."""
+    return yaml_load(dump_config(cfg))
 
 
 class Trainer:
@@ -80,8 +87,13 @@ class Trainer:
         resolve_rewards(cfg, reward_funcs)
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
+        # before anything loads: a folder that holds another run is refused here
+        check_run_dir(self.run_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
         self.components: Components = build_components(cfg)
         self.rewards = build_rewards(cfg)
+        self.rewards.configure_health(
+            cfg.train.reward_failure_limit, cfg.train.reward_failure_window
+        )
         seed_everything(cfg.train.seed)
         if model is None:
             model, tokenizer, self.device = load_model_and_tokenizer(cfg.model)
@@ -91,6 +103,7 @@ class Trainer:
             self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
         self.dataset = training_prompts(cfg, tokenizer, train_dataset)
+        check_dataset_size(cfg, len(self.dataset))
         self._eval_set: Any = None
         self.sampling = sampling_params(cfg.rollout)
         self.engine = build_engine(
@@ -116,6 +129,9 @@ class Trainer:
         )
         self.step = 0
         self.stopped_early = False
+        self.interrupted: str | None = None
+        # data cursor and RNG as the current step began: what a mid-step exit saves
+        self._step_start: tuple[dict[str, Any], dict[str, Any]] | None = None
         mode = cfg.train.collapse_monitor
         self.monitor = (
             CollapseMonitor()
@@ -130,8 +146,9 @@ class Trainer:
         return self.learner.model
 
     def close(self) -> None:
-        """Release the rollout engine (GPU memory, server connections)."""
+        """Release the rollout engine (GPU memory, server connections) and the reward worker."""
         self.engine.close()
+        self.rewards.close()
 
     def __enter__(self) -> Trainer:
         return self
@@ -145,32 +162,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _maybe_resume(self) -> None:
-        if not self.cfg.train.resume:
-            return
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            log.warning(
-                "train.resume=true but no checkpoint in %s: starting from step 0", self.run_dir
+        """With train.resume: continue from the newest usable checkpoint (see resume.py)."""
+        if self.cfg.train.resume:
+            self.step = resume_run(
+                self.run_dir,
+                self.cfg,
+                plain_config(self.cfg),
+                learner=self.learner,
+                collector=self.collector,
+                components=self.components,
+                monitor=self.monitor,
+                device=self.device,
             )
-            return
-        lr = self.learner
-        state = load_checkpoint(
-            ckpt, model=lr.model, optimizer=lr.optimizer, scheduler=lr.scheduler
-        )
-        if lr.ref_model is not None and (self.run_dir / "reference").is_dir():
-            load_weights(lr.ref_model, self.run_dir / "reference")
-        self.collector.sampler.load_state_dict(state["data_cursor"])
-        if self.monitor and state.get("collapse_monitor"):
-            self.monitor.load_state_dict(state["collapse_monitor"])
-        stateful = self.components.stateful()
-        for key, comp_state in state.get("components", {}).items():
-            if key in stateful:
-                stateful[key].load_state_dict(comp_state)
-        self.step = int(state["step"])
-        log.info("resumed from %s (step %d)", ckpt, self.step)
 
-    def _save(self) -> Path:
+    def _save(self, *, at_step_start: bool = False) -> Path:
+        """A checkpoint of step `self.step`; `at_step_start` saves the data cursor and RNG of
+        the moment the interrupted step began, so a resume repeats that step."""
         lr = self.learner
+        cursor, rng = self.collector.sampler.state_dict(), None
+        if at_step_start and self._step_start is not None:
+            cursor, rng = self._step_start
         return save_checkpoint(
             self.run_dir,
             self.step,
@@ -179,11 +190,13 @@ class Trainer:
             optimizer=lr.optimizer,
             scheduler=lr.scheduler,
             trainer_state={
-                "data_cursor": self.collector.sampler.state_dict(),
+                "data_cursor": cursor,
                 "components": {k: c.state_dict() for k, c in self.components.stateful().items()},
                 "collapse_monitor": self.monitor.state_dict() if self.monitor else None,
+                "config": plain_config(self.cfg),
             },
             keep=self.cfg.train.keep_checkpoints,
+            rng=rng,
         )
 
     # ------------------------------------------------------------------ one step
@@ -239,62 +252,97 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
+        """Run to `train.max_steps`. SIGTERM / SIGINT / SIGHUP (or a SystemExit inside a step)
+        end it early with a checkpoint and `TrainResult.interrupted` set; a second signal
+        exits at once."""
         cfg = self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
-        self._maybe_resume()
-        if (
-            self.learner.ref_model is not None
-            and not (self.run_dir / "reference").is_dir()
-            and self.step == 0
-        ):
-            # Keep π_ref beside the run so a resumed run regularizes toward the same policy.
-            self.learner.ref_model.save_pretrained(
-                self.run_dir / "reference", safe_serialization=True
-            )
-        logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
-        try:
-            with ProgressBar(
-                cfg.max_steps, description="grpo", enabled=cfg.progress, initial=self.step
-            ) as bar:
-                while self.step < cfg.max_steps:
-                    metrics = self.train_step()
-                    self.step += 1
-                    if cfg.eval_every and (
-                        self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
-                    ):
-                        metrics.update(self.evaluate())
-                    warnings_now = self.monitor.check(metrics) if self.monitor else []
-                    if warnings_now:
-                        metrics["collapse/warning"] = 1.0
-                    logger.log(self.step, metrics)
-                    self.history.append({"step": self.step, **metrics})
-                    bar.update(self.step, metrics)
-                    for msg in warnings_now:
-                        bar.warn(f"step {self.step}: {msg}")
-                    for name, n in (
-                        (n, metrics.get(f"rewards/{n}/errors", 0)) for n in self.rewards.names
-                    ):
-                        if n:
-                            bar.warn(
-                                f"step {self.step}: reward {name!r} failed on this batch (NaN rewards, run continues)"
-                            )
-                    if (
-                        cfg.save_every
-                        and self.step % cfg.save_every == 0
-                        and self.step < cfg.max_steps
-                    ):
-                        self._save()
-                    for cb in self.callbacks:
-                        cb(self.step, metrics)
-                    if warnings_now and cfg.stop_on_collapse:
-                        bar.warn(f"step {self.step}: stopping (train.stop_on_collapse=true)")
-                        self.stopped_early = True
-                        break
+        check_run_dir(self.run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+        with RunLock(self.run_dir), StopRequests() as stops:
+            if cfg.overwrite:
+                move_aside(self.run_dir)
+            else:  # again, now that no other process can start a run here
+                check_run_dir(self.run_dir, resume=cfg.resume, overwrite=False)
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            self._maybe_resume()
+            ref = self.learner.ref_model
+            if ref is not None and not (self.run_dir / "reference").is_dir() and self.step == 0:
+                # Keep π_ref beside the run so a resumed run regularizes toward the same policy.
+                ref.save_pretrained(self.run_dir / "reference", safe_serialization=True)
+            logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
+            try:
+                with ProgressBar(
+                    cfg.max_steps, description="grpo", enabled=cfg.progress, initial=self.step
+                ) as bar:
+                    mid_step = self._loop(bar, logger, stops)
+                    path = self._save(at_step_start=mid_step)
+                    if self.interrupted:
+                        bar.warn(
+                            f"stopped ({self.interrupted}) after step {self.step}: checkpoint "
+                            f"{path}; resume with train.resume=true and the same "
+                            f"train.output_dir ({self.run_dir})"
+                        )
+            finally:
+                logger.close()
+        return TrainResult(
+            self.run_dir, self.step, self.history, self.stopped_early, self.interrupted, path
+        )
+
+    def _loop(self, bar: ProgressBar, logger: MetricsLogger, stops: StopRequests) -> bool:
+        """Steps until max_steps or a stop; True when a step was cut short (SystemExit)."""
+        cfg = self.cfg.train
+        while self.step < cfg.max_steps:
+            if stops.requested:
+                self.interrupted = stops.requested
+                return False
+            self._step_start = (self.collector.sampler.state_dict(), rng_state())
+            try:
+                metrics = self.train_step()
+            except SystemExit as exc:  # user code asked to exit: keep what is done
+                self.interrupted = f"SystemExit({exc.code!r}) during step {self.step + 1}"
+                return True
+            self.step += 1
+            if self._after_step(metrics, bar, logger):
+                return False
+            failure = self.rewards.check_health()
+            if failure is not None:  # keep the steps done, then stop with the reason
+                path = self._save()
+                failure.args = (
+                    f"{failure}. Stopped after step {self.step}, checkpoint {path} "
+                    "(train.reward_failure_limit / train.reward_failure_window; a slow "
+                    "function may need a longer rewards[*].timeout)",
+                )
+                raise failure
+        if stops.requested:  # arrived during the last step
+            self.interrupted = stops.requested
+        return False
+
+    def _after_step(self, metrics: dict[str, float], bar: ProgressBar, logger: Any) -> bool:
+        """Evaluation, monitors, logging, checkpoint cadence, callbacks; True to stop."""
+        cfg = self.cfg.train
+        if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+            metrics.update(self.evaluate())
+        warnings_now = self.monitor.check(metrics) if self.monitor else []
+        if warnings_now:
+            metrics["collapse/warning"] = 1.0
+        logger.log(self.step, metrics)
+        self.history.append({"step": self.step, **metrics})
+        bar.update(self.step, metrics)
+        for msg in warnings_now:
+            bar.warn(f"step {self.step}: {msg}")
+        for name in self.rewards.names:
+            if metrics.get(f"rewards/{name}/errors", 0):
+                bar.warn(
+                    f"step {self.step}: reward {name!r} failed on this batch (NaN rewards, run continues)"
+                )
+        if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
             self._save()
-        finally:
-            logger.close()
-        return TrainResult(self.run_dir, self.step, self.history, self.stopped_early)
+        for cb in self.callbacks:
+            cb(self.step, metrics)
+        if warnings_now and cfg.stop_on_collapse:
+            bar.warn(f"step {self.step}: stopping (train.stop_on_collapse=true)")
+            self.stopped_early = True
+            return True
+        return False
 
 
 def train(
