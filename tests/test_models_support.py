@@ -102,6 +102,11 @@ ZOO = {
         "sdpa",
     ),
     "mamba": ("mamba", {"state_size": 8, "expand": 2, "conv_kernel": 4}, "eager"),
+    # key biases: their gradient is 0 in exact arithmetic, rounding noise in both layouts
+    "opt": ("opt", {"ffn_dim": 64, "num_attention_heads": 4, "word_embed_proj_dim": 32}, "sdpa"),
+    # dynamic mask attention: a learned bias (A, dt_proj) is built into the attention mask,
+    # which the packed layout replaces; at initialization A = 0, so the VALUES agree
+    "doge": ("doge", {**ATT, "max_position_embeddings": 128}, "sdpa"),
 }
 
 
@@ -121,7 +126,7 @@ def build(name: str) -> torch.nn.Module:
     return tiny_model(name)[0] if name in ("qwen2", "llama", "mistral") else zoo_model(name)
 
 
-ACCEPTED = ["qwen2", "llama", "mistral", "gemma3", "gpt2", "cohere", "granite"]
+ACCEPTED = ["qwen2", "llama", "mistral", "gemma3", "gpt2", "cohere", "granite", "opt"]
 REFUSED = {
     "falcon_h1": "layer_types hybrid",
     "lfm2": "layer_types conv",
@@ -130,7 +135,27 @@ REFUSED = {
     "mamba": "layer_types linear_attention",
     "gemma2": "final_logit_softcapping=3.0",
     "llama4": "get_decoder() returns the model itself",
+    "doge": "self_attn.A gets a gradient in the repeated layout only",
 }
+
+
+def test_the_gradient_check_sees_what_equal_values_hide():
+    # Doge at initialization: packed and repeated log-probs agree, the gradients do not
+    model = build("doge")
+    with torch.no_grad():
+        a, _ = completion_logprobs(model, *support_probe_batch())
+        b, _ = completion_logprobs(model, *support_probe_batch(), shared_prefix=True)
+    assert float((a - b).abs().max()) < 1e-5
+    ok, reason = check_support(model)
+    assert not ok and "gradient" in reason, reason
+
+
+def support_probe_batch():
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, V, (1, 5), generator=g).repeat(3, 1)
+    comp = torch.randint(0, V, (3, 4), generator=g)
+    mask = (torch.arange(4) < torch.tensor([3, 4, 2])[:, None]).float()
+    return prompt, torch.ones_like(prompt, dtype=torch.float32), comp, mask
 
 
 @pytest.mark.parametrize("name", ACCEPTED)
@@ -301,16 +326,22 @@ def test_self_check_of_a_half_precision_model_runs_on_an_fp32_copy(monkeypatch):
     monkeypatch.setattr(support, "completion_logprobs", spy)
     ok, reason = check_support(model)
     assert ok, reason
-    assert seen == [(torch.float32, False)] * 2  # fp32, eval mode (no dropout)
+    # fp32, eval mode (no dropout): values, then gradients, each in both layouts
+    assert seen == [(torch.float32, False)] * 4
     assert next(model.parameters()).dtype == torch.bfloat16 and model.training
 
 
-def test_self_check_alone_misses_a_convolution():
-    # why the structural checks exist: at this size LFM2's short convolution leaks too little
-    # for the numeric self-check to see, yet the layouts are not the same computation
+def test_values_alone_miss_a_convolution_the_gradients_do_not():
+    # at this size LFM2's short convolution leaks too little into the VALUES for a 1e-4
+    # comparison to see; the first layer's gradients show it (and the structural checks
+    # refuse it before either)
     model = build("lfm2")
-    assert support._self_check(model, 1e-4)[0]
-    assert not support._self_check(model, 1e-5)[0]  # (attention-only models: ~2e-7)
+    with torch.no_grad():
+        a, _ = completion_logprobs(model, *support_probe_batch())
+        b, _ = completion_logprobs(model, *support_probe_batch(), shared_prefix=True)
+    assert float((a - b).abs().max()) < 1e-4
+    ok, reason = support._self_check(model, 1e-4)
+    assert not ok and "gradients differ" in reason, reason
     assert not check_support(model)[0]
 
 

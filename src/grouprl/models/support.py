@@ -8,7 +8,10 @@ softcapping), (2) every entry of its config's `layer_types` is a full or sliding
 layer, (3) no module of its decoder looks like a state-carrying mixer (SSM, mamba,
 convolution, recurrence, linear attention, gated delta rule, RWKV), and (4) a numeric
 self-check in fp32 (eval mode) with three completions of several tokens gives the same
-log-probs packed as repeated, so a completion that can see another one shows up.
+log-probs packed as repeated, so a completion that can see another one shows up, and the
+same gradients for the first decoder layer's parameters: a parameter the repeated layout
+uses but the packed one bypasses (a learned bias built into the attention mask, as Doge's
+dynamic mask, whose values agree at initialization) shows there even when values agree.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ _STATE_WORDS = frozenset({"ssm", "mamba", "conv", "recurrent", "rnn", "lstm", "r
 _STATE_PHRASES = ("linearattention", "gateddelta", "deltanet", "lightningattention", "retention")
 # Self-check batch: one random prompt, three completions (lengths 3, 4, 2) packed together.
 _PROMPT_LEN, _LENGTHS = 5, (3, 4, 2)
+_GRAD_RTOL = 1e-3  # fp32 gradients of the two layouts agree to ~1e-6 relative on real models
 
 
 def check_support(model: nn.Module, *, tolerance: float | None = None) -> tuple[bool, str]:
@@ -104,4 +108,60 @@ def _self_check(model: nn.Module, tolerance: float) -> tuple[bool, str]:
         return False, (
             f"packed and repeated log-probs differ by {err:.2e} > {tolerance:.0e} on a self-check"
         )
+    bad = _gradient_check(probe, args, mask_NT.to(param.device))
+    if bad:
+        return False, bad
     return True, "attention-only layers, chunked LM head, self-check passed"
+
+
+def _first_layer_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters of the first decoder layer (every layer has the same structure),
+    or of the whole model when no layer list is found; a bounded gradient to compare."""
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len(module) == n_layers:
+            return [
+                (f"{name}.0.{n}", p) for n, p in module[0].named_parameters() if p.requires_grad
+            ]
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _gradient_check(probe: nn.Module, args: list[torch.Tensor], mask_NT: torch.Tensor) -> str:
+    """'' when both layouts give the first layer the same gradient of a weighted log-prob sum,
+    else the reason (a parameter only one layout uses, or gradients that differ)."""
+    params = _first_layer_params(probe)
+    if not params:
+        return ""
+    g = torch.Generator().manual_seed(1)
+    w_NT = torch.randn(mask_NT.shape, generator=g).to(mask_NT.device) * mask_NT
+    modes = {m: m.training for m in probe.modules()}
+    probe.eval()
+    grads = []
+    try:
+        for shared in (False, True):
+            with torch.enable_grad():
+                logp, _ = completion_logprobs(probe, *args, shared_prefix=shared)
+                loss = (logp * w_NT).sum()
+                grads.append(torch.autograd.grad(loss, [p for _, p in params], allow_unused=True))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    # relative to the layer's largest gradient: a gradient that is zero in exact arithmetic
+    # (a key bias, which softmax ignores) is rounding noise in both layouts
+    scale = max([float(a.abs().max()) for a in grads[0] if a is not None] + [1e-12])
+    for (name, _), a, b in zip(params, grads[0], grads[1], strict=True):
+        if (a is None) != (b is None):
+            return (
+                f"parameter {name} gets a gradient in the repeated layout only: the packed "
+                "layout bypasses something it feeds (e.g. a learned attention-mask bias)"
+                if b is None
+                else f"parameter {name} gets a gradient in the packed layout only"
+            )
+        if a is not None:
+            err = float((a - b).abs().max())
+            if err > _GRAD_RTOL * scale:
+                return (
+                    f"packed and repeated gradients differ for {name} ({err:.2e}, "
+                    f"{err / scale:.1e} of the layer's largest) on a self-check"
+                )
+    return ""
