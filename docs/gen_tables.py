@@ -99,6 +99,7 @@ REGISTRY_TABLES = [
     RegistryTable("tasks", "grouprl.data.tasks.base:TASKS"),
     RegistryTable("benchmarks", "grouprl.data.benchmarks:BENCHMARKS"),
     RegistryTable("rollout_engines", "grouprl.rollout.base:ROLLOUT_ENGINES"),
+    RegistryTable("mismatch", "grouprl.algorithms.mismatch:MISMATCH_CORRECTIONS"),
     RegistryTable("inputs", "grouprl.inputs:INPUTS"),
 ]
 

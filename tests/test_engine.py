@@ -119,6 +119,8 @@ class ScriptedEngine:
     """Answers every prompt with its scripted completions; records what it was asked."""
 
     script: dict[str, list[str]] = {}
+    reports_sampling_logp = False
+    default_mismatch_correction = "none"
 
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], SamplingParams]] = []

@@ -32,6 +32,9 @@ class Components:
     regularizer_caps: list[Capabilities]
     token_mask: BoundComponent | None = None
     sample_filters: list[BoundComponent] = field(default_factory=list)
+    # importance weights for the sampler/trainer mismatch (None: `auto`, resolved by the
+    # trainer from the engine's default, or `none`)
+    mismatch: BoundComponent | None = None
 
     @property
     def needs_ref(self) -> bool:
@@ -176,7 +179,28 @@ def _build_components(cfg: Config) -> Components:
             _bind(SAMPLE_FILTERS, f"sample_filters.{i}", f, "sample_filter")
             for i, f in enumerate(cfg.sample_filters)
         ],
+        mismatch=build_mismatch(cfg.rollout.mismatch_correction),
     )
+
+
+MISMATCH_KEY = "rollout.mismatch_correction"
+
+
+def build_mismatch(spec: dict[str, Any], default: str = "none") -> BoundComponent | None:
+    """The configured correction; `auto` takes `default` (the engine's); `none` is None."""
+    from grouprl.algorithms.mismatch import MISMATCH_CORRECTIONS
+
+    name, params = split_spec(spec)
+    if name == "auto":
+        if params:
+            raise ConfigError(f"{MISMATCH_KEY}: auto takes no parameters, got {sorted(params)}")
+        name = default
+    if name == "none":
+        return None
+    try:
+        return BoundComponent.build(MISMATCH_CORRECTIONS, name, params)
+    except (RegistryError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{MISMATCH_KEY}: {exc}") from None
 
 
 def _probe_policy_inputs() -> Any:
@@ -224,6 +248,15 @@ def probe_components(cfg: Config) -> None:
     ]
     if fresh.token_mask is not None:
         checks.append(("token_mask", lambda: fresh.token_mask(inputs)))
+    if fresh.mismatch is not None:
+        mismatch = fresh.mismatch
+        policy = inputs["policy"]
+        args = {
+            "logp_NT": policy.old_logp_NT,
+            "sampling_logp_NT": policy.old_logp_NT - 0.1,
+            "mask_NT": policy.mask_NT,
+        }
+        checks.append((MISMATCH_KEY, lambda: mismatch(args)))
     for key, run in checks:
         try:
             run()
@@ -237,6 +270,11 @@ def check_compatible(comps: Components, cfg: Config) -> None:
         raise ConfigError(
             f"token_mask: loss {comps.loss_name!r} scores whole sequences per group and "
             f"cannot use a per-token mask ({comps.token_mask.name}); drop one of them"
+        )
+    if comps.mismatch is not None and comps.whole_groups:
+        raise ConfigError(
+            f"{MISMATCH_KEY}: loss {comps.loss_name!r} normalizes itself over whole groups, so "
+            f"per-token importance weights ({comps.mismatch.name}) cannot be applied to it"
         )
     refills = [f.name for f in comps.sample_filters if f.caps.refills]
     if len(refills) > 1:

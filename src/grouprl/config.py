@@ -135,6 +135,9 @@ class RolloutConfig:
     max_new_tokens: int = 256
     num_train_samples: int = 0  # train on the first k of each group's G samples (TTRL); 0 = all
     share_prefill: bool = True  # prefill each prompt once and reuse its KV cache for the G samples
+    # importance weights for a sampler whose log-probs differ from the trainer's (vLLM):
+    # {name: auto | none | tis | seq_tis | seq_mask, cap: C}; auto = the engine's default
+    mismatch_correction: dict[str, Any] = field(default_factory=lambda: {"name": "auto"})
 
 
 @dataclass
@@ -517,6 +520,7 @@ def validate(cfg: Config) -> Config:
         _check_component(f"sample_filters.{i}", flt)
     if cfg.token_mask is not None:
         _check_component("token_mask", cfg.token_mask)
+    _check_component("rollout.mismatch_correction", r.mismatch_correction)
     return cfg
 
 

@@ -1,5 +1,5 @@
 """Pure tensor math of grouprl: advantages, policy losses, aggregations, regularizers,
-token masks and sample filters.
+token masks, sample filters and sampler/trainer mismatch corrections.
 
 Each kind of component lives in a registry and is looked up by its config name.
 """
@@ -8,6 +8,7 @@ from grouprl.algorithms import entropy_band  # noqa: F401  (registers entropy_ba
 from grouprl.algorithms.advantages import ADVANTAGE_MODIFIERS, ADVANTAGES
 from grouprl.algorithms.aggregation import AGGREGATIONS
 from grouprl.algorithms.losses import LOSSES
+from grouprl.algorithms.mismatch import MISMATCH_CORRECTIONS
 from grouprl.algorithms.regularizers import REGULARIZERS
 from grouprl.algorithms.selection import SAMPLE_FILTERS, TOKEN_MASKS
 
@@ -16,6 +17,7 @@ __all__ = [
     "ADVANTAGE_MODIFIERS",
     "AGGREGATIONS",
     "LOSSES",
+    "MISMATCH_CORRECTIONS",
     "REGULARIZERS",
     "SAMPLE_FILTERS",
     "TOKEN_MASKS",

@@ -103,7 +103,15 @@ class RolloutEngine(Protocol):
 
     Lifecycle: `build_engine` (or `from_config`) once per run, `generate` per step,
     `update_weights` after every optimizer step, `close` at the end (idempotent).
+
+    Declared facts: `reports_sampling_logp` (whether `generate` fills
+    `Rollouts.sampling_logp_NT`), and `default_mismatch_correction`, what
+    `rollout.mismatch_correction: auto` becomes with this engine ("none" for an engine that
+    samples with the trainer's own forward).
     """
+
+    reports_sampling_logp: bool
+    default_mismatch_correction: str
 
     @classmethod
     def from_config(

@@ -30,7 +30,12 @@ class HFEngine:
 
     Prompts are left-padded so that every completion starts at the same column; sampling
     uses the global torch RNG, so a seeded run (and a resumed one) draws the same samples.
+    It samples with the policy's own forward, so there is no sampler/trainer mismatch to
+    correct and it reports no separate sampling log-probs.
     """
+
+    reports_sampling_logp = False
+    default_mismatch_correction = "none"
 
     def __init__(
         self,

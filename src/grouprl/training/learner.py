@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from grouprl.algorithms.mismatch import mismatch_stats
 from grouprl.algorithms.types import BatchNorm, PolicyInputs
 from grouprl.components import Components
 from grouprl.config import Config
@@ -145,13 +146,15 @@ class Learner:
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, float] = defaultdict(float)
         scalar_stats: dict[str, list[float]] = defaultdict(list)
+        minmax: dict[str, float] = {}
         self.model.train()
         for it in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             total_loss = 0.0
             for s in self.micro_batches(ro):
+                mb = ro.select(s)
                 logp, ent = self.logprobs(
-                    ro.select(s), with_entropy=True, entropy_grad=comp.needs_entropy_grad
+                    mb, with_entropy=True, entropy_grad=comp.needs_entropy_grad
                 )
                 assert ent is not None
                 mask_mb = mask[s]
@@ -171,6 +174,7 @@ class Learner:
                     step=step * cfg.num_iterations + it,
                 )
                 policy = comp.loss(inp)
+                extra = self._mismatch(policy, inp, mb.sampling_logp_NT, minmax)
                 inp.norm = tb.reg_norm
                 regs = [reg(inp) for reg in comp.regularizers]
                 loss = self._aggregate(policy, tb.policy_mask_NT[s], tb.policy_norm)
@@ -179,7 +183,7 @@ class Learner:
                 loss.backward()
                 total_loss += float(loss.detach())
                 n_tok = float(mask_mb.sum())
-                stats = {"entropy": ent.detach()}
+                stats = {"entropy": ent.detach(), **extra}
                 for term in [policy, *regs]:
                     stats.update(term.stats_NT)
                     for k, v in term.stats.items():
@@ -190,10 +194,40 @@ class Learner:
             grad_norm = self._step(step, sums, counts)
         out = {k: sums[k] / counts[k] if counts[k] else 0.0 for k in sums}
         out.update({k: sum(v) / len(v) for k, v in scalar_stats.items()})
+        out.update(minmax)
         out["loss"] = total_loss
         out["grad_norm"] = grad_norm
         out["learning_rate"] = self.scheduler.get_last_lr()[0]
         return out
+
+    def _mismatch(
+        self,
+        policy: Any,
+        inp: PolicyInputs,
+        sampling_logp_NT: Tensor | None,
+        minmax: dict[str, float],
+    ) -> dict[str, Tensor]:
+        """With the sampler's own log-probs: the mismatch metrics, and the configured
+        importance weights applied to the per-token policy term (algorithms/mismatch.py). Returns per-token stats to average over the loss mask."""
+        if sampling_logp_NT is None:
+            return {}
+        mm = mismatch_stats(inp.old_logp_NT, sampling_logp_NT, inp.mask_NT)
+        lo, hi = float(mm["mismatch/ratio_min"]), float(mm["mismatch/ratio_max"])
+        minmax["mismatch/ratio_min"] = min(minmax.get("mismatch/ratio_min", lo), lo)
+        minmax["mismatch/ratio_max"] = max(minmax.get("mismatch/ratio_max", hi), hi)
+        extra = {"mismatch/kl": mm["mismatch/kl"], "mismatch/ratio_mean": mm["mismatch/ratio"]}
+        correction = self.components.mismatch
+        if correction is not None and policy.aggregated is None:
+            w_NT = correction(
+                {
+                    "logp_NT": inp.old_logp_NT,
+                    "sampling_logp_NT": sampling_logp_NT,
+                    "mask_NT": inp.mask_NT,
+                }
+            ).to(policy.per_token_NT.dtype)
+            policy.per_token_NT = policy.per_token_NT * w_NT
+            extra["mismatch/weight_mean"] = w_NT
+        return extra
 
     def _step(self, step: int, sums: dict[str, float], counts: dict[str, float]) -> float:
         """Clip, then one optimizer and schedule step; a non-finite gradient skips the update."""
