@@ -384,3 +384,17 @@ def test_training_config_reads_a_benchmark_file(tmp_path, tiny_model_dir):
     cfg["train"]["output_dir"] = str(tmp_path / "out2")
     with pytest.raises(ConfigError, match='data.benchmark: .*did you mean "medmcqa"'):
         Trainer(load_config(cfg))
+
+
+def test_a_lone_surrogate_in_a_benchmark_row_names_that_row(tmp_path):
+    from grouprl.data.benchmarks import load_benchmark
+    from grouprl.data.datasets import DataError
+
+    rows = [mcqa(0), mcqa(2, 1)]
+    rows[1]["question"] = "bad \ud800 text"
+    path = tmp_path / "medmcqa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=r"row 2: field 'question': .*lone surrogate U\+D800"):
+        load_benchmark("medmcqa", path, cop_base=0)
+    kept = load_benchmark("medmcqa", path, cop_base=0, on_bad_row="skip")
+    assert len(kept) == 1

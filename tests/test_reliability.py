@@ -389,3 +389,17 @@ def test_a_sleeping_reward_is_cut_at_its_deadline_and_the_run_goes_on(tmp_path, 
     assert res.steps == 3
     assert [h["rewards/sleepy/timeouts"] for h in res.history] == [0.0, 1.0, 0.0]
     assert [h["rewards/sleepy/nan_count"] for h in res.history] == [0.0, 12.0, 0.0]
+
+
+def test_reward_timeouts_of_every_refill_round_are_counted():
+    from grouprl.training.collect import _merge_reward_metrics
+
+    rounds = [
+        {"rewards/judge/timeouts": 1.0, "rewards/judge/seconds": 2.0, "ttrl/majority_ratio": 0.5},
+        {"rewards/judge/timeouts": 0.0, "rewards/judge/seconds": 1.5, "ttrl/majority_ratio": 0.7},
+    ]
+    assert _merge_reward_metrics(rounds) == {
+        "rewards/judge/timeouts": 1.0,
+        "rewards/judge/seconds": 3.5,
+        "ttrl/majority_ratio": 0.7,
+    }

@@ -69,9 +69,9 @@ def cmd_ttrl(args: argparse.Namespace) -> int:
 
     base: dict[str, Any] = {}
     if args.config:
-        from grouprl.config import yaml_load
+        from grouprl.config import read_yaml_file
 
-        base = yaml_load(Path(args.config).read_text()) or {}
+        base = read_yaml_file(Path(args.config))
     base["recipe"] = args.recipe
     if args.model:
         base.setdefault("model", {})["name_or_path"] = args.model

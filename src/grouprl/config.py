@@ -524,7 +524,8 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _read_yaml_file(path: Path) -> dict[str, Any]:
+def read_yaml_file(path: Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; any failure is a ConfigError naming the file."""
     try:
         found = path.is_file()
     except (OSError, ValueError):  # a name too long, or with a NUL byte
@@ -554,7 +555,7 @@ def load_config(
     elif isinstance(source, dict):
         user = copy.deepcopy(source)
     elif isinstance(source, (str, os.PathLike)):
-        user = _read_yaml_file(Path(source))
+        user = read_yaml_file(Path(source))
     else:
         raise ConfigError(
             f"config: expected a YAML file path or a mapping, got {type(source).__name__}"

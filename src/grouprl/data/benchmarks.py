@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from grouprl.data.datasets import DataError, _InvalidJSON, _open, _place
+from grouprl.data.datasets import DataError, _BadRow, _check_text, _InvalidJSON, _open, _place
 from grouprl.registry import Registry
 
 logger = logging.getLogger("grouprl.data")
@@ -167,6 +167,10 @@ def _read(
                 raise _Bad(str(record))
             if not isinstance(record, dict):
                 raise _Bad(f"expected an object, got {type(record).__name__}")
+            try:
+                _check_text(record)
+            except _BadRow as exc:  # a lone surrogate: not valid Unicode text
+                raise _Bad(str(exc), exc.field) from None
             rows.append((row, parse(record, row)))
         except _Bad as e:
             msg = _place(source, row, e.field, e.what)

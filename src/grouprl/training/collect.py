@@ -105,6 +105,18 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
     )
 
 
+# per-call counters of RewardSet that add up across refill rounds; other metrics (e.g.
+# ttrl/majority_ratio) describe the batch's last round
+_SUMMED = ("/timeouts", "/crashes", "/seconds")
+
+
+def _merge_reward_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    out = dict(parts[-1])
+    for key in {k for p in parts for k in p if k.endswith(_SUMMED)}:
+        out[key] = float(sum(p.get(key, 0.0) for p in parts))
+    return out
+
+
 def concat_batches(parts: list[ScoredBatch], pad_token_id: int) -> ScoredBatch:
     if len(parts) == 1:
         return parts[0]
@@ -120,7 +132,7 @@ def concat_batches(parts: list[ScoredBatch], pad_token_id: int) -> ScoredBatch:
         rewards_NK=torch.cat([p.rewards_NK for p in parts]),
         rewards_N=torch.cat([p.rewards_N for p in parts]),
         errors=errors,
-        reward_metrics=parts[-1].reward_metrics,
+        reward_metrics=_merge_reward_metrics([p.reward_metrics for p in parts]),
         baseline_B=None if any(b is None for b in baselines) else torch.cat(baselines),  # type: ignore[arg-type]
     )
 

@@ -386,9 +386,9 @@ def train(
     """
     base: dict[str, Any] = {}
     if isinstance(config, (str, Path)):
-        from grouprl.config import yaml_load
+        from grouprl.config import read_yaml_file
 
-        base = yaml_load(Path(config).read_text()) or {}
+        base = read_yaml_file(Path(config))
     elif isinstance(config, dict):
         base = copy.deepcopy(config)
     elif isinstance(config, Config):
