@@ -1,4 +1,5 @@
-"""Start-up pieces of a run: seeding, the training data, the rewards, the shared-prefix decision."""
+"""Start-up pieces of a run: seeding, the training data, the rewards, the shared-prefix and
+mismatch-correction decisions."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from grouprl.components import MISMATCH_KEY, Components, build_mismatch, check_compatible
 from grouprl.config import Config, ConfigError
 from grouprl.data.datasets import PromptDataset, load_prompts
 from grouprl.models.support import check_support
 from grouprl.registry import RegistryError
+from grouprl.rollout.base import RolloutEngine
 
 log = logging.getLogger("grouprl")
 
@@ -125,3 +128,18 @@ def decide_shared_prefix(model: torch.nn.Module, mode: str) -> bool:
         "shared prefix off (model.shared_prefix=auto): %s; using the repeated layout", reason
     )
     return False
+
+
+def resolve_mismatch(cfg: Config, components: Components, engine: RolloutEngine) -> None:
+    """`rollout.mismatch_correction: auto` becomes the engine's declared default; a
+    correction needs an engine that reports its own sampling log-probs."""
+    components.mismatch = build_mismatch(
+        cfg.rollout.mismatch_correction, engine.default_mismatch_correction
+    )
+    if components.mismatch is not None and not engine.reports_sampling_logp:
+        raise ConfigError(
+            f"{MISMATCH_KEY}: {components.mismatch.name!r} weights need the sampler's own "
+            f"log-probs, which rollout.engine {cfg.rollout.engine!r} does not report (it "
+            "samples with the trainer's forward, so there is no mismatch): use none or auto"
+        )
+    check_compatible(components, cfg)

@@ -19,15 +19,7 @@ from typing import Any
 
 import torch
 
-from grouprl.components import (
-    MISMATCH_KEY,
-    Components,
-    build_components,
-    build_mismatch,
-    build_rewards,
-    check_compatible,
-    load_config,
-)
+from grouprl.components import Components, build_components, build_rewards, load_config
 from grouprl.config import Config, ConfigError, dump_config, yaml_load
 from grouprl.data.datasets import PromptDataset
 from grouprl.data.sampler import PromptSampler
@@ -47,6 +39,7 @@ from grouprl.training.setup import (
     check_dataset_size,
     decide_shared_prefix,
     load_dataset_from_config,
+    resolve_mismatch,
     resolve_rewards,
     seed_everything,
     training_prompts,
@@ -117,7 +110,7 @@ class Trainer:
         self.engine = build_engine(
             cfg.rollout, model, tokenizer, max_prompt_length=cfg.data.max_prompt_length
         )
-        self._resolve_mismatch()
+        resolve_mismatch(cfg, self.components, self.engine)
         self.learner = Learner(
             model,
             cfg,
@@ -149,21 +142,6 @@ class Trainer:
         )
         self.history: list[dict[str, float]] = []
         self.callbacks: list[Callable[[int, dict[str, float]], None]] = []
-
-    def _resolve_mismatch(self) -> None:
-        """`rollout.mismatch_correction: auto` becomes the engine's declared default; a
-        correction needs an engine that reports its own sampling log-probs."""
-        cfg = self.cfg
-        self.components.mismatch = build_mismatch(
-            cfg.rollout.mismatch_correction, self.engine.default_mismatch_correction
-        )
-        if self.components.mismatch is not None and not self.engine.reports_sampling_logp:
-            raise ConfigError(
-                f"{MISMATCH_KEY}: {self.components.mismatch.name!r} weights need the sampler's "
-                f"own log-probs, which rollout.engine {cfg.rollout.engine!r} does not report "
-                "(it samples with the trainer's forward, so there is no mismatch): use none or auto"
-            )
-        check_compatible(self.components, cfg)
 
     @property
     def model(self) -> torch.nn.Module:
