@@ -258,11 +258,10 @@ class Trainer:
         end it early with a checkpoint and `TrainResult.interrupted` set; a second signal
         exits at once."""
         cfg = self.cfg.train
-        check_run_dir(self.run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
         with RunLock(self.run_dir), StopRequests() as stops:
             if cfg.overwrite:
                 move_aside(self.run_dir)
-            else:  # again, now that no other process can start a run here
+            else:  # checked in __init__; again now that no other process can start a run here
                 check_run_dir(self.run_dir, resume=cfg.resume, overwrite=False)
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
             self._maybe_resume()
