@@ -36,16 +36,8 @@ def tiny_model(arch: str = "qwen2", **overrides):
     """A tiny model of `arch` (GQA: 4 heads, 2 KV heads; Mistral with a short sliding window)
     over the digits, `+` and `=`, and its tokenizer."""
     tok = build_char_tokenizer("0123456789+=")
-    model = build_tiny_model(
-        tok,
-        arch=arch,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        seed=1,
-        **{**ARCHS.get(arch, {}), **overrides},
-    )
+    kw = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "seed": 1}
+    model = build_tiny_model(tok, arch=arch, **{**kw, **ARCHS.get(arch, {}), **overrides})
     return model, tok
 
 

@@ -16,6 +16,7 @@ from grouprl.rollout import (
     ROLLOUT_ENGINES,
     HFEngine,
     RolloutEngine,
+    RolloutEngineError,
     Rollouts,
     SamplingParams,
     build_engine,
@@ -192,3 +193,57 @@ def test_evaluate_builds_a_registered_engine_by_name(tiny, engines, monkeypatch)
     assert len(built) == 1 and built[0].closed == 1  # built for the call, closed after it
     with pytest.raises(ConfigError, match="rollout.engine"):
         evaluate(model, tok, _examples(), RewardSet(["exact_match"]), n=2, engine="scriptd")
+
+
+class FailingEngine(HFEngine):
+    """The HF engine, failing the way a dead or stuck vLLM server does: at the n-th generate
+    or the n-th weight sync (failure injection through the engine protocol)."""
+
+    fail_generate_at = 0
+    fail_sync_at = 0
+
+    def __init__(self, *a, **k) -> None:
+        super().__init__(*a, **k)
+        self.generates = self.syncs = 0
+
+    def generate(self, prompts, params):
+        self.generates += 1
+        if self.generates == self.fail_generate_at:
+            raise RolloutEngineError(f"step {self.generates}: sampling: server http://x gone")
+        return super().generate(prompts, params)
+
+    def update_weights(self, model, *, step):
+        self.syncs += 1
+        if self.syncs == self.fail_sync_at:
+            raise RolloutEngineError(f"step {step}: weight sync: server http://x stuck")
+        super().update_weights(model, step=step)
+
+
+@pytest.mark.parametrize("where", ["generate", "sync"])
+def test_a_failing_engine_stops_the_run_with_a_checkpoint_and_it_resumes(
+    tmp_path, tiny_model_dir, engines, monkeypatch, where
+):
+    """A sampling failure in step 3 keeps steps 1-2 (step 3 repeats on resume); a sync failure
+    after step 3's update keeps step 3. Either way the error names the step, the server and
+    the checkpoint, and train.resume=true finishes the run."""
+    from conftest import arith_rows, base_config
+
+    from grouprl.training.checkpoint import list_checkpoints
+    from grouprl.training.trainer import Trainer
+
+    engines.register("failing")(FailingEngine)
+    monkeypatch.setattr(FailingEngine, f"fail_{where}_at", 3)
+    cfg = base_config(tmp_path / "run", tiny_model_dir, max_steps=4)
+    cfg["rollout"]["engine"] = "failing"
+    with pytest.raises(RolloutEngineError) as err:
+        with Trainer(cfg, train_dataset=arith_rows()) as tr:
+            tr.train()
+    kept = 2 if where == "generate" else 3
+    msg = str(err.value)
+    assert "http://x" in msg and f"saved at step {kept}" in msg and "train.resume=true" in msg
+    assert list_checkpoints(tmp_path / "run")[-1].name.endswith(str(kept))
+    monkeypatch.setattr(FailingEngine, f"fail_{where}_at", 0)
+    cfg["train"]["resume"] = True
+    with Trainer(cfg, train_dataset=arith_rows()) as tr:
+        res = tr.train()
+    assert res.steps == 4 and res.history[0]["step"] == kept + 1

@@ -41,3 +41,21 @@ def test_chunking_is_exact():
     assert torch.equal(a, b) and torch.equal(ha, hb)
     ref = torch.log_softmax(logits / 1.3, -1).gather(-1, targets[..., None]).squeeze(-1)
     assert torch.allclose(a, ref, atol=1e-6)
+
+
+def test_shared_prefix_backend_choice_by_device_and_head_size(tiny):
+    """auto: flex on CUDA when the heads are >= 16 wide (its kernel's minimum), SDPA else;
+    an explicit flex on heads too small for it is refused with the key to change."""
+    import pytest
+
+    from grouprl.models.attention import head_dim_of, resolve_backend
+
+    model, _ = tiny  # hidden 32, 2 heads
+    assert head_dim_of(model) == 16
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("auto", cuda, 16) == "flex"
+    assert resolve_backend("auto", cuda, 8) == "sdpa"
+    assert resolve_backend("auto", cpu, 64) == "sdpa"
+    assert resolve_backend("flex", cpu, 8) == "flex"  # eager flex on CPU has no minimum
+    with pytest.raises(ValueError, match="shared_prefix_backend flex.*8 dimensions"):
+        resolve_backend("flex", cuda, 8)

@@ -60,7 +60,7 @@ def test_bf16_shared_prefix_close_to_repeated():
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_holes_and_context_on_gpu(backend):
-    model, tok = tiny_model("llama")
+    model, tok = tiny_model("llama", hidden_size=64)  # head dim 16: flex's CUDA minimum
     model.cuda()
     holes, _ = hole_batch(tok)
     holes = [t.cuda() for t in holes]
@@ -78,3 +78,28 @@ def test_check_support_of_a_bf16_model_on_gpu():
     ok, reason = check_support(model)  # runs on an fp32 copy, flex backend
     assert ok, reason
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", [None, *__import__("grouprl.config").config.recipe_names()])
+def test_every_recipe_trains_on_cuda(tmp_path, tiny_model_dir, name):
+    """Two steps of every recipe with the model on the GPU: rewards, advantages and masks
+    are planned on the CPU and must reach the GPU batch (a mixed-device op fails here)."""
+    import math
+
+    from conftest import arith_rows, base_config
+    from test_recipes import even_first_digit, starts_with_digit
+
+    from grouprl.training.trainer import Trainer
+
+    cfg = base_config(tmp_path / str(name), tiny_model_dir, max_steps=2, micro_batch_size=4)
+    cfg["model"]["device"] = "cuda"
+    if name:
+        for key in ("advantage", "loss", "regularizers"):
+            cfg.pop(key)
+        cfg["recipe"] = name
+    cfg["rollout"]["num_generations"] = 1 if name == "single_stream" else 4
+    cfg["rollout"]["num_train_samples"] = 0  # ttrl/spine sample 64 and train on 32
+    rewards = [{"fn": even_first_digit, "weight": 0.5}, {"fn": starts_with_digit, "weight": 0.5}]
+    res = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=rewards).train()
+    assert res.steps == 2
+    assert math.isfinite(res.history[-1]["loss"])

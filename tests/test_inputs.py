@@ -111,31 +111,37 @@ def test_no_capability_is_read_with_getattr():
                 ), f"{f.name}: getattr({attr.value!r})"
 
 
-def test_group_n_lives_on_the_batch_device():
+def test_planning_inputs_are_cpu_tensors():
+    """Components get CPU inputs whatever the model's device (no device logic in any of
+    them); make_train_batch moves the planned tensors to the rollouts' device (checked on
+    CUDA by tests/test_gpu.py)."""
     from grouprl.rollout.base import Rollouts
     from grouprl.training.collect import ScoredBatch
     from grouprl.training.plan import StepInputs
 
-    mask = torch.ones(4, 3)
-    ro = Rollouts(
-        prompt_ids_NP=torch.ones(4, 2, dtype=torch.long),
-        prompt_mask_NP=torch.ones(4, 2),
-        completion_ids_NT=torch.ones(4, 3, dtype=torch.long),
-        attention_mask_NT=mask,
-        loss_mask_NT=mask.to("meta"),
-        truncated_N=torch.zeros(4, dtype=torch.bool),
-        completions=["a"] * 4,
-        group_size=2,
-    )
+    def rollouts(device: str) -> Rollouts:
+        mask = torch.ones(4, 3, device=device)
+        return Rollouts(
+            prompt_ids_NP=torch.ones(4, 2, dtype=torch.long, device=device),
+            prompt_mask_NP=torch.ones(4, 2, device=device),
+            completion_ids_NT=torch.ones(4, 3, dtype=torch.long, device=device),
+            attention_mask_NT=mask,
+            loss_mask_NT=mask.clone(),
+            truncated_N=torch.zeros(4, dtype=torch.bool, device=device),
+            completions=["a"] * 4,
+            group_size=2,
+        )
+
     batch = ScoredBatch(
         examples=[None, None],  # type: ignore[list-item]
         indices=[0, 1],
-        rollouts=ro,
+        rollouts=rollouts("cpu"),
         rewards_NK=torch.zeros(4, 1),
         rewards_N=torch.zeros(4),
     )
     inputs = StepInputs(
         batch, torch.ones(1), lambda r, e: {}, with_entropy=False, step=0, max_steps=1
     )
-    assert inputs["group_N"].device.type == "meta"
-    assert inputs["group_N"].shape == (4,)
+    for name in ("group_N", "mask_NT", "rewards_BG", "lengths_BG"):
+        assert inputs[name].device.type == "cpu", name
+    assert inputs["group_N"].tolist() == [0, 0, 1, 1]

@@ -58,7 +58,7 @@ def context_batch(tok):
 def grads(model, logp, loss_mask):
     model.zero_grad(set_to_none=True)
     # every token weighted differently, so mixed-up positions would show
-    w = torch.linspace(0.5, 1.5, logp.numel()).view_as(logp)
+    w = torch.linspace(0.5, 1.5, logp.numel(), device=logp.device).view_as(logp)
     (logp * loss_mask * w).sum().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

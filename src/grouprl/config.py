@@ -138,6 +138,9 @@ class RolloutConfig:
     # importance weights for a sampler whose log-probs differ from the trainer's (vLLM):
     # {name: auto | none | tis | seq_tis | seq_mask, cap: C}; auto = the engine's default
     mismatch_correction: dict[str, Any] = field(default_factory=lambda: {"name": "auto"})
+    # engine vllm: {mode: colocate | server, server_url, gpu_memory_utilization, ...}; the
+    # keys and their defaults: grouprl.rollout.vllm_common.VLLMSettings, docs/scaling.md
+    vllm: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

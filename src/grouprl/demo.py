@@ -48,6 +48,7 @@ class DemoSettings:
     recipe: str | None = None  # None: plain GRPO on the task's rewards
     extra: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False  # an earlier run in the output folder is moved aside, not refused
+    engine: str = "hf"  # rollout engine of the GRPO stage (hf or vllm); held-out eval uses hf
 
     @staticmethod
     def for_task(task: str, **overrides: Any) -> DemoSettings:
@@ -128,6 +129,7 @@ def rl_config(
     return {
         "model": {"name_or_path": str(model_path)},
         "rollout": {
+            "engine": s.engine,
             "num_generations": s.num_generations,
             "temperature": s.temperature,
             "max_new_tokens": s.max_new_tokens,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ def evaluate(
     batch_prompts: int = 64,
     seed: int = 0,
     progress: bool = False,
-    engine: RolloutEngine | str | None = None,
+    engine: RolloutEngine | RolloutConfig | str | None = None,
 ) -> dict[str, float]:
     """Sample `n` completions for each example and summarize.
 
@@ -43,7 +44,8 @@ def evaluate(
 
     `engine` samples: a RolloutEngine instance (used as is, left open: the caller owns it and
     keeps its weights in sync), or the registered name of one (`rollout.engine`; default
-    "hf"), which is built on `model` for this call and closed at the end.
+    "hf") or a `rollout` config section (engine settings such as `vllm`), which is built on
+    `model` for this call and closed at the end.
     """
     name = correct_reward or rewards.names[0]
     if name not in rewards.names:
@@ -53,9 +55,10 @@ def evaluate(
         num_generations=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
     )
     eng: RolloutEngine
-    if engine is None or isinstance(engine, str):
-        rollout_cfg = RolloutConfig(
-            engine=engine or "hf",
+    if engine is None or isinstance(engine, (str, RolloutConfig)):
+        base = engine if isinstance(engine, RolloutConfig) else RolloutConfig(engine=engine or "hf")
+        rollout_cfg = dataclasses.replace(
+            base,
             num_generations=n,
             temperature=temperature,
             top_p=top_p,

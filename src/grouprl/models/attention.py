@@ -98,13 +98,38 @@ def flex_attention_fn() -> Callable[..., Tensor]:
     return _FLEX_FN
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """auto -> flex on CUDA (block-sparse, no dense mask), sdpa elsewhere."""
+# flex_attention's compiled CUDA kernel needs head dims of at least 16 ("NYI: embedding
+# dimension ... must be at least 16"); smaller heads (tiny test models) take SDPA.
+FLEX_MIN_HEAD_DIM = 16
+
+
+def head_dim_of(model: torch.nn.Module) -> int | None:
+    """The attention head size from the model's (text) config, when it says."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    hd = getattr(cfg, "head_dim", None)
+    if not hd and getattr(cfg, "hidden_size", None) and getattr(cfg, "num_attention_heads", None):
+        hd = cfg.hidden_size // cfg.num_attention_heads
+    return int(hd) if hd else None
+
+
+def resolve_backend(name: str, device: torch.device, head_dim: int | None = None) -> str:
+    """auto -> flex on CUDA (block-sparse, no dense mask) when the heads are large enough for
+    its kernel, sdpa elsewhere."""
+    small = head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM
     if name == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
+        return "flex" if device.type == "cuda" and not small else "sdpa"
     if name not in ("sdpa", "flex"):
         raise ValueError(
             f"unknown shared-prefix attention backend {name!r}; use auto, sdpa or flex"
+        )
+    if name == "flex" and small and device.type == "cuda":
+        raise ValueError(
+            f"model.shared_prefix_backend flex: this model's attention heads have {head_dim} "
+            f"dimensions; flex attention's CUDA kernel needs at least {FLEX_MIN_HEAD_DIM} "
+            "(use auto or sdpa)"
         )
     return name
 

@@ -26,7 +26,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-from grouprl.models.attention import packed_attention_active, resolve_backend
+from grouprl.models.attention import head_dim_of, packed_attention_active, resolve_backend
 from grouprl.models.head import (
     HeadPlan,
     UnsupportedHead,
@@ -135,7 +135,9 @@ class PolicyLogProbs(nn.Module):
     ) -> Tensor:
         """Hidden states [M, d] that predict the real completion tokens, in the packed layout."""
         layout = pack_groups(prompt_ids_NP, prompt_mask_NP, completion_ids_NT, real_NT)
-        layout.backend = resolve_backend(self.attn_backend, completion_ids_NT.device)
+        layout.backend = resolve_backend(
+            self.attn_backend, completion_ids_NT.device, head_dim_of(self.model)
+        )
         with packed_attention_active(self.model, layout):
             hidden_RLd = plan.decoder(
                 input_ids=layout.input_ids_RL, position_ids=layout.position_ids_RL, use_cache=False

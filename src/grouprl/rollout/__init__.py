@@ -1,9 +1,10 @@
 """Rollout engines (registered by name), the protocol they follow and the Rollouts they produce."""
 
-from grouprl.rollout import hf  # noqa: F401  (registers "hf")
+from grouprl.rollout import hf, vllm_colocate, vllm_server  # noqa: F401  (register hf, vllm)
 from grouprl.rollout.base import (
     ROLLOUT_ENGINES,
     RolloutEngine,
+    RolloutEngineError,
     Rollouts,
     SamplingParams,
     build_engine,
@@ -15,6 +16,7 @@ __all__ = [
     "ROLLOUT_ENGINES",
     "HFEngine",
     "RolloutEngine",
+    "RolloutEngineError",
     "Rollouts",
     "SamplingParams",
     "build_engine",

@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     from grouprl.config import RolloutConfig
 
 
+class RolloutEngineError(RuntimeError):
+    """The rollout engine failed: a server down or stuck, a weight sync that did not finish.
+
+    The message names the step and the engine (e.g. the server's address); the trainer saves
+    a checkpoint first and adds where it is."""
+
+
 @dataclass
 class SamplingParams:
     """How to sample: G completions per prompt; temperature 0 means greedy decoding."""

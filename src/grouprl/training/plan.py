@@ -5,6 +5,11 @@ all run here ONCE over the whole optimizer batch, before micro-batching, so that
 statistics, quantiles and top-k selections never depend on how the update is split. Each
 component gets the inputs it names (`grouprl.inputs`), computed on demand: the no-grad
 pre-pass of the sampling policy runs only when a component asks for log-probs or entropy.
+
+Planning runs on the CPU whatever the model's device: every input is handed over as a CPU
+tensor (a few floats per completion or token), so components need no device logic and
+their state (trackers, calibrated bounds) stays on the CPU with the checkpoints; the
+TrainBatch moves its planned tensors to the rollouts' device.
 """
 
 from __future__ import annotations
@@ -93,6 +98,8 @@ class StepInputs(Mapping[str, Any]):
             raise KeyError(name)
         if name not in self._cache:
             value = PROVIDERS[name](self)
+            if isinstance(value, Tensor):  # whole-batch planning runs on the CPU (see below)
+                value = value.cpu()
             if name in _FIXED:  # values that change during planning are never cached
                 self._cache[name] = value
             return value
@@ -160,8 +167,13 @@ def make_train_batch(
     old_logp_NT: Tensor | None = None,
 ) -> TrainBatch:
     """A TrainBatch with its whole-batch normalizers: the policy term over the loss mask (or
-    only the selected tokens, denominator "selected"), the regularizers over the loss mask."""
+    only the selected tokens, denominator "selected"), the regularizers over the loss mask.
+    Planned tensors (advantages, rewards, token weights) move to the rollouts' device."""
     loss_mask = ro.loss_mask_NT
+    dev = loss_mask.device
+    adv_N = adv_N.to(dev)
+    rewards_N = None if rewards_N is None else rewards_N.to(dev)
+    token_weight_NT = None if token_weight_NT is None else token_weight_NT.to(dev)
     policy_mask = (
         loss_mask
         if token_weight_NT is None or denominator == "all"
@@ -210,7 +222,7 @@ def plan_batch(
     adv_N = adv_BG.reshape(-1).float()
     inputs.adv_BG = adv_N.view(inputs.B, inputs.G)
 
-    loss_mask = ro.loss_mask_NT
+    loss_mask = inputs["mask_NT"]
     token_weight, denominator = None, "all"
     for flt in comps.sample_filters:
         if flt.caps.refills:  # already applied by the collector

@@ -27,7 +27,7 @@ from grouprl.models.loading import load_model_and_tokenizer
 from grouprl.monitor.collapse import CollapseMonitor
 from grouprl.monitor.progress import ProgressBar
 from grouprl.monitor.sinks import MetricsLogger
-from grouprl.rollout.base import build_engine, sampling_params
+from grouprl.rollout.base import RolloutEngineError, build_engine, sampling_params
 from grouprl.training.checkpoint import rng_state, save_checkpoint
 from grouprl.training.collect import Collector
 from grouprl.training.learner import Learner
@@ -219,7 +219,11 @@ class Trainer:
         )
         t2 = time.perf_counter()
         train_stats = self.learner.update(train_batch, step=self.step)
-        self.learner.publish_weights(self.engine, self.step + 1)
+        try:
+            self.learner.publish_weights(self.engine, self.step + 1)
+        except RolloutEngineError as exc:
+            exc.after_update = True  # type: ignore[attr-defined]  # the step's update is done
+            raise
         t3 = time.perf_counter()
         metrics.update(plan_metrics)
         metrics.update(reward_metrics(batch, self.rewards.names))
@@ -265,6 +269,8 @@ class Trainer:
                 check_run_dir(self.run_dir, resume=cfg.resume, overwrite=False)
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
             self._maybe_resume()
+            if self.step:  # the engine was built from the weights before the resume
+                self.learner.publish_weights(self.engine, self.step)
             ref = self.learner.ref_model
             if ref is not None and not (self.run_dir / "reference").is_dir() and self.step == 0:
                 # Keep π_ref beside the run so a resumed run regularizes toward the same policy.
@@ -301,6 +307,15 @@ class Trainer:
             except SystemExit as exc:  # user code asked to exit: keep what is done
                 self.interrupted = f"SystemExit({exc.code!r}) during step {self.step + 1}"
                 return True
+            except RolloutEngineError as exc:  # a stuck or dead engine: keep what is done
+                if getattr(exc, "after_update", False):
+                    self.step += 1
+                path = self._save(at_step_start=not getattr(exc, "after_update", False))
+                exc.args = (
+                    f"{exc} The run is saved at step {self.step} ({path}); once the engine "
+                    "is back, continue with train.resume=true.",
+                )
+                raise
             self.step += 1
             if self._after_step(metrics, bar, logger):
                 return False

