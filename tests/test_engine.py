@@ -247,3 +247,26 @@ def test_a_failing_engine_stops_the_run_with_a_checkpoint_and_it_resumes(
     with Trainer(cfg, train_dataset=arith_rows()) as tr:
         res = tr.train()
     assert res.steps == 4 and res.history[0]["step"] == kept + 1
+
+
+def test_a_failing_engine_during_evaluation_keeps_the_step(
+    tmp_path, tiny_model_dir, engines, monkeypatch
+):
+    import json
+
+    from conftest import arith_rows, base_config
+
+    from grouprl.training.checkpoint import list_checkpoints
+    from grouprl.training.trainer import Trainer
+
+    engines.register("failing")(FailingEngine)
+    monkeypatch.setattr(FailingEngine, "fail_generate_at", 2)  # 1: step 1, 2: its evaluation
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in arith_rows(4)))
+    cfg = base_config(tmp_path / "run", tiny_model_dir, max_steps=3, eval_every=1, eval_limit=2)
+    cfg["rollout"]["engine"] = "failing"
+    cfg["data"] = {"eval_path": str(held_out)}
+    with pytest.raises(RolloutEngineError, match="saved at step 1"):
+        with Trainer(cfg, train_dataset=arith_rows()) as tr:
+            tr.train()
+    assert list_checkpoints(tmp_path / "run")[-1].name.endswith("1")

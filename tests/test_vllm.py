@@ -120,8 +120,46 @@ def test_sampling_is_one_to_one(colocated):
 
 def test_too_long_prompt_names_the_key(colocated):
     model, tok, engine = colocated
-    with pytest.raises(ConfigError, match="rollout.vllm.max_model_len"):
+    with pytest.raises(RolloutEngineError, match="rollout.vllm.max_model_len"):
         engine.generate(["1" * 40], SamplingParams(num_generations=2, max_new_tokens=12))
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused_before_vllm_sees_them(colocated):
+    """vLLM fails mid-batch on such ids and its in-process engine then hangs on the next
+    call; the engine refuses them first, naming the prompt, and keeps working."""
+    model, tok, engine = colocated
+    wide = build_char_tokenizer(
+        CHARS + "abcdefghijklmnopqrstuvwxyz" * 4 + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    )
+    assert len(wide) > model.config.vocab_size
+    engine.tokenizer = wide
+    try:
+        with pytest.raises(RolloutEngineError, match="prompt 0 .* outside the model's vocab"):
+            engine.generate(["xyzXYZ"], SamplingParams(num_generations=2, max_new_tokens=4))
+    finally:
+        engine.tokenizer = tok
+    ro = engine.generate(PROMPTS[:1], SamplingParams(num_generations=2, max_new_tokens=4))
+    assert ro.num_rollouts == 2
+
+
+def test_after_a_failure_inside_vllm_the_engine_refuses_instead_of_hanging(colocated):
+    """Last user of the shared engine: a real failure inside vLLM (the vocabulary check
+    bypassed), then the next call raises at once instead of waiting forever on the failed
+    requests that stay queued in vLLM's scheduler."""
+    model, tok, engine = colocated
+    wide = build_char_tokenizer(
+        CHARS + "abcdefghijklmnopqrstuvwxyz" * 4 + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    )
+    engine.tokenizer, engine.vocab_size = wide, 10**6
+    try:
+        with pytest.raises(RolloutEngineError, match=r"step \d+: sampling with the colocated"):
+            engine.generate(["xyzXYZ"], SamplingParams(num_generations=2, max_new_tokens=4))
+    finally:
+        engine.tokenizer, engine.vocab_size = tok, model.config.vocab_size
+    t0 = time.monotonic()
+    with pytest.raises(RolloutEngineError, match="failed earlier.*train.resume=true"):
+        engine.generate(PROMPTS[:1], SamplingParams(num_generations=2, max_new_tokens=4))
+    assert time.monotonic() - t0 < 1
 
 
 def test_settings_are_checked():
@@ -227,6 +265,11 @@ def test_server_start_sync_generate_and_a_stuck_sync_times_out(server):
         torch.manual_seed(4)
         b = engine.generate(PROMPTS, params)
         assert torch.equal(a.completion_ids_NT, b.completion_ids_NT)
+        greedy = engine.generate(
+            PROMPTS[:2], SamplingParams(num_generations=3, temperature=0.0, max_new_tokens=8)
+        )
+        assert greedy.num_rollouts == 6
+        assert len({tuple(r.tolist()) for r in greedy.completion_ids_NT[:3]}) == 1
         # a stuck server: the sync fails within its deadline, naming the step and server
         engine.settings.sync_timeout = 3
         os.killpg(proc.pid, signal.SIGSTOP)

@@ -23,7 +23,7 @@ from grouprl.rollout.vllm_common import (
     VLLMEngine,
     VLLMSettings,
     build_rollouts,
-    check_lengths,
+    check_prompts,
     eos_ids,
     expand_greedy,
     full_state_dict,
@@ -31,6 +31,7 @@ from grouprl.rollout.vllm_common import (
     require_vllm,
     samples_per_request,
     tokenize_prompts,
+    warn_truncated_sampling,
 )
 
 
@@ -51,11 +52,14 @@ class ColocatedVLLM(VLLMEngine):
         self.settings = settings
         self.max_model_len = max_model_len
         self.eos = eos_ids(model, tokenizer)
+        self.vocab_size = int(model.config.vocab_size)
         self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
         self.sleep_level = settings.sleep_level if cuda else 0  # sleep is a no-op on CPU
         self._asleep = False
         self._weights_stale = False
+        self._step = 0  # the learner step whose weights vLLM holds
+        self._broken = ""  # set when vLLM failed mid-batch (see generate)
         if not cuda:
             import os
 
@@ -91,7 +95,11 @@ class ColocatedVLLM(VLLMEngine):
                 "above for vLLM's own report"
             ) from exc
         self._vllm = vllm
-        self._push(model, step=0)
+        try:
+            self._push(model, step=0)
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ weights
     def _push(self, model: torch.nn.Module, *, step: int) -> None:
@@ -113,6 +121,7 @@ class ColocatedVLLM(VLLMEngine):
         if self._asleep:
             self.llm.wake_up(tags=["weights"])
         self._push(model, step=step)
+        self._step = step
 
     # ------------------------------------------------------------------ sampling
     def _sleep(self) -> None:
@@ -126,13 +135,14 @@ class ColocatedVLLM(VLLMEngine):
             self.llm.wake_up()
             self._asleep = False
             if self._weights_stale:  # level 2 dropped them: the policy's are the current ones
-                self._push(self.policy, step=-1)
+                self._push(self.policy, step=self._step)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
         G = params.num_generations
+        warn_truncated_sampling(params)
         prompt_ids = tokenize_prompts(self.tokenizer, prompts)
-        check_lengths(prompt_ids, params.max_new_tokens, self.max_model_len)
+        check_prompts(prompt_ids, params.max_new_tokens, self.max_model_len, self.vocab_size)
         seeds = request_seeds(len(prompts), G)
         sp = [
             self._vllm.SamplingParams(
@@ -148,13 +158,25 @@ class ColocatedVLLM(VLLMEngine):
             )
             for seed in seeds
         ]
-        self._wake()
+        if self._broken:
+            raise RolloutEngineError(
+                f"step {self._step + 1}: the colocated vLLM failed earlier ({self._broken}) "
+                "and cannot sample again in this process; resume the run (train.resume=true)"
+            )
         try:
+            self._wake()
             outs = self.llm.generate(
                 [{"prompt_token_ids": ids} for ids in prompt_ids], sp, use_tqdm=False
             )
-        finally:
             self._sleep()
+        except Exception as exc:  # vLLM's own failure: the trainer saves what is done
+            # its unfinished requests stay queued in the engine, and a next generate would
+            # wait on them forever: this engine is done
+            self._broken = f"{type(exc).__name__}: {exc}"
+            raise RolloutEngineError(
+                f"step {self._step + 1}: sampling with the colocated vLLM failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         samples = [
             expand_greedy(
                 [
@@ -177,8 +199,9 @@ class ColocatedVLLM(VLLMEngine):
         if llm is None:
             return
         self.llm = None
-        try:
-            shutdown = getattr(llm.llm_engine, "shutdown", None)
+        try:  # the engine core holds the model and KV cache; vLLM 0.32 shuts it down here
+            core = getattr(llm.llm_engine, "engine_core", None)
+            shutdown = getattr(core, "shutdown", None) or getattr(llm.llm_engine, "shutdown", None)
             if callable(shutdown):
                 shutdown()
         finally:

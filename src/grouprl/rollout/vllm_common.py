@@ -42,9 +42,10 @@ class VLLMSettings:
     mode: str = "colocate"  # colocate: an in-process vllm.LLM; server: an HTTP vLLM server
     # colocate, CUDA: share of GPU memory vLLM may take (weights + KV cache)
     gpu_memory_utilization: float = 0.3
-    # colocate, CUDA: sleep during the update: 1 frees the KV cache and offloads weights to
-    # CPU, 2 also discards the weights (they are re-sent anyway); 0 = never sleep
-    sleep_level: int = 1
+    # colocate, CUDA: sleep during the update: 2 frees the KV cache and drops the weights
+    # (they are re-sent after the update anyway), 1 offloads the weights to CPU and back
+    # (a copy each way per step, for nothing here); 0 = never sleep
+    sleep_level: int = 2
     cpu_kvcache_gb: int = 1  # colocate, CPU: KV cache GiB (VLLM_CPU_KVCACHE_SPACE)
     max_model_len: int | None = None  # default: max prompt length + max_new_tokens
     enforce_eager: bool | None = None  # default: True on CPU (no graph capture), else False
@@ -161,6 +162,25 @@ def request_seeds(num_prompts: int, group_size: int) -> list[int]:
     return [int(b) * group_size % (2**31 - group_size) for b in base]
 
 
+_WARNED_TRUNCATION = False
+
+
+def warn_truncated_sampling(params: SamplingParams) -> None:
+    """vLLM's log-probs come after top-k / top-p truncation; the trainer's forward applies
+    only the temperature. Say once that the measured mismatch then includes truncation."""
+    global _WARNED_TRUNCATION
+    if _WARNED_TRUNCATION or (params.top_p >= 1 and params.top_k <= 0):
+        return
+    _WARNED_TRUNCATION = True
+    import logging
+
+    logging.getLogger("grouprl").warning(
+        "rollout.top_p / top_k truncate vLLM's sampling distribution and its reported "
+        "log-probs, not the trainer's: mismatch/kl and the importance weights then include "
+        "the truncation (weights <= 1 on every token)"
+    )
+
+
 def samples_per_request(params: SamplingParams) -> int:
     """vLLM refuses n > 1 with greedy decoding (temperature 0): ask for one sample and repeat
     it G times (`expand_greedy`); G otherwise."""
@@ -172,11 +192,21 @@ def expand_greedy(group: list[Any], params: SamplingParams) -> list[Any]:
     return group * params.num_generations if len(group) == 1 else group
 
 
-def check_lengths(prompt_ids: list[list[int]], max_new_tokens: int, max_model_len: int) -> None:
-    """vLLM rejects a request that cannot fit; say which prompt and which key to change."""
+def check_prompts(
+    prompt_ids: list[list[int]], max_new_tokens: int, max_model_len: int, vocab_size: int
+) -> None:
+    """What vLLM would reject, or fail on mid-batch (a token id outside the embedding table
+    breaks its engine for good), said before submitting: which prompt, which key to change.
+    An engine error, so that a run saves a checkpoint before it stops."""
     for i, ids in enumerate(prompt_ids):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise RolloutEngineError(
+                f"prompt {i} of this batch has token id {bad[0]}, outside the model's "
+                f"vocabulary of {vocab_size} (tokenizer and model do not match: model.tokenizer)"
+            )
         if len(ids) + max_new_tokens > max_model_len:
-            raise ConfigError(
+            raise RolloutEngineError(
                 f"prompt {i} of this batch has {len(ids)} tokens; with max_new_tokens "
                 f"{max_new_tokens} it exceeds the vLLM context of {max_model_len} "
                 "(raise rollout.vllm.max_model_len or set data.max_prompt_length)"

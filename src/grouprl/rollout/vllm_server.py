@@ -12,6 +12,7 @@ the server, never a silent hang.
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import json
 import os
@@ -38,12 +39,14 @@ from grouprl.rollout.vllm_common import (
     VLLMEngine,
     VLLMSettings,
     build_rollouts,
-    check_lengths,
+    check_prompts,
     eos_ids,
+    expand_greedy,
     full_state_dict,
     request_seeds,
     samples_per_request,
     tokenize_prompts,
+    warn_truncated_sampling,
 )
 
 WEIGHTS_FILE = "model.safetensors"
@@ -64,7 +67,7 @@ def http_json(url: str, payload: dict[str, Any] | None = None, *, timeout: float
 def _why(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         detail = exc.read().decode(errors="replace")[:300]
-        return f"HTTP {exc.code}: {detail}"
+        return f"the server answered HTTP {exc.code}: {detail}"
     if isinstance(exc, urllib.error.URLError):
         exc = exc.reason if isinstance(exc.reason, BaseException) else exc
     if isinstance(exc, (TimeoutError, socket.timeout)):
@@ -88,6 +91,7 @@ class ServerVLLM(VLLMEngine):
         self.settings = settings
         self.url = settings.server_url
         self.eos = eos_ids(model, tokenizer)
+        self.vocab_size = int(model.config.vocab_size)
         self.device = next(model.parameters()).device
         self._step = 0  # the learner step whose weights the server holds
         self._pool: ThreadPoolExecutor | None = None
@@ -130,7 +134,11 @@ class ServerVLLM(VLLMEngine):
     ) -> Any:
         try:
             return http_json(self.url + path, payload, timeout=timeout)
-        except (OSError, ValueError) as exc:
+        except urllib.error.HTTPError as exc:
+            raise RolloutEngineError(
+                f"{what}: vLLM server {self.url} ({path}) failed: {_why(exc)}.{hint}"
+            ) from None
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             raise RolloutEngineError(
                 f"{what}: vLLM server {self.url} ({path}) did not complete within "
                 f"{timeout:g} s ({_why(exc)}).{hint}"
@@ -154,14 +162,18 @@ class ServerVLLM(VLLMEngine):
         save_file(tensors, str(tmp))
         os.replace(tmp, self.sync_dir / WEIGHTS_FILE)
         what = f"step {step}: weight sync"
-        left = self.settings.sync_timeout - (time.monotonic() - t0)
+
+        def left() -> float:  # one deadline for the whole sync
+            return max(self.settings.sync_timeout - (time.monotonic() - t0), 1.0)
+
         self._call(
             "/collective_rpc",
             {
                 "method": "reload_weights",
                 "kwargs": {"weights_path": str(self.sync_dir), "is_checkpoint_format": True},
+                "timeout": left(),  # the server gives up too, rather than reload on its own
             },
-            max(left, 1.0),
+            left(),
             what,
             hint=(
                 " The server needs VLLM_SERVER_DEV_MODE=1 (grouprl vllm-serve sets it) and "
@@ -169,7 +181,7 @@ class ServerVLLM(VLLMEngine):
                 "need a longer rollout.vllm.sync_timeout."
             ),
         )
-        self._call("/reset_prefix_cache", {}, self.settings.sync_timeout, what)
+        self._call("/reset_prefix_cache", {}, left(), what)
         self._step = step
 
     # ------------------------------------------------------------------ sampling
@@ -183,6 +195,12 @@ class ServerVLLM(VLLMEngine):
             "top_k": params.top_k if params.top_k > 0 else -1,
             "max_tokens": params.max_new_tokens,
             "stop_token_ids": self.eos,
+            # explicit, so that no server-side default (a model's generation_config) changes
+            # the distribution the trainer compares with
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "min_p": 0.0,
             "logprobs": 0,
             "seed": seed,
             "return_token_ids": True,
@@ -198,23 +216,32 @@ class ServerVLLM(VLLMEngine):
 
     def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
         G = params.num_generations
+        warn_truncated_sampling(params)
         prompt_ids = tokenize_prompts(self.tokenizer, prompts)
-        check_lengths(prompt_ids, params.max_new_tokens, self.max_model_len)
+        check_prompts(prompt_ids, params.max_new_tokens, self.max_model_len, self.vocab_size)
         seeds = request_seeds(len(prompts), G)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="grouprl-vllm")
         replies = list(self._pool.map(self._complete, prompt_ids, seeds, [params] * len(seeds)))
         samples = []
+        want = samples_per_request(params)
         for i, reply in enumerate(replies):
-            choices = sorted(reply.get("choices") or [], key=lambda c: c["index"])
-            if len(choices) != samples_per_request(params):
+            try:
+                choices = sorted(reply.get("choices") or [], key=lambda c: c["index"])
+                group = [
+                    (list(c["token_ids"]), list(c["logprobs"]["token_logprobs"])) for c in choices
+                ]
+            except (AttributeError, KeyError, TypeError) as exc:
                 raise RolloutEngineError(
-                    f"step {self._step + 1}: vLLM server {self.url} returned {len(choices)} "
-                    f"samples for prompt {i}, expected {G}"
+                    f"step {self._step + 1}: vLLM server {self.url} sent a reply for prompt {i} "
+                    f"without token ids and log-probs ({type(exc).__name__}: {exc})"
+                ) from None
+            if len(group) != want:
+                raise RolloutEngineError(
+                    f"step {self._step + 1}: vLLM server {self.url} returned {len(group)} "
+                    f"samples for prompt {i}, expected {want}"
                 )
-            samples.append(
-                [(list(c["token_ids"]), list(c["logprobs"]["token_logprobs"])) for c in choices]
-            )
+            samples.append(expand_greedy(group, params))
         return build_rollouts(
             prompt_ids, samples, tokenizer=self.tokenizer, eos=self.eos, device=self.device
         )
@@ -262,6 +289,9 @@ def serve_argv(
         "--logprobs-mode",
         LOGPROBS_MODE,
         "--enable-prefix-caching",
+        # vLLM's neutral sampling defaults, not the model's generation_config.json
+        "--generation-config",
+        "vllm",
     ]
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
@@ -315,7 +345,7 @@ def launch_server(
         try:
             http_json(url + "/health", timeout=2)
             return proc, url
-        except OSError:
+        except (OSError, ValueError, http.client.HTTPException):
             time.sleep(1)
     os.killpg(proc.pid, signal.SIGKILL)
     raise RolloutEngineError(f"vLLM server not up in {timeout:g} s: {log.read_text()[-3000:]}")

@@ -317,7 +317,16 @@ class Trainer:
                 )
                 raise
             self.step += 1
-            if self._after_step(metrics, bar, logger):
+            try:
+                stop = self._after_step(metrics, bar, logger)
+            except RolloutEngineError as exc:  # the evaluation's engine failed: keep the step
+                path = self._save()
+                exc.args = (
+                    f"{exc} The run is saved at step {self.step} ({path}); once the engine "
+                    "is back, continue with train.resume=true.",
+                )
+                raise
+            if stop:
                 return False
             failure = self.rewards.check_health()
             if failure is not None:  # keep the steps done, then stop with the reason
