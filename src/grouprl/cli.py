@@ -191,6 +191,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=True,
         engine=_eval_rollout(args),
+        max_prompt_length=args.max_prompt_length,
     )
     print(json.dumps(res, indent=1))
     if args.output:

@@ -33,6 +33,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = False,
     engine: RolloutEngine | RolloutConfig | str | None = None,
+    max_prompt_length: int | None = None,
 ) -> dict[str, float]:
     """Sample `n` completions for each example and summarize.
 
@@ -45,7 +46,8 @@ def evaluate(
     `engine` samples: a RolloutEngine instance (used as is, left open: the caller owns it and
     keeps its weights in sync), or the registered name of one (`rollout.engine`; default
     "hf") or a `rollout` config section (engine settings such as `vllm`), which is built on
-    `model` for this call and closed at the end.
+    `model` for this call and closed at the end; `max_prompt_length` sizes a vLLM engine's
+    context (prompt budget + max_new_tokens).
     """
     name = correct_reward or rewards.names[0]
     if name not in rewards.names:
@@ -64,7 +66,10 @@ def evaluate(
             top_p=top_p,
             max_new_tokens=max_new_tokens,
         )
-        eng, owned = build_engine(rollout_cfg, model, tokenizer), True
+        eng, owned = (
+            build_engine(rollout_cfg, model, tokenizer, max_prompt_length=max_prompt_length),
+            True,
+        )
     else:
         eng, owned = engine, False
     correct: list[list[bool]] = []
