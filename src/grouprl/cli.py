@@ -52,6 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     with Trainer(cfg) as trainer:
         result = trainer.train()
+    if not trainer.dist.is_main:  # under torchrun, process 0 reports
+        return 0
     last = result.history[-1] if result.history else {}
     print(
         f"trained {result.steps} steps; run directory: {result.run_dir}; last reward: {last.get('reward', float('nan')):.4f}"
@@ -86,6 +88,8 @@ def cmd_ttrl(args: argparse.Namespace) -> int:
     cfg = load_config(base, args.overrides)
     with Trainer(cfg) as trainer:
         result = trainer.train()
+    if not trainer.dist.is_main:
+        return 0
     last = result.history[-1] if result.history else {}
     print(
         f"{args.recipe}: {result.steps} steps; run directory: {result.run_dir}; "

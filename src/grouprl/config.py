@@ -167,6 +167,9 @@ class TrainConfig:
     reward_failure_limit: float = 0.5
     reward_failure_window: int = 20
     tensorboard: bool = False
+    # data parallelism under torchrun (training/distributed.py; WORK IN PROGRESS): auto =
+    # ddp when WORLD_SIZE > 1
+    strategy: str = choice("auto", "auto", "single", "ddp")
     progress: bool = True
     collapse_monitor: str = choice("auto", "auto", "on", "off")  # auto: on with majority_vote
     stop_on_collapse: bool = False

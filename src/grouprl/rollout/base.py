@@ -87,6 +87,23 @@ class Rollouts:
         """Completion length in tokens (real tokens, actions and context)."""
         return self.attention_mask_NT.sum(dim=1)
 
+    def to(self, device: torch.device | str) -> Rollouts:
+        """The same rollouts with every tensor on `device`."""
+        moved = {
+            f: getattr(self, f).to(device)
+            for f in (
+                "prompt_ids_NP",
+                "prompt_mask_NP",
+                "completion_ids_NT",
+                "attention_mask_NT",
+                "loss_mask_NT",
+                "truncated_N",
+            )
+        }
+        if self.sampling_logp_NT is not None:
+            moved["sampling_logp_NT"] = self.sampling_logp_NT.to(device)
+        return replace(self, **moved)
+
     def select(self, idx: Tensor | slice) -> Rollouts:
         """Rows `idx` (micro-batches, kept groups); keeps the group size for bookkeeping."""
         rows = range(self.num_rollouts)[idx] if isinstance(idx, slice) else idx.tolist()

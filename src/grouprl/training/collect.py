@@ -24,6 +24,7 @@ from grouprl.registry import BoundComponent
 from grouprl.rewards.base import RewardSet
 from grouprl.rewards.scoring import score_rollouts
 from grouprl.rollout.base import RolloutEngine, Rollouts, SamplingParams
+from grouprl.training.distributed import Dist
 
 
 @dataclass
@@ -165,6 +166,8 @@ class Collector:
         refill: BoundComponent | None = None,
         want_baseline: bool = False,
         num_train_samples: int = 0,
+        dist: Dist | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.engine, self.rewards, self.dataset = engine, rewards, dataset
         self.sampler, self.sampling = sampler, sampling
@@ -172,6 +175,8 @@ class Collector:
         self.refill = refill
         self.want_baseline = want_baseline
         self.num_train_samples = num_train_samples
+        self.dist = dist or Dist()
+        self.device = device  # where a gathered batch's rollouts go (the policy's device)
 
     def collect(self, B: int) -> tuple[ScoredBatch, dict[str, float]]:
         """B scored groups ready for planning, and the collector's metrics."""
@@ -188,7 +193,21 @@ class Collector:
         return combine_rewards(res.rewards_NK, self.rewards.weights_K), res
 
     def _sample(self, n_prompts: int) -> ScoredBatch:
+        """n prompts' groups, sampled and scored. With several ranks every rank draws the same
+        n prompts, samples and scores its share, and the shares are all-gathered: every rank
+        returns the same global batch (training/distributed.py)."""
         indices = self.sampler.next(n_prompts)
+        if not self.dist.active:
+            return self._sample_these(indices)
+        mine = [indices[i] for i in self.dist.shard(len(indices))]
+        part = self._sample_these(mine) if mine else None
+        if part is not None:
+            part = replace(part, rollouts=part.rollouts.to("cpu"))
+        parts = [p for p in self.dist.gather(part) if p is not None]
+        batch = concat_batches(parts, self.pad_token_id)
+        return replace(batch, rollouts=batch.rollouts.to(self.device))
+
+    def _sample_these(self, indices: list[int]) -> ScoredBatch:
         examples = [self.dataset[i] for i in indices]
         ro = self.engine.generate([ex.text for ex in examples], self.sampling)
         rewards_N, res = self._score(examples, ro)

@@ -25,6 +25,7 @@ from grouprl.config import Config
 from grouprl.models.forward import PolicyLogProbs, completion_logprobs
 from grouprl.rollout.base import RolloutEngine, Rollouts
 from grouprl.training.batching import micro_batches
+from grouprl.training.distributed import Dist
 from grouprl.training.optim import build_optimizer, build_scheduler
 from grouprl.training.plan import TrainBatch
 
@@ -50,8 +51,10 @@ class Learner:
         *,
         shared_prefix: bool,
         temperature: float,
+        dist: Dist | None = None,
     ) -> None:
         self.model = model
+        self.dist = dist or Dist()
         self.cfg = cfg
         self.components = components
         self.temperature = temperature
@@ -131,6 +134,10 @@ class Learner:
         normalization: the policy term over `tb.policy_mask_NT`, the regularizers over the
         loss mask, both normalizers spanning the whole batch (`TrainBatch`)."""
         cfg, comp = self.cfg.train, self.components
+        if self.dist.active:  # this rank's groups; normalizers stay those of the whole batch
+            G = tb.rollouts.group_size
+            mine = self.dist.shard(tb.rollouts.num_rollouts // G)
+            tb = tb.rows(slice(mine.start * G, mine.stop * G))
         ro, mask = tb.rollouts, tb.loss_mask_NT
         group_N = torch.arange(ro.num_rollouts, device=mask.device) // ro.group_size
         # With one iteration the policy has not moved when each micro-batch runs, so
@@ -191,7 +198,13 @@ class Learner:
                 for k, v in stats.items():
                     sums[k] += float((v.detach() * mask_mb).sum())
                     counts[k] += n_tok
+            if self.dist.active:
+                self._sum_gradients()
             grad_norm = self._step(step, sums, counts)
+        if self.dist.active:
+            sums, counts, scalar_stats, minmax, total_loss = self._merge_stats(
+                sums, counts, scalar_stats, minmax, total_loss
+            )
         out = {k: sums[k] / counts[k] if counts[k] else 0.0 for k in sums}
         out.update({k: sum(v) / len(v) for k, v in scalar_stats.items()})
         out.update(minmax)
@@ -228,6 +241,44 @@ class Learner:
             policy.per_token_NT = policy.per_token_NT * w_NT
             extra["mismatch/weight_mean"] = w_NT
         return extra
+
+    def _sum_gradients(self) -> None:
+        """Sum every parameter's gradient over the ranks (each rank's loss is its share of
+        the whole batch's, normalized by the whole batch), so all ranks step alike."""
+        for p in self.model.parameters():
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self.dist.sum_(p.grad)
+
+    def _merge_stats(
+        self,
+        sums: dict[str, float],
+        counts: dict[str, float],
+        scalar_stats: dict[str, list[float]],
+        minmax: dict[str, float],
+        total_loss: float,
+    ) -> tuple[Any, Any, Any, Any, float]:
+        """The update's metrics over all ranks' rows (token sums and counts added)."""
+        parts = self.dist.gather((dict(sums), dict(counts), dict(scalar_stats), minmax, total_loss))
+        S: dict[str, float] = defaultdict(float)
+        C: dict[str, float] = defaultdict(float)
+        L: dict[str, list[float]] = defaultdict(list)
+        M: dict[str, float] = {}
+        for s, c, sc, mm, _ in parts:
+            for k, v in s.items():
+                S[k] += v
+            for k, v in c.items():
+                C[k] += v
+            for k, v in sc.items():
+                L[k].extend(v)
+            for k, v in mm.items():
+                M[k] = (min if k.endswith("_min") else max)(M.get(k, v), v)
+        if "train/skipped_updates" in S:  # every rank skipped the same update
+            S["train/skipped_updates"] /= self.dist.world
+            C["train/skipped_updates"] = 1
+        return S, C, L, M, sum(p[4] for p in parts)
 
     def _step(self, step: int, sums: dict[str, float], counts: dict[str, float]) -> float:
         """Clip, then one optimizer and schedule step; a non-finite gradient skips the update."""

@@ -55,6 +55,23 @@ class TrainBatch:
     def loss_mask_NT(self) -> Tensor:
         return self.rollouts.loss_mask_NT
 
+    def rows(self, sl: slice) -> TrainBatch:
+        """Rows `sl` (one rank's groups) with the whole batch's normalizers kept."""
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[sl]
+
+        return TrainBatch(
+            rollouts=self.rollouts.select(sl),
+            adv_N=self.adv_N[sl],
+            rewards_N=cut(self.rewards_N),
+            token_weight_NT=cut(self.token_weight_NT),
+            policy_mask_NT=self.policy_mask_NT[sl],
+            policy_norm=self.policy_norm,
+            reg_norm=self.reg_norm,
+            old_logp_NT=cut(self.old_logp_NT),
+        )
+
 
 class StepInputs(Mapping[str, Any]):
     """The declared inputs of one step, each computed the first time a component asks."""

@@ -9,6 +9,7 @@ config, never by editing this loop.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -30,6 +31,7 @@ from grouprl.monitor.sinks import MetricsLogger
 from grouprl.rollout.base import RolloutEngineError, build_engine, sampling_params
 from grouprl.training.checkpoint import rng_state, save_checkpoint
 from grouprl.training.collect import Collector
+from grouprl.training.distributed import init_distributed
 from grouprl.training.learner import Learner
 from grouprl.training.metrics import completion_metrics, reward_metrics, timing_metrics
 from grouprl.training.plan import plan_batch
@@ -60,6 +62,16 @@ class TrainResult:
     checkpoint: Path | None = None  # the last checkpoint written
 
 
+class _NullLogger:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def plain_config(cfg: Config) -> dict[str, Any]:
     """The config as YAML-safe data (what a checkpoint keeps to compare on resume)."""
     return yaml_load(dump_config(cfg))
@@ -88,8 +100,22 @@ class Trainer:
         resolve_rewards(cfg, reward_funcs)
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
+        self.dist = init_distributed(cfg.train.strategy)
+        if self.dist.active and self.dist.is_main:
+            log.info(
+                "data parallel: %d processes (%s), train.strategy %s: each samples its share "
+                "of the %d prompts per step; planning sees the whole batch",
+                self.dist.world,
+                "nccl" if torch.cuda.is_available() else "gloo",
+                cfg.train.strategy,
+                cfg.train.prompts_per_step,
+            )
+        if self.dist.active and torch.cuda.is_available() and cfg.model.device == "auto":
+            cfg.model.device = f"cuda:{self.dist.local_rank}"
         # before anything loads: a folder that holds another run is refused here
-        check_run_dir(self.run_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
+        if self.dist.is_main:
+            check_run_dir(self.run_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
+        self.dist.barrier()
         self.components: Components = build_components(cfg)
         self.rewards = build_rewards(cfg)
         self.rewards.configure_health(
@@ -117,6 +143,7 @@ class Trainer:
             self.components,
             shared_prefix=decide_shared_prefix(model, cfg.model.shared_prefix),
             temperature=self.sampling.temperature,
+            dist=self.dist,
         )
         self.collector = Collector(
             engine=self.engine,
@@ -128,6 +155,8 @@ class Trainer:
             refill=self.components.refill,
             want_baseline="baseline_B" in self.components.advantage_inputs(),
             num_train_samples=cfg.rollout.num_train_samples,
+            dist=self.dist,
+            device=self.device,
         )
         self.step = 0
         self.stopped_early = False
@@ -181,10 +210,13 @@ class Trainer:
         """A checkpoint of step `self.step`; `at_step_start` saves the data cursor and RNG of
         the moment the interrupted step began, so a resume repeats that step."""
         lr = self.learner
+        if not self.dist.is_main:  # rank 0 writes; the others wait until it has
+            self.dist.barrier()
+            return self.run_dir / "checkpoints"
         cursor, rng = self.collector.sampler.state_dict(), None
         if at_step_start and self._step_start is not None:
             cursor, rng = self._step_start
-        return save_checkpoint(
+        path = save_checkpoint(
             self.run_dir,
             self.step,
             model=lr.model,
@@ -200,6 +232,8 @@ class Trainer:
             keep=self.cfg.train.keep_checkpoints,
             rng=rng,
         )
+        self.dist.barrier()
+        return path
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
@@ -262,23 +296,39 @@ class Trainer:
         end it early with a checkpoint and `TrainResult.interrupted` set; a second signal
         exits at once."""
         cfg = self.cfg.train
-        with RunLock(self.run_dir), StopRequests() as stops:
-            if cfg.overwrite:
+        main = self.dist.is_main  # rank 0 alone writes files, logs and draws the bar
+        lock = RunLock(self.run_dir) if main else contextlib.nullcontext()
+        with lock, StopRequests() as stops:
+            if main and cfg.overwrite:
                 move_aside(self.run_dir)
-            else:  # checked in __init__; again now that no other process can start a run here
+            elif main:  # checked in __init__; again now that no other process can start here
                 check_run_dir(self.run_dir, resume=cfg.resume, overwrite=False)
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            if main:
+                (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            self.dist.barrier()
             self._maybe_resume()
             if self.step:  # the engine was built from the weights before the resume
                 self.learner.publish_weights(self.engine, self.step)
             ref = self.learner.ref_model
-            if ref is not None and not (self.run_dir / "reference").is_dir() and self.step == 0:
+            if (
+                main
+                and ref is not None
+                and not (self.run_dir / "reference").is_dir()
+                and self.step == 0
+            ):
                 # Keep π_ref beside the run so a resumed run regularizes toward the same policy.
                 ref.save_pretrained(self.run_dir / "reference", safe_serialization=True)
-            logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
+            logger = (
+                MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
+                if main
+                else _NullLogger()
+            )
             try:
                 with ProgressBar(
-                    cfg.max_steps, description="grpo", enabled=cfg.progress, initial=self.step
+                    cfg.max_steps,
+                    description="grpo",
+                    enabled=cfg.progress and main,
+                    initial=self.step,
                 ) as bar:
                     mid_step = self._loop(bar, logger, stops)
                     path = self._save(at_step_start=mid_step)

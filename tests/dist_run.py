@@ -1,0 +1,106 @@
+"""A short run for tests/test_distributed.py: under `torchrun --nproc_per_node=N` or as one
+process. Sampling is scripted (fixed, distinct completions per prompt) so that 1 and N ranks
+train on the same global batch. Usage: dist_run.py MODEL_DIR OUT_DIR RECIPE"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from grouprl.rollout.base import ROLLOUT_ENGINES, Rollouts
+from grouprl.training.trainer import Trainer
+
+
+@ROLLOUT_ENGINES.register("scripted_dist")
+class Scripted:
+    reports_sampling_logp = False
+    default_mismatch_correction = "none"
+
+    def __init__(self, model, tok) -> None:
+        self.model, self.tok = model, tok
+
+    @classmethod
+    def from_config(cls, rollout_cfg, model, tokenizer, *, max_prompt_length=None):
+        return cls(model, tokenizer)
+
+    def generate(self, prompts, params):
+        G, tok = params.num_generations, self.tok
+        rows = []
+        for p in prompts:
+            h = sum(map(ord, p))
+            for j in range(G):
+                text = str((h * 7 + j * 13) % 97)[: 1 + (h + j) % 2]
+                rows.append(
+                    (
+                        tok(p, add_special_tokens=False)["input_ids"],
+                        tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                        text,
+                    )
+                )
+        P = max(len(r[0]) for r in rows)
+        T = max(len(r[1]) for r in rows)
+        N = len(rows)
+        pid = torch.full((N, P), tok.pad_token_id)
+        pm = torch.zeros(N, P)
+        cid = torch.full((N, T), tok.pad_token_id)
+        cm = torch.zeros(N, T)
+        for n, (a, b, _) in enumerate(rows):
+            pid[n, P - len(a) :] = torch.tensor(a)
+            pm[n, P - len(a) :] = 1
+            cid[n, : len(b)] = torch.tensor(b)
+            cm[n, : len(b)] = 1
+        dev = next(self.model.parameters()).device
+        return Rollouts(
+            prompt_ids_NP=pid.to(dev),
+            prompt_mask_NP=pm.to(dev),
+            completion_ids_NT=cid.to(dev),
+            attention_mask_NT=cm.to(dev),
+            loss_mask_NT=cm.clone().to(dev),
+            truncated_N=torch.zeros(N, dtype=torch.bool, device=dev),
+            completions=[r[2] for r in rows],
+            group_size=G,
+        )
+
+    def update_weights(self, model, *, step):
+        pass
+
+    def close(self):
+        pass
+
+
+def has_seven(completions, **_):
+    return [float("7" in c) + 0.1 * len(c) for c in completions]
+
+
+if __name__ == "__main__":
+    model_dir, out, recipe = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 22) for b in (3, 5)]
+    cfg = {
+        "recipe": recipe,
+        "model": {"name_or_path": model_dir},
+        "rollout": {
+            "engine": "scripted_dist",
+            "num_generations": 4,
+            "max_new_tokens": 4,
+            "num_train_samples": 0,
+        },
+        "train": {
+            "output_dir": str(out / "run"),
+            "max_steps": 2,
+            "prompts_per_step": 6,
+            "micro_batch_size": 4,
+            "learning_rate": 1e-3,
+            "save_every": 0,
+            "progress": False,
+            "seed": 0,
+        },
+    }
+    with Trainer(cfg, train_dataset=rows, reward_funcs=[has_seven]) as tr:
+        res = tr.train()
+        if tr.dist.is_main:
+            torch.save(
+                {k: v.detach().cpu() for k, v in tr.model.state_dict().items()}, out / "params.pt"
+            )
+            torch.save([m.get("loss") for m in res.history], out / "loss.pt")
