@@ -4,6 +4,7 @@ train on the same global batch. Usage: dist_run.py MODEL_DIR OUT_DIR RECIPE"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,9 @@ class Scripted:
         return cls(model, tokenizer)
 
     def generate(self, prompts, params):
+        fail_rank = os.environ.get("DIST_RUN_FAIL_RANK")
+        if fail_rank is not None and os.environ.get("RANK") == fail_rank:
+            raise RuntimeError(f"injected failure on rank {fail_rank}")
         G, tok = params.num_generations, self.tok
         rows = []
         for p in prompts:
@@ -76,6 +80,8 @@ def has_seven(completions, **_):
 
 if __name__ == "__main__":
     model_dir, out, recipe = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    max_steps = int(sys.argv[4]) if len(sys.argv) > 4 else 2
+    resume = len(sys.argv) > 5 and sys.argv[5] == "resume"
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 22) for b in (3, 5)]
     cfg = {
         "recipe": recipe,
@@ -88,13 +94,14 @@ if __name__ == "__main__":
         },
         "train": {
             "output_dir": str(out / "run"),
-            "max_steps": 2,
+            "max_steps": max_steps,
             "prompts_per_step": 6,
             "micro_batch_size": 4,
             "learning_rate": 1e-3,
-            "save_every": 0,
+            "save_every": 1,
             "progress": False,
             "seed": 0,
+            "resume": resume,
         },
     }
     with Trainer(cfg, train_dataset=rows, reward_funcs=[has_seven]) as tr:

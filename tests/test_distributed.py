@@ -69,3 +69,37 @@ def test_two_ranks_make_the_update_of_one(tmp_path, model_dir, recipe):
     init = load_file(str(Path(model_dir) / "model.safetensors"))
     moved = max(float((out[1][k] - init[k]).abs().max()) for k in init)
     assert moved > 100 * max(diff, 1e-7), (moved, diff)  # the runs trained
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, model_dir):
+    """Step 1 on 2 ranks, then step 2 resumed on 1 rank: the parameters of 2 steps on 1."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    res = _run([str(model_dir), str(one), "dapo", "2"], 1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _run([str(model_dir), str(two), "dapo", "1"], 2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _run([str(model_dir), str(two), "dapo", "2", "resume"], 1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = torch.load(one / "params.pt"), torch.load(two / "params.pt")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_a_rank_that_raises_ends_the_run_with_its_message(tmp_path, model_dir):
+    """Rank 1's sampling raises: torchrun stops rank 0 too (no hang in the next collective)
+    and reports the failed rank with its message."""
+    import time
+
+    env_fail = {"DIST_RUN_FAIL_RANK": "1"}
+    os.environ.update(env_fail)
+    try:
+        t0 = time.monotonic()
+        res = _run([str(model_dir), str(tmp_path), "grpo"], 2)
+    finally:
+        os.environ.pop("DIST_RUN_FAIL_RANK")
+    assert res.returncode != 0
+    assert time.monotonic() - t0 < 120
+    log = res.stdout + res.stderr
+    assert "injected failure on rank 1" in log
+    assert "rank: 1" in log or "local_rank: 1" in log

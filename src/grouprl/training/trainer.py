@@ -28,6 +28,7 @@ from grouprl.models.loading import load_model_and_tokenizer
 from grouprl.monitor.collapse import CollapseMonitor
 from grouprl.monitor.progress import ProgressBar
 from grouprl.monitor.sinks import MetricsLogger
+from grouprl.rewards.health import RewardFailureError
 from grouprl.rollout.base import RolloutEngineError, build_engine, sampling_params
 from grouprl.training.checkpoint import rng_state, save_checkpoint
 from grouprl.training.collect import Collector
@@ -348,16 +349,21 @@ class Trainer:
         """Steps until max_steps or a stop; True when a step was cut short (SystemExit)."""
         cfg = self.cfg.train
         while self.step < cfg.max_steps:
-            if stops.requested:
-                self.interrupted = stops.requested
+            requested = self._agreed_stop(stops.requested)
+            if requested:
+                self.interrupted = requested
                 return False
             self._step_start = (self.collector.sampler.state_dict(), rng_state())
             try:
                 metrics = self.train_step()
             except SystemExit as exc:  # user code asked to exit: keep what is done
+                if self.dist.active:  # one process alone cannot save; torchrun ends the rest
+                    raise
                 self.interrupted = f"SystemExit({exc.code!r}) during step {self.step + 1}"
                 return True
             except RolloutEngineError as exc:  # a stuck or dead engine: keep what is done
+                if self.dist.active:
+                    raise
                 if getattr(exc, "after_update", False):
                     self.step += 1
                 path = self._save(at_step_start=not getattr(exc, "after_update", False))
@@ -370,6 +376,8 @@ class Trainer:
             try:
                 stop = self._after_step(metrics, bar, logger)
             except RolloutEngineError as exc:  # the evaluation's engine failed: keep the step
+                if self.dist.active:
+                    raise
                 path = self._save()
                 exc.args = (
                     f"{exc} The run is saved at step {self.step} ({path}); once the engine "
@@ -379,6 +387,10 @@ class Trainer:
             if stop:
                 return False
             failure = self.rewards.check_health()
+            if self.dist.active:  # rewards run where their samples are: agree on stopping
+                seen = [m for m in self.dist.gather(str(failure) if failure else None) if m]
+                if seen and failure is None:
+                    failure = RewardFailureError(seen[0])
             if failure is not None:  # keep the steps done, then stop with the reason
                 path = self._save()
                 failure.args = (
@@ -390,6 +402,14 @@ class Trainer:
         if stops.requested:  # arrived during the last step
             self.interrupted = stops.requested
         return False
+
+    def _agreed_stop(self, requested: str | None) -> str | None:
+        """A stop request (signal) as all processes see it: each receives its own signal at
+        its own moment, and they must leave the loop at the same step."""
+        if not self.dist.active:
+            return requested
+        reasons = [r for r in self.dist.gather(requested) if r]
+        return reasons[0] if reasons else None
 
     def _after_step(self, metrics: dict[str, float], bar: ProgressBar, logger: Any) -> bool:
         """Evaluation, monitors, logging, checkpoint cadence, callbacks; True to stop."""
