@@ -103,3 +103,43 @@ def test_a_rank_that_raises_ends_the_run_with_its_message(tmp_path, model_dir):
     log = res.stdout + res.stderr
     assert "injected failure on rank 1" in log
     assert "rank: 1" in log or "local_rank: 1" in log
+
+
+def test_two_nodes_on_localhost_make_the_update_of_one(tmp_path, model_dir):
+    """`torchrun --nnodes=2` with two agents (one process each) meeting at a c10d
+    rendezvous on localhost: the multi-machine launch, simulated on one machine."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    res = _run([str(model_dir), str(one), "grpo"], 1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    port = _port()
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=grouprl-test",
+                str(SCRIPT),
+                str(model_dir),
+                str(two),
+                "grpo",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outs = [a.communicate(timeout=600)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), outs[0][-2000:] + outs[1][-2000:]
+    a, b = torch.load(one / "params.pt"), torch.load(two / "params.pt")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
