@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from grouprl.rollout.base import ROLLOUT_ENGINES, Rollouts
+from grouprl.rollout.base import ROLLOUT_ENGINES
+from grouprl.rollout.vllm_common import build_rollouts
 from grouprl.training.trainer import Trainer
 
 
@@ -31,41 +33,20 @@ class Scripted:
         if fail_rank is not None and os.environ.get("RANK") == fail_rank:
             raise RuntimeError(f"injected failure on rank {fail_rank}")
         G, tok = params.num_generations, self.tok
-        rows = []
+        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        samples = []
         for p in prompts:
             h = sum(map(ord, p))
-            for j in range(G):
-                text = str((h * 7 + j * 13) % 97)[: 1 + (h + j) % 2]
-                rows.append(
-                    (
-                        tok(p, add_special_tokens=False)["input_ids"],
-                        tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
-                        text,
-                    )
-                )
-        P = max(len(r[0]) for r in rows)
-        T = max(len(r[1]) for r in rows)
-        N = len(rows)
-        pid = torch.full((N, P), tok.pad_token_id)
-        pm = torch.zeros(N, P)
-        cid = torch.full((N, T), tok.pad_token_id)
-        cm = torch.zeros(N, T)
-        for n, (a, b, _) in enumerate(rows):
-            pid[n, P - len(a) :] = torch.tensor(a)
-            pm[n, P - len(a) :] = 1
-            cid[n, : len(b)] = torch.tensor(b)
-            cm[n, : len(b)] = 1
-        dev = next(self.model.parameters()).device
-        return Rollouts(
-            prompt_ids_NP=pid.to(dev),
-            prompt_mask_NP=pm.to(dev),
-            completion_ids_NT=cid.to(dev),
-            attention_mask_NT=cm.to(dev),
-            loss_mask_NT=cm.clone().to(dev),
-            truncated_N=torch.zeros(N, dtype=torch.bool, device=dev),
-            completions=[r[2] for r in rows],
-            group_size=G,
+            texts = [str((h * 7 + j * 13) % 97)[: 1 + (h + j) % 2] for j in range(G)]
+            ids = [
+                tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts
+            ]
+            samples.append([(x, [0.0] * len(x)) for x in ids])
+        device = next(self.model.parameters()).device
+        ro = build_rollouts(
+            prompt_ids, samples, tokenizer=tok, eos=[tok.eos_token_id], device=device
         )
+        return replace(ro, sampling_logp_NT=None)  # like HF: no sampler log-probs of its own
 
     def update_weights(self, model, *, step):
         pass

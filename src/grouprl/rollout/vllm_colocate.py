@@ -10,8 +10,8 @@ memory back.
 
 from __future__ import annotations
 
+import os
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,16 +22,10 @@ from grouprl.rollout.vllm_common import (
     VLLM_MODES,
     VLLMEngine,
     VLLMSettings,
-    build_rollouts,
-    check_prompts,
-    eos_ids,
     expand_greedy,
     full_state_dict,
-    request_seeds,
     require_vllm,
     samples_per_request,
-    tokenize_prompts,
-    warn_truncated_sampling,
 )
 
 
@@ -47,22 +41,14 @@ class ColocatedVLLM(VLLMEngine):
         max_model_len: int,
     ) -> None:
         vllm = require_vllm(in_process=True)
+        super().__init__(model, tokenizer, settings, max_model_len=max_model_len)
         self.policy = model
-        self.tokenizer = tokenizer
-        self.settings = settings
-        self.max_model_len = max_model_len
-        self.eos = eos_ids(model, tokenizer)
-        self.vocab_size = int(model.config.vocab_size)
-        self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
         self.sleep_level = settings.sleep_level if cuda else 0  # sleep is a no-op on CPU
         self._asleep = False
         self._weights_stale = False
-        self._step = 0  # the learner step whose weights vLLM holds
         self._broken = ""  # set when vLLM failed mid-batch (see generate)
         if not cuda:
-            import os
-
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gb)
         # vLLM reads the architecture from a folder: write the config alone; the weights
         # start as placeholders and the policy's are loaded in place just below.
@@ -139,11 +125,12 @@ class ColocatedVLLM(VLLMEngine):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
-        G = params.num_generations
-        warn_truncated_sampling(params)
-        prompt_ids = tokenize_prompts(self.tokenizer, prompts)
-        check_prompts(prompt_ids, params.max_new_tokens, self.max_model_len, self.vocab_size)
-        seeds = request_seeds(len(prompts), G)
+        if self._broken:
+            raise RolloutEngineError(
+                f"step {self._step + 1}: the colocated vLLM failed earlier ({self._broken}) "
+                "and cannot sample again in this process; resume the run (train.resume=true)"
+            )
+        prompt_ids, seeds = self._requests(prompts, params)
         sp = [
             self._vllm.SamplingParams(
                 n=samples_per_request(params),
@@ -158,11 +145,6 @@ class ColocatedVLLM(VLLMEngine):
             )
             for seed in seeds
         ]
-        if self._broken:
-            raise RolloutEngineError(
-                f"step {self._step + 1}: the colocated vLLM failed earlier ({self._broken}) "
-                "and cannot sample again in this process; resume the run (train.resume=true)"
-            )
         try:
             self._wake()
             outs = self.llm.generate(
@@ -190,9 +172,7 @@ class ColocatedVLLM(VLLMEngine):
             )
             for out in outs
         ]
-        return build_rollouts(
-            prompt_ids, samples, tokenizer=self.tokenizer, eos=self.eos, device=self.device
-        )
+        return self._rollouts(prompt_ids, samples)
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
@@ -207,11 +187,6 @@ class ColocatedVLLM(VLLMEngine):
         finally:
             del llm
             self._dir.cleanup()
-
-    @property
-    def folder(self) -> Path:
-        """Where the config vLLM was built from lives (removed on close)."""
-        return Path(self._dir.name)
 
 
 VLLM_MODES["colocate"] = ColocatedVLLM

@@ -327,8 +327,38 @@ class VLLMEngine:
             or default_max_model_len(model, max_prompt_length, rollout_cfg.max_new_tokens),
         )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("build a vLLM engine with VLLMEngine.from_config (or build_engine)")
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        settings: VLLMSettings,
+        *,
+        max_model_len: int,
+    ) -> None:
+        """What both modes keep: the tokenizer, settings, context, EOS ids, vocabulary size
+        and device of the policy, and the learner step whose weights vLLM holds."""
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.max_model_len = max_model_len
+        self.eos = eos_ids(model, tokenizer)
+        self.vocab_size = int(model.config.vocab_size)
+        self.device = next(model.parameters()).device
+        self._step = 0
+
+    def _requests(
+        self, prompts: list[str], params: SamplingParams
+    ) -> tuple[list[list[int]], list[int]]:
+        """Prompt token ids (checked against the context and vocabulary) and one seed per
+        prompt: what both modes send."""
+        warn_truncated_sampling(params)
+        prompt_ids = tokenize_prompts(self.tokenizer, prompts)
+        check_prompts(prompt_ids, params.max_new_tokens, self.max_model_len, self.vocab_size)
+        return prompt_ids, request_seeds(len(prompts), params.num_generations)
+
+    def _rollouts(self, prompt_ids: list[list[int]], samples: list[Any]) -> Rollouts:
+        return build_rollouts(
+            prompt_ids, samples, tokenizer=self.tokenizer, eos=self.eos, device=self.device
+        )
 
     def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
         raise NotImplementedError

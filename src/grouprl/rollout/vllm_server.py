@@ -38,15 +38,9 @@ from grouprl.rollout.vllm_common import (
     VLLM_MODES,
     VLLMEngine,
     VLLMSettings,
-    build_rollouts,
-    check_prompts,
-    eos_ids,
     expand_greedy,
     full_state_dict,
-    request_seeds,
     samples_per_request,
-    tokenize_prompts,
-    warn_truncated_sampling,
 )
 
 WEIGHTS_FILE = "model.safetensors"
@@ -87,13 +81,8 @@ class ServerVLLM(VLLMEngine):
         *,
         max_model_len: int,
     ) -> None:
-        self.tokenizer = tokenizer
-        self.settings = settings
+        super().__init__(model, tokenizer, settings, max_model_len=max_model_len)
         self.url = settings.server_url
-        self.eos = eos_ids(model, tokenizer)
-        self.vocab_size = int(model.config.vocab_size)
-        self.device = next(model.parameters()).device
-        self._step = 0  # the learner step whose weights the server holds
         self._pool: ThreadPoolExecutor | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         info = self._call(
@@ -215,11 +204,7 @@ class ServerVLLM(VLLMEngine):
         )
 
     def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
-        G = params.num_generations
-        warn_truncated_sampling(params)
-        prompt_ids = tokenize_prompts(self.tokenizer, prompts)
-        check_prompts(prompt_ids, params.max_new_tokens, self.max_model_len, self.vocab_size)
-        seeds = request_seeds(len(prompts), G)
+        prompt_ids, seeds = self._requests(prompts, params)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="grouprl-vllm")
         replies = list(self._pool.map(self._complete, prompt_ids, seeds, [params] * len(seeds)))
@@ -242,9 +227,7 @@ class ServerVLLM(VLLMEngine):
                     f"samples for prompt {i}, expected {want}"
                 )
             samples.append(expand_greedy(group, params))
-        return build_rollouts(
-            prompt_ids, samples, tokenizer=self.tokenizer, eos=self.eos, device=self.device
-        )
+        return self._rollouts(prompt_ids, samples)
 
     def close(self) -> None:
         if self._pool is not None:

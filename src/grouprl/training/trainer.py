@@ -210,10 +210,9 @@ class Trainer:
     def _save(self, *, at_step_start: bool = False) -> Path:
         """A checkpoint of step `self.step`; `at_step_start` saves the data cursor and RNG of
         the moment the interrupted step began, so a resume repeats that step."""
+        if not self.dist.is_main:  # process 0 writes; the others wait for its path
+            return Path(self.dist.gather(None)[0])
         lr = self.learner
-        if not self.dist.is_main:  # rank 0 writes; the others wait until it has
-            self.dist.barrier()
-            return self.run_dir / "checkpoints"
         cursor, rng = self.collector.sampler.state_dict(), None
         if at_step_start and self._step_start is not None:
             cursor, rng = self._step_start
@@ -233,7 +232,7 @@ class Trainer:
             keep=self.cfg.train.keep_checkpoints,
             rng=rng,
         )
-        self.dist.barrier()
+        self.dist.gather(str(path))  # (a no-op with one process)
         return path
 
     # ------------------------------------------------------------------ one step
