@@ -1,16 +1,18 @@
-"""GRPO step time and peak memory per process: 1 process vs N under torchrun, same work.
+"""GRPO step time and memory per process: 1 process vs N under torchrun (ddp, fsdp2),
+same work.
 
 Usage:
-    python benchmarks/data_parallel.py [--procs 2] [--steps 4] [--hidden 256] [--layers 4]
-        [--prompts 8] [--G 8] [--max-new-tokens 16]
+    python benchmarks/data_parallel.py [--procs 2] [--strategies ddp,fsdp2] [--steps 4]
+        [--hidden 256] [--layers 4] [--prompts 8] [--G 8] [--max-new-tokens 16]
 
 Both runs train the same model (a random Qwen2 from `build_tiny_model`, fp32) on the
 built-in `arith` task with the HF engine and the same global batch (`--prompts` x `--G`
 completions per step). The single process gets all the machine's threads; each of the N
 processes gets 1/N of them (OMP_NUM_THREADS), so the comparison spends the same cores.
 Reported: the median of `time/step`, `time/collect` and `time/train` over the steps after
-the first (from metrics.jsonl), and each process's peak resident memory (ru_maxrss, which
-includes importing torch and transformers).
+the first (from metrics.jsonl), each process's peak resident memory (ru_maxrss, which
+includes importing torch and transformers), and the training state each process holds at
+the end: its parameters plus AdamW's two moments, in MB (under fsdp2 its shards).
 """
 
 from __future__ import annotations
@@ -43,17 +45,27 @@ def child(args: argparse.Namespace) -> None:
             "save_every": 0,
             "progress": False,
             "overwrite": True,
+            "strategy": args.strategy,
         },
     }
     with Trainer(cfg) as tr:
         tr.train()
         rank = tr.dist.rank
+        opt = tr.learner.optimizer
+        tensors = list(tr.model.parameters())
+        tensors += [v for s in opt.state.values() for v in s.values() if v.dim()]
+        state_mb = sum(_local(t).numel() * t.element_size() for t in tensors) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(args.out, f"peak_{rank}.txt").write_text(f"{peak:.0f}")
+    Path(args.out, f"peak_{rank}.txt").write_text(f"{peak:.0f} {state_mb:.1f}")
 
 
-def run(n: int, args: argparse.Namespace, model_dir: Path, work: Path) -> dict:
-    out = work / f"p{n}"
+def _local(t):
+    """This process's part of a tensor (a DTensor's shard)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def run(n: int, strategy: str, args: argparse.Namespace, model_dir: Path, work: Path) -> dict:
+    out = work / f"p{n}-{strategy}"
     threads = max(1, (os.cpu_count() or 1) // n)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     script = [
@@ -71,6 +83,8 @@ def run(n: int, args: argparse.Namespace, model_dir: Path, work: Path) -> dict:
         str(args.G),
         "--max-new-tokens",
         str(args.max_new_tokens),
+        "--strategy",
+        strategy,
     ]
     if n == 1:
         cmd = [sys.executable, *script]
@@ -93,8 +107,10 @@ def run(n: int, args: argparse.Namespace, model_dir: Path, work: Path) -> dict:
         k: statistics.median(r[k] for r in rows)
         for k in ("time/step", "time/collect", "time/train")
     }
-    peaks = [int((out / f"peak_{r}.txt").read_text()) for r in range(n)]
-    return {**med, "peaks": peaks, "threads": threads}
+    reports = [(out / f"peak_{r}.txt").read_text().split() for r in range(n)]
+    peaks = [int(p) for p, _ in reports]
+    state = [float(m) for _, m in reports]
+    return {**med, "peaks": peaks, "state": state, "threads": threads}
 
 
 def main() -> None:
@@ -108,6 +124,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--strategies", default="ddp,fsdp2", help="comma-separated, for N processes")
+    ap.add_argument("--strategy", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -127,13 +145,18 @@ def main() -> None:
         f"{args.G} samples of <= {args.max_new_tokens} tokens per step; median of "
         f"{args.steps - 1} steps after 1; {os.cpu_count()} cores; load {os.getloadavg()[0]:.1f}"
     )
-    print("| processes | threads each | step s | collect s | train s | peak MB per process |")
-    print("|---|---|---|---|---|---|")
-    for n in (1, args.procs):
-        r = run(n, args, model_dir, work)
+    print(
+        "| processes | strategy | threads each | step s | collect s | train s "
+        "| peak MB per process | weights + AdamW state MB per process |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    runs = [(1, "single")] + [(args.procs, s) for s in args.strategies.split(",")]
+    for n, strategy in runs:
+        r = run(n, strategy, args, model_dir, work)
         print(
-            f"| {n} | {r['threads']} | {r['time/step']:.3f} | {r['time/collect']:.3f} | "
-            f"{r['time/train']:.3f} | {', '.join(map(str, r['peaks']))} |",
+            f"| {n} | {strategy} | {r['threads']} | {r['time/step']:.3f} | "
+            f"{r['time/collect']:.3f} | {r['time/train']:.3f} | "
+            f"{', '.join(map(str, r['peaks']))} | {', '.join(f'{m:.1f}' for m in r['state'])} |",
             flush=True,
         )
 

@@ -100,6 +100,7 @@ REGISTRY_TABLES = [
     RegistryTable("benchmarks", "grouprl.data.benchmarks:BENCHMARKS"),
     RegistryTable("rollout_engines", "grouprl.rollout.base:ROLLOUT_ENGINES"),
     RegistryTable("mismatch", "grouprl.algorithms.mismatch:MISMATCH_CORRECTIONS"),
+    RegistryTable("strategies", "grouprl.training.parallel:STRATEGIES"),
     RegistryTable("inputs", "grouprl.inputs:INPUTS"),
 ]
 

@@ -1,6 +1,12 @@
 """A short run for tests/test_distributed.py: under `torchrun --nproc_per_node=N` or as one
 process. Sampling is scripted (fixed, distinct completions per prompt) so that 1 and N ranks
-train on the same global batch. Usage: dist_run.py MODEL_DIR OUT_DIR RECIPE"""
+train on the same global batch. Usage: dist_run.py MODEL_DIR OUT_DIR RECIPE [STEPS [resume]]
+
+Environment: DIST_RUN_STRATEGY (train.strategy, default auto), DIST_RUN_ENGINE (scripted_dist
+or hf: real sampling, per-process RNG), DIST_RUN_PROMPTS (prompts per step, default 6),
+DIST_RUN_FAIL_RANK (that rank's sampling raises), DIST_RUN_KILL_RANK (that rank is
+killed with SIGKILL while sampling), DIST_RUN_SERVER (engine vllm in server
+mode at that URL), DIST_RUN_LORA (model.lora.r: LoRA adapters, and a KL term)."""
 
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ class Scripted:
         fail_rank = os.environ.get("DIST_RUN_FAIL_RANK")
         if fail_rank is not None and os.environ.get("RANK") == fail_rank:
             raise RuntimeError(f"injected failure on rank {fail_rank}")
+        if os.environ.get("DIST_RUN_KILL_RANK") == os.environ.get("RANK", "-"):
+            os.kill(os.getpid(), 9)  # dies without a word, as an OOM kill would
         G, tok = params.num_generations, self.tok
         prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         samples = []
@@ -68,7 +76,7 @@ if __name__ == "__main__":
         "recipe": recipe,
         "model": {"name_or_path": model_dir},
         "rollout": {
-            "engine": "scripted_dist",
+            "engine": os.environ.get("DIST_RUN_ENGINE", "scripted_dist"),
             "num_generations": 4,
             "max_new_tokens": 4,
             "num_train_samples": 0,
@@ -76,19 +84,27 @@ if __name__ == "__main__":
         "train": {
             "output_dir": str(out / "run"),
             "max_steps": max_steps,
-            "prompts_per_step": 6,
+            "prompts_per_step": int(os.environ.get("DIST_RUN_PROMPTS", "6")),
             "micro_batch_size": 4,
             "learning_rate": 1e-3,
             "save_every": 1,
             "progress": False,
             "seed": 0,
             "resume": resume,
+            "strategy": os.environ.get("DIST_RUN_STRATEGY", "auto"),
         },
     }
+    if os.environ.get("DIST_RUN_LORA"):
+        cfg["model"]["lora"] = {"r": int(os.environ["DIST_RUN_LORA"]), "alpha": 8}
+        cfg["regularizers"] = [{"name": "kl", "beta": 0.1}]
+        cfg["train"]["learning_rate"] = 1e-2
+    if os.environ.get("DIST_RUN_SERVER"):
+        cfg["rollout"]["engine"] = "vllm"
+        cfg["rollout"]["vllm"] = {"mode": "server", "server_url": os.environ["DIST_RUN_SERVER"]}
     with Trainer(cfg, train_dataset=rows, reward_funcs=[has_seven]) as tr:
         res = tr.train()
+        params = tr.learner.model_state()  # whole tensors (collective under fsdp2)
         if tr.dist.is_main:
-            torch.save(
-                {k: v.detach().cpu() for k, v in tr.model.state_dict().items()}, out / "params.pt"
-            )
+            torch.save({k: v.cpu() for k, v in params.items()}, out / "params.pt")
+            (out / "world.txt").write_text(str(tr.dist.world))
             torch.save([m.get("loss") for m in res.history], out / "loss.pt")

@@ -103,3 +103,30 @@ def test_every_recipe_trains_on_cuda(tmp_path, tiny_model_dir, name):
     res = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=rewards).train()
     assert res.steps == 2
     assert math.isfinite(res.history[-1]["loss"])
+
+
+def test_lora_and_qlora_train_on_cuda(tmp_path, tiny_model_dir):
+    """LoRA on CUDA; QLoRA (4-bit base through bitsandbytes) when bitsandbytes is there:
+    two GRPO steps with a KL term, only adapters move, finite loss."""
+    import math
+
+    from conftest import arith_rows, base_config
+
+    from grouprl.training.trainer import Trainer
+
+    pytest.importorskip("peft")
+    modes = [{"r": 4, "alpha": 8}]
+    try:
+        import bitsandbytes  # noqa: F401
+
+        modes.append({"r": 4, "alpha": 8, "quantize": "4bit"})
+    except ImportError:
+        pass
+    for lora in modes:
+        cfg = base_config(tmp_path / str(len(lora)), tiny_model_dir, max_steps=2)
+        cfg["model"].update(device="cuda", lora=lora)
+        cfg["regularizers"] = [{"name": "kl", "beta": 0.1}]
+        tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=["exact_match"])
+        res = tr.train()
+        assert math.isfinite(res.history[-1]["loss"]), lora
+        assert tr.learner.ref_model is None

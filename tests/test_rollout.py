@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from grouprl.rollout.base import SamplingParams, completion_mask_from_eos
@@ -81,3 +82,15 @@ def test_prefill_is_computed_once_per_prompt(monkeypatch):
     # one prefill of 2 prompts x (6-1) tokens, then one token per row and step
     assert seen[0] == (2, 5)
     assert all(s[1] == 1 for s in seen[1:]) and all(s[0] == 8 for s in seen[1:])
+
+
+def test_colocated_vllm_is_refused_under_several_processes(tiny, monkeypatch):
+    """An in-process vLLM per torchrun process is not built yet: refused at start-up with
+    the way out (server mode), before vLLM is even imported."""
+    from grouprl.config import ConfigError, RolloutConfig
+    from grouprl.rollout import build_engine
+
+    model, tok = tiny
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="mode: colocate is not supported.*mode: server"):
+        build_engine(RolloutConfig(engine="vllm"), model, tok)

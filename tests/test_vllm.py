@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -215,6 +216,38 @@ def test_five_steps_improve_the_reward_like_the_hf_engine(tmp_path):
     assert "mismatch/kl" not in hist["hf"][0]
 
 
+def test_lora_adapters_reach_vllm_merged(tmp_path):
+    """LoRA with the colocated engine: after every step vLLM gets the base weights with the
+    adapters merged in (under the base names), so its log-probs stay the trainer's."""
+    pytest.importorskip("peft")
+    from grouprl.training.trainer import Trainer
+
+    model, tok = tiny(seed=3)
+    cfg = {
+        "model": {"lora": {"r": 4, "alpha": 16}},
+        "rollout": {"engine": "vllm", "num_generations": 8, "max_new_tokens": 6},
+        "train": {
+            "output_dir": str(tmp_path / "lora"),
+            "max_steps": 3,
+            "prompts_per_step": 8,
+            "micro_batch_size": 64,
+            "learning_rate": 2e-2,
+            "save_every": 0,
+            "progress": False,
+        },
+    }
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 30) for b in (3, 4)]
+    with Trainer(cfg, model=model, tokenizer=tok, train_dataset=rows, reward_funcs=[sevens]) as tr:
+        hist = tr.train().history
+        moved = max(
+            float(p.detach().abs().max()) for n, p in tr.model.named_parameters() if "lora_B" in n
+        )
+    assert moved > 1e-3  # the adapters trained, so vLLM's merged weights changed
+    for m in hist:
+        assert abs(m["mismatch/kl"]) < 1e-4, m
+        assert abs(m["mismatch/ratio_max"] - 1) < 1e-3, m
+
+
 # ---------------------------------------------------------------------- server mode
 def _free_port() -> int:
     with socket.socket() as s:
@@ -234,7 +267,7 @@ def server(tmp_path_factory):
         args=["--max-model-len", "64", "--dtype", "float32"],
         timeout=240,
     )
-    yield url, proc
+    yield url, proc, d
     os.killpg(proc.pid, signal.SIGCONT)
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -244,7 +277,7 @@ def server(tmp_path_factory):
 
 
 def test_server_start_sync_generate_and_a_stuck_sync_times_out(server):
-    url, proc = server
+    url, proc, _ = server
     model, tok = tiny(seed=0)  # different weights from the ones the server loaded
     cfg = RolloutConfig(
         engine="vllm",
@@ -282,6 +315,44 @@ def test_server_start_sync_generate_and_a_stuck_sync_times_out(server):
         assert time.monotonic() - t0 < 15
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_trainer_processes_share_one_server(server, tmp_path, strategy):
+    """torchrun with 2 processes sampling from one vLLM server: process 0 alone syncs the
+    weights (gathered whole under fsdp2), the other waits for it, so every process samples
+    from the updated policy: vLLM's log-probs stay those of the trainer at every step."""
+    import json
+
+    url, _, model_dir = server
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root / "src"),
+        "OMP_NUM_THREADS": "1",
+        "DIST_RUN_SERVER": url,
+        "DIST_RUN_STRATEGY": strategy,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(root / "tests" / "dist_run.py"),
+        str(model_dir),
+        str(tmp_path),
+        "grpo",
+        "3",
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for m in rows:  # over both processes' tokens
+        assert abs(m["mismatch/kl"]) < 1e-4, m
+        assert abs(m["mismatch/ratio_max"] - 1) < 1e-3 and abs(m["mismatch/ratio_min"] - 1) < 1e-3
 
 
 def test_a_server_that_is_not_up_is_reported_at_once():

@@ -1,4 +1,4 @@
-"""The `grouprl` command line: train, sft, eval, demo, recipes."""
+"""The `grouprl` command line: train, sft, eval, demo, export, recipes."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ examples:
   grouprl sft sft.yaml train.max_steps=500            # warm start on prompt/completion pairs
   grouprl eval --model runs/x/checkpoints/step_0000100 --data test.jsonl --reward math_accuracy -n 8 -k 1 8
   grouprl ttrl --model runs/demo/sft/model --data questions.jsonl rollout.num_generations=16
+  grouprl export runs/x --output models/x             # newest checkpoint, LoRA merged
   grouprl recipes                                     # list the named methods
 """
 
@@ -251,6 +252,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A run or checkpoint as a plain transformers model directory (LoRA merged in)."""
+    from transformers import AutoModelForCausalLM
+
+    from grouprl.models.loading import load_tokenizer
+    from grouprl.models.lora import adapter_base, load_merged
+    from grouprl.training.checkpoint import latest_checkpoint
+
+    src = Path(args.source).expanduser()
+    if not src.is_dir():
+        raise UserError(f"{src}: no such run or checkpoint directory")
+    ckpt = latest_checkpoint(src) if (src / "checkpoints").is_dir() else src
+    if ckpt is None:
+        raise UserError(f"{src}: the run has no complete checkpoint yet")
+    out = Path(args.output).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--output {out}: exists and is not empty; choose another directory")
+    if adapter_base(ckpt) is not None:
+        model = load_merged(ckpt, base=args.base, dtype="auto")
+        what = f"LoRA adapter merged into its base ({args.base or adapter_base(ckpt)})"
+    elif (ckpt / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype="auto")
+        what = "full weights"
+    else:
+        raise UserError(f"{ckpt}: neither a model (config.json) nor a LoRA adapter")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(str(ckpt)).save_pretrained(out)
+    print(f"exported {ckpt} to {out}: {what}; load it with AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from grouprl.components import load_config
     from grouprl.config import dump_config, recipe_info, recipe_names
@@ -390,6 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--gpu-memory-utilization", type=float, default=None)
     v.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then more vLLM arguments")
     v.set_defaults(func=cmd_vllm_serve)
+
+    x = sub.add_parser(
+        "export",
+        help="a run or checkpoint as a plain HF model directory (LoRA merged)",
+        description="Write a run's newest checkpoint (or the checkpoint given) as a plain "
+        "transformers model directory: a LoRA adapter is merged into its base model.",
+    )
+    x.add_argument("source", help="a run directory (its newest checkpoint) or a checkpoint")
+    x.add_argument("--output", required=True, help="the new model directory")
+    x.add_argument("--base", default=None, help="the adapter's base model, if it moved")
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("recipes", help="list recipes, or print one resolved config")
     r.add_argument("name", nargs="?")

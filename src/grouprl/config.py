@@ -102,6 +102,9 @@ class ModelConfig:
     shared_prefix_backend: str = choice("auto", "auto", "sdpa", "flex")
     # positions per LM-head chunk (fp32 logits of one chunk at a time); 0 = 64 MiB of logits
     logprob_chunk_size: int = 0
+    # LoRA through PEFT (models/lora.py): {r, alpha, dropout, target_modules,
+    # modules_to_save, quantize}; empty = full fine-tuning
+    lora: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -167,9 +170,9 @@ class TrainConfig:
     reward_failure_limit: float = 0.5
     reward_failure_window: int = 20
     tensorboard: bool = False
-    # data parallelism under torchrun (training/distributed.py; WORK IN PROGRESS): auto =
-    # ddp when WORLD_SIZE > 1
-    strategy: str = choice("auto", "auto", "single", "ddp")
+    # several processes under torchrun (training/parallel.py, docs/scaling.md): auto = ddp
+    # when WORLD_SIZE > 1; fsdp2 shards weights, gradients and optimizer state
+    strategy: str = choice("auto", "auto", "single", "ddp", "fsdp2")
     progress: bool = True
     collapse_monitor: str = choice("auto", "auto", "on", "off")  # auto: on with majority_vote
     stop_on_collapse: bool = False

@@ -73,7 +73,10 @@ def load_model_and_tokenizer(cfg: ModelConfig):
     ).expanduser().is_dir():
         raise ConfigError(f"model.name_or_path: directory not found: {path}")
     local = Path(path).expanduser()
-    if local.is_dir() and not (local / "config.json").is_file():
+    plain = (local / "config.json").is_file()
+    # a LoRA checkpoint (adapter_config.json, no config.json) loads as its merged model
+    adapter = local.is_dir() and not plain and (local / "adapter_config.json").is_file()
+    if local.is_dir() and not plain and not adapter:
         raise ConfigError(
             f"model.name_or_path: cannot load {path!r}: no config.json there (not a model directory)"
         )
@@ -82,11 +85,23 @@ def load_model_and_tokenizer(cfg: ModelConfig):
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    from grouprl.models.lora import LoraSettings, quantization_config
+
+    lora = LoraSettings.from_dict(cfg.lora)
+    quant = quantization_config(lora, device) if lora is not None else None
+    if quant is not None:  # QLoRA: bitsandbytes places the 4-bit weights itself
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device}
     try:
         tok = load_tokenizer(cfg.tokenizer or path, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(Path(path).expanduser()) if Path(path).expanduser().is_dir() else path, **kwargs
-        )
+        if adapter:
+            from grouprl.models.lora import load_merged
+
+            model = load_merged(local, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(local) if local.is_dir() else path, **kwargs
+            )
     except OSError as exc:
         raise ConfigError(
             f"model.name_or_path: cannot load {path!r}: {str(exc).splitlines()[0]}"
@@ -96,4 +111,6 @@ def load_model_and_tokenizer(cfg: ModelConfig):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    return model.to(device), tok, device
+        if lora is not None:  # frozen embeddings: checkpointed blocks still need input grads
+            model.enable_input_require_grads()
+    return (model if quant is not None else model.to(device)), tok, device

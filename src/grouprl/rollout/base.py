@@ -131,7 +131,11 @@ class RolloutEngine(Protocol):
     Declared facts: `reports_sampling_logp` (whether `generate` fills
     `Rollouts.sampling_logp_NT`), and `default_mismatch_correction`, what
     `rollout.mismatch_correction: auto` becomes with this engine ("none" for an engine that
-    samples with the trainer's own forward).
+    samples with the trainer's own forward). Optional: `samples_from_policy` (default True),
+    whether `generate` runs the learner's live module, whose weights a sharded layout
+    (fsdp2) must gather for the sampling phase; `shared_by_processes` (default False), one
+    engine that every trainer process talks to (a vLLM server), whose `update_weights(model,
+    step=, weights=)` process 0 alone calls with the gathered weights.
     """
 
     reports_sampling_logp: bool

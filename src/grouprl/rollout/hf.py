@@ -35,6 +35,7 @@ class HFEngine:
     """
 
     reports_sampling_logp = False
+    samples_from_policy = True  # the learner's live module: gathered under fsdp2
     default_mismatch_correction = "none"
 
     def __init__(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from grouprl.config import ConfigError
+from grouprl.models.lora import is_adapted, merged_state_dict
 from grouprl.rollout.base import ROLLOUT_ENGINES, RolloutEngineError, Rollouts, SamplingParams
 
 if TYPE_CHECKING:
@@ -278,16 +279,26 @@ def build_rollouts(
     )
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Every weight by its checkpoint name, tied ones included (`lm_head.weight` of a model
     with tied embeddings): vLLM's in-place reload keeps its own copy of a tied head on some
-    backends, and a dict without it leaves that copy stale."""
-    sd = model.state_dict()
+    backends, and a dict without it leaves that copy stale. `weights`: the model's state
+    dict already gathered whole; else sharded (fsdp2) weights are gathered here, which every
+    process must then call, in step."""
+    if weights is not None:
+        sd = dict(weights)
+    elif is_adapted(model):  # LoRA: vLLM gets the merged weights under the base names
+        sd = merged_state_dict(model)
+    else:
+        sd = {k: getattr(v, "full_tensor", lambda v=v: v)() for k, v in model.state_dict().items()}
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied and "lm_head.weight" not in sd and hasattr(model, "get_output_embeddings"):
         head = model.get_output_embeddings()
         if head is not None:
-            sd["lm_head.weight"] = head.weight
+            tied_to = [n for n, p in model.named_parameters() if p is head.weight]
+            sd["lm_head.weight"] = sd[tied_to[0]] if tied_to else head.weight
     return {k: v.detach() for k, v in sd.items()}
 
 
@@ -306,6 +317,8 @@ class VLLMEngine:
     implement the sampling; vLLM reports its own log-probs of the sampled tokens."""
 
     reports_sampling_logp = True
+    samples_from_policy = False  # its own copy of the weights, synced after each step
+    shared_by_processes = False  # server mode: True
     default_mismatch_correction = VLLM_DEFAULT_CORRECTION
 
     @classmethod
@@ -319,6 +332,14 @@ class VLLMEngine:
     ) -> VLLMEngine:
         settings = VLLMSettings.from_dict(rollout_cfg.vllm)
         mode = VLLM_MODES[settings.mode]
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not mode.shared_by_processes:
+            # an in-process vLLM per trainer process would set up its own process group
+            # beside the trainer's; not built or tested yet (docs/scaling.md)
+            raise ConfigError(
+                f"rollout.vllm.mode: {settings.mode} is not supported with several trainer "
+                "processes yet; use rollout.vllm.mode: server (one `grouprl vllm-serve` that "
+                "every process samples from), or rollout.engine: hf"
+            )
         return mode(
             model,
             tokenizer,

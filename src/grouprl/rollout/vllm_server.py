@@ -73,6 +73,8 @@ class ServerVLLM(VLLMEngine):
     """Client of a vLLM server started with `grouprl vllm-serve` (or an equivalent `vllm
     serve`; docs/scaling.md)."""
 
+    shared_by_processes = True  # one server for every trainer process: process 0 syncs it
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -135,13 +137,22 @@ class ServerVLLM(VLLMEngine):
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def update_weights(self, model: torch.nn.Module, *, step: int) -> None:
+    def update_weights(
+        self,
+        model: torch.nn.Module,
+        *,
+        step: int,
+        weights: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Write the weights where the server reads them and have it reload them in place.
+        `weights`: the whole state dict when the caller has gathered it (several trainer
+        processes share this server: process 0 syncs, see Learner.publish_weights)."""
         from safetensors.torch import save_file
 
         t0 = time.monotonic()
         tensors: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
-        for name, w in full_state_dict(model).items():
+        for name, w in full_state_dict(model, weights).items():
             w = w.to("cpu").contiguous()
             if w.data_ptr() in seen:  # tied weights: safetensors wants distinct storage
                 w = w.clone()

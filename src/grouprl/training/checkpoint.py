@@ -88,20 +88,32 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int = 2,
     rng: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    rank_rngs: list[dict[str, Any]] | None = None,
 ) -> Path:
+    """Write the checkpoint of `step` atomically. `state_dict` / `optimizer_state`: whole
+    tensors gathered from sharded weights (default: the model's and optimizer's own);
+    `rank_rngs`: the RNG states of processes 1.. of a multi-process run (`rng_rank{r}.pt`),
+    so that a resume on as many processes samples exactly as the run would have."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    # (save_pretrained drops tied names from the dict it is given: pass a copy)
+    sd = dict(state_dict) if state_dict is not None else None
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=sd)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer_state is not None or optimizer is not None:
+        opt = optimizer_state if optimizer_state is not None else optimizer.state_dict()  # type: ignore[union-attr]
+        torch.save(opt, tmp / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
+    for r, state in enumerate(rank_rngs or [], start=1):
+        torch.save(state, tmp / f"rng_rank{r}.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -134,15 +146,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load every *.safetensors file in `path` into `model` (tied weights may be absent)."""
+def load_weights(model: torch.nn.Module, path: str | Path, *, layout: Any = None) -> None:
+    """Load every *.safetensors file in `path` into `model` (tied weights may be absent);
+    `layout` (training/parallel.py) cuts them to a sharded model's shards."""
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no .safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if layout is not None:
+        missing, unexpected = layout.load_model_state(model, state)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_names(model)
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
@@ -173,10 +189,16 @@ def _read_tensors(path: Path, device: torch.device | str = "cpu") -> Any:
 
 
 def read_checkpoint(
-    path: str | Path, *, with_optimizer: bool, with_scheduler: bool, device: Any = "cpu"
+    path: str | Path,
+    *,
+    with_optimizer: bool,
+    with_scheduler: bool,
+    device: Any = "cpu",
+    rank: int = 0,
 ) -> dict[str, Any]:
     """Every file of a checkpoint, read and checked before anything is applied, so a
-    damaged checkpoint leaves the model untouched. Raises CheckpointError naming the file."""
+    damaged checkpoint leaves the model untouched. Raises CheckpointError naming the file.
+    `rank` > 0 also reads that process's RNG state (`rank_rng`) where the run saved one."""
     path = Path(path)
     out: dict[str, Any] = {"path": path}
     state_file = path / "trainer_state.json"
@@ -197,6 +219,8 @@ def read_checkpoint(
             raise CheckpointError(f"{f}: unreadable ({type(exc).__name__}: {exc})") from None
     out["weights"] = weights
     out["rng"] = _read_tensors(path / "rng.pt")
+    if rank > 0 and (path / f"rng_rank{rank}.pt").is_file():
+        out["rank_rng"] = _read_tensors(path / f"rng_rank{rank}.pt")
     if with_optimizer:
         out["optimizer"] = _read_tensors(path / "optimizer.pt", device)
     if with_scheduler:
@@ -210,17 +234,24 @@ def apply_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any | None,
+    layout: Any = None,
 ) -> dict[str, Any]:
-    """Load what `read_checkpoint` read into the model, optimizer, scheduler and RNGs."""
+    """Load what `read_checkpoint` read into the model, optimizer, scheduler and RNGs;
+    `layout` (training/parallel.py) cuts whole tensors to a sharded model's shards."""
     path = data["path"]
-    missing, unexpected = model.load_state_dict(data["weights"], strict=False)
+    if layout is not None:
+        missing, unexpected = layout.load_model_state(model, data["weights"])
+    else:
+        missing, unexpected = model.load_state_dict(data["weights"], strict=False)
     missing = [m for m in missing if m not in _tied_names(model)]
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     try:
-        if optimizer is not None:
+        if optimizer is not None and layout is not None:
+            layout.load_optimizer_state(optimizer, data["optimizer"])
+        elif optimizer is not None:
             optimizer.load_state_dict(data["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(data["scheduler"])
@@ -251,7 +282,12 @@ def load_checkpoint(
 
 
 def read_latest(
-    run_dir: str | Path, *, with_optimizer: bool, with_scheduler: bool, device: Any = "cpu"
+    run_dir: str | Path,
+    *,
+    with_optimizer: bool,
+    with_scheduler: bool,
+    device: Any = "cpu",
+    rank: int = 0,
 ) -> dict[str, Any] | None:
     """The newest checkpoint whose files all read, newest first; one that does not is
     skipped with a warning naming the file. None when the run has no checkpoint; a
@@ -261,7 +297,11 @@ def read_latest(
     for ckpt in reversed(ckpts):
         try:
             return read_checkpoint(
-                ckpt, with_optimizer=with_optimizer, with_scheduler=with_scheduler, device=device
+                ckpt,
+                with_optimizer=with_optimizer,
+                with_scheduler=with_scheduler,
+                device=device,
+                rank=rank,
             )
         except CheckpointError as exc:
             failures.append(str(exc))

@@ -1,5 +1,6 @@
-"""Data parallelism over processes launched by `torchrun` (torch.distributed; gloo on CPU,
-NCCL on GPU). WORK IN PROGRESS (issue 13), not wired into the docs yet.
+"""Several processes launched by `torchrun` or `accelerate launch` (torch.distributed; gloo
+on CPU, NCCL on GPU): the process group and the few collectives the loop needs. How the
+weights are laid out over the processes is training/parallel.py; docs/scaling.md.
 
 Design: "gather, then plan everywhere". Every rank samples and scores its own share of the
 step's prompt groups; the scored groups are all-gathered, so every rank holds the same
@@ -55,6 +56,12 @@ class Dist:
         """In-place sum over ranks."""
         if self.active:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """In-place: process `src`'s values everywhere."""
+        if self.active:
+            dist.broadcast(t, src=src)
         return t
 
     def barrier(self) -> None:

@@ -8,6 +8,7 @@ weights to the rollout engine (`publish_weights`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -23,10 +24,12 @@ from grouprl.algorithms.types import BatchNorm, PolicyInputs
 from grouprl.components import Components
 from grouprl.config import Config
 from grouprl.models.forward import PolicyLogProbs, completion_logprobs
+from grouprl.models.lora import is_adapted, merged_state_dict
 from grouprl.rollout.base import RolloutEngine, Rollouts
 from grouprl.training.batching import micro_batches
 from grouprl.training.distributed import Dist
 from grouprl.training.optim import build_optimizer, build_scheduler
+from grouprl.training.parallel import build_strategy
 from grouprl.training.plan import TrainBatch
 
 log = logging.getLogger("grouprl")
@@ -64,8 +67,12 @@ class Learner:
             chunk_size=cfg.model.logprob_chunk_size,
             attn_backend=cfg.model.shared_prefix_backend,
         )
-        # No reference model unless a component asks for one (e.g. kl with beta > 0).
-        self.ref_model = make_reference(model) if components.needs_ref else None
+        # No reference model unless a component asks for one (e.g. kl with beta > 0). With
+        # LoRA the reference is the base model itself: the adapters switched off, no copy.
+        self.ref_is_base = components.needs_ref and is_adapted(model)
+        self.ref_model = (
+            make_reference(model) if components.needs_ref and not self.ref_is_base else None
+        )
         self.ref_policy = (
             PolicyLogProbs(
                 self.ref_model,
@@ -76,13 +83,31 @@ class Learner:
             if self.ref_model is not None
             else None
         )
+        # lay the weights out over the processes before the optimizer sees them
+        self.strategy = build_strategy(cfg.train.strategy, self.dist)
+        self.strategy.prepare(self.policy, self.ref_policy)
         self.optimizer = build_optimizer(model, cfg.train)
+        self._any_row: Rollouts | None = None  # during a multi-process update
         total_updates = cfg.train.max_steps * cfg.train.num_iterations
         self.scheduler = build_scheduler(self.optimizer, cfg.train, total_updates)
 
     @property
     def shared_prefix(self) -> bool:
         return self.policy.shared_prefix
+
+    def sampling(self, engine: RolloutEngine) -> contextlib.AbstractContextManager[None]:
+        """Around a sampling phase (collect, evaluate), entered by every process: the policy's
+        weights as an engine that samples from the live module needs them (gathered under
+        fsdp2; an engine with weights of its own, like vLLM, needs nothing)."""
+        if not getattr(engine, "samples_from_policy", True):
+            return contextlib.nullcontext()
+        return self.strategy.generation(self.policy)
+
+    def model_state(self, *, reference: bool = False) -> dict[str, Tensor]:
+        """The policy's (or reference's) weights, whole (collective: every process calls)."""
+        model = self.ref_model if reference else self.model
+        assert model is not None
+        return self.strategy.model_state(model)
 
     # ------------------------------------------------------------------ forwards
     def logprobs(
@@ -111,6 +136,23 @@ class Learner:
         G = ro.group_size if self.components.whole_groups else 1
         return micro_batches(ro.num_rollouts, self.cfg.train.micro_batch_size, G)
 
+    def _own_micro_batches(self, ro: Rollouts) -> list[slice | None]:
+        """This process's micro-batches; where forwards are collective (fsdp2) padded with
+        None up to the most any process has, for zero-weight forwards (`_idle_forward`)."""
+        mbs: list[slice | None] = list(self.micro_batches(ro)) if ro.num_rollouts else []
+        if self.strategy.aligned_forwards and self.dist.active:
+            most = max(self.dist.gather(len(mbs)))
+            mbs += [None] * (most - len(mbs))
+        return mbs
+
+    def _idle_forward(self, *, backward: bool, policy: torch.nn.Module | None = None) -> None:
+        """A forward (and backward) that changes nothing, on one row of the step's batch: the
+        collectives of a micro-batch this process does not have."""
+        assert self._any_row is not None
+        lp, _ = self.logprobs(self._any_row, policy=policy, with_entropy=False)
+        if backward:
+            (lp.sum() * 0.0).backward()
+
     @torch.no_grad()
     def prepass(
         self, ro: Rollouts, with_entropy: bool, *, policy: torch.nn.Module | None = None
@@ -118,15 +160,36 @@ class Learner:
         """Log-probs (and entropy) of the batch under `policy` (default: the policy as it is
         now, i.e. the sampling policy), in the update's micro-batches."""
         logps, ents = [], []
-        for s in self.micro_batches(ro):
+        for s in (
+            self._own_micro_batches(ro) if self._any_row is not None else self.micro_batches(ro)
+        ):
+            if s is None:
+                self._idle_forward(backward=False, policy=policy)
+                continue
             lp, ent = self.logprobs(ro.select(s), policy=policy, with_entropy=with_entropy)
             logps.append(lp)
             if ent is not None:
                 ents.append(ent)
+        if not logps:  # no rows of its own
+            return {
+                "old_logp_NT": ro.attention_mask_NT.new_zeros(
+                    ro.attention_mask_NT.shape, dtype=torch.float32
+                )
+            }
         out = {"old_logp_NT": torch.cat(logps)}
         if ents:
             out["entropy_NT"] = torch.cat(ents)
         return out
+
+    def _ref_logp(self, ro: Rollouts) -> Tensor | None:
+        """π_ref's log-probs of the batch: the frozen copy's, or with LoRA the policy's own
+        forward with its adapters switched off (PEFT's `disable_adapter`)."""
+        if self.ref_policy is not None:
+            return self.prepass(ro, False, policy=self.ref_policy)["old_logp_NT"]
+        if self.ref_is_base:
+            with self.model.disable_adapter():  # type: ignore[operator]
+                return self.prepass(ro, False)["old_logp_NT"]
+        return None
 
     # ------------------------------------------------------------------ the update
     def update(self, tb: TrainBatch, *, step: int) -> dict[str, float]:
@@ -137,6 +200,7 @@ class Learner:
         if self.dist.active:  # this rank's groups; normalizers stay those of the whole batch
             G = tb.rollouts.group_size
             mine = self.dist.shard(tb.rollouts.num_rollouts // G)
+            self._any_row = tb.rollouts.select(slice(0, 1))
             tb = tb.rows(slice(mine.start * G, mine.stop * G))
         ro, mask = tb.rollouts, tb.loss_mask_NT
         group_N = torch.arange(ro.num_rollouts, device=mask.device) // ro.group_size
@@ -145,11 +209,7 @@ class Learner:
         old_logp_NT = tb.old_logp_NT if cfg.num_iterations > 1 else None
         if old_logp_NT is None and cfg.num_iterations > 1:
             old_logp_NT = self.prepass(ro, False)["old_logp_NT"]
-        ref_logp = (
-            self.prepass(ro, False, policy=self.ref_policy)["old_logp_NT"]
-            if self.ref_policy is not None
-            else None
-        )
+        ref_logp = self._ref_logp(ro)
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, float] = defaultdict(float)
         scalar_stats: dict[str, list[float]] = defaultdict(list)
@@ -158,7 +218,10 @@ class Learner:
         for it in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             total_loss = 0.0
-            for s in self.micro_batches(ro):
+            for s in self._own_micro_batches(ro):
+                if s is None:
+                    self._idle_forward(backward=True)
+                    continue
                 mb = ro.select(s)
                 logp, ent = self.logprobs(
                     mb, with_entropy=True, entropy_grad=comp.needs_entropy_grad
@@ -198,9 +261,9 @@ class Learner:
                 for k, v in stats.items():
                     sums[k] += float((v.detach() * mask_mb).sum())
                     counts[k] += n_tok
-            if self.dist.active:
-                self._sum_gradients()
+            self.strategy.sync_gradients(self.model)
             grad_norm = self._step(step, sums, counts)
+        self._any_row = None
         if self.dist.active:
             sums, counts, scalar_stats, minmax, total_loss = self._merge_stats(
                 sums, counts, scalar_stats, minmax, total_loss
@@ -242,16 +305,6 @@ class Learner:
             extra["mismatch/weight_mean"] = w_NT
         return extra
 
-    def _sum_gradients(self) -> None:
-        """Sum every parameter's gradient over the ranks (each rank's loss is its share of
-        the whole batch's, normalized by the whole batch), so all ranks step alike."""
-        for p in self.model.parameters():
-            if not p.requires_grad:
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            self.dist.sum_(p.grad)
-
     def _merge_stats(
         self,
         sums: dict[str, float],
@@ -285,6 +338,7 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.train.max_grad_norm
         )
+        grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)()  # fsdp2: a DTensor
         if not math.isfinite(float(grad_norm)):
             # A NaN/inf gradient would poison the weights: skip this update, keep the run.
             self.optimizer.zero_grad(set_to_none=True)
@@ -306,5 +360,17 @@ class Learner:
 
     def publish_weights(self, engine: RolloutEngine, step: int) -> None:
         """Hand the updated policy to the rollout engine (a no-op for one that samples from
-        the live module)."""
+        the live module). An engine that all processes share (one vLLM server) is updated
+        once, by process 0, with the weights gathered whole; the others wait for it, so no
+        process samples from the old weights."""
+        if self.dist.active and getattr(engine, "shared_by_processes", False):
+            weights = (  # both collective under fsdp2: every process computes them
+                merged_state_dict(self.model)  # LoRA: the merged weights, base names
+                if is_adapted(self.model)
+                else self.strategy.model_state(self.model)
+            )
+            if self.dist.is_main:
+                engine.update_weights(self.model, step=step, weights=weights)  # type: ignore[call-arg]
+            self.dist.barrier()
+            return
         engine.update_weights(self.model, step=step)

@@ -122,22 +122,36 @@ def resume_run(
     """Restore the newest usable checkpoint of `run_dir` (a damaged one is skipped for the
     previous, with a warning naming the file) into the run's parts; report what was
     restored and the config changes since, applied or refused. Returns the step."""
-    data = read_latest(run_dir, with_optimizer=True, with_scheduler=True, device=device)
+    rank, world = learner.dist.rank, learner.dist.world
+    data = read_latest(run_dir, with_optimizer=True, with_scheduler=True, device=device, rank=rank)
     if data is None:
         log.warning("train.resume=true but no checkpoint in %s: starting from step 0", run_dir)
         return 0
     saved = data["trainer_state"].get("config")
     changes = config_changes(saved, plain_cfg) if saved else {}
     refuse_changes(changes, data["path"])
+    saved_world = int(data["trainer_state"].get("world_size", 1))
+    if "rank_rng" in data and saved_world == world:
+        data["rng"] = data["rank_rng"]  # this process's own sampling stream
+    elif saved_world != world and rank == 0:
+        log.warning(
+            "resuming a run saved by %d process(es) on %d: the global batch is the same, "
+            "but each process's sampling RNG restarts from process 0's state, so sampled "
+            "completions differ from an uninterrupted run",
+            saved_world,
+            world,
+        )
     opt, sched = learner.optimizer, learner.scheduler
-    state = apply_checkpoint(data, model=learner.model, optimizer=opt, scheduler=sched)
+    state = apply_checkpoint(
+        data, model=learner.model, optimizer=opt, scheduler=sched, layout=learner.strategy
+    )
     if any(k in OPTIMIZER_KEYS for k in changes):
         apply_optimizer_config(
             opt, sched, cfg.train, cfg.train.max_steps * cfg.train.num_iterations
         )
     restored = ["weights", "optimizer", f"schedule (update {sched.last_epoch})", "RNG"]
     if learner.ref_model is not None and (run_dir / "reference").is_dir():
-        load_weights(learner.ref_model, run_dir / "reference")
+        load_weights(learner.ref_model, run_dir / "reference", layout=learner.strategy)
         restored.append("reference policy")
     try:
         collector.sampler.load_state_dict(state["data_cursor"])

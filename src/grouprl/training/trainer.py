@@ -25,6 +25,7 @@ from grouprl.config import Config, ConfigError, dump_config, yaml_load
 from grouprl.data.datasets import PromptDataset
 from grouprl.data.sampler import PromptSampler
 from grouprl.models.loading import load_model_and_tokenizer
+from grouprl.models.lora import adapt
 from grouprl.monitor.collapse import CollapseMonitor
 from grouprl.monitor.progress import ProgressBar
 from grouprl.monitor.sinks import MetricsLogger
@@ -102,15 +103,6 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
         self.dist = init_distributed(cfg.train.strategy)
-        if self.dist.active and self.dist.is_main:
-            log.info(
-                "data parallel: %d processes (%s), train.strategy %s: each samples its share "
-                "of the %d prompts per step; planning sees the whole batch",
-                self.dist.world,
-                "nccl" if torch.cuda.is_available() else "gloo",
-                cfg.train.strategy,
-                cfg.train.prompts_per_step,
-            )
         if self.dist.active and torch.cuda.is_available() and cfg.model.device == "auto":
             cfg.model.device = f"cuda:{self.dist.local_rank}"
         # before anything loads: a folder that holds another run is refused here
@@ -129,6 +121,7 @@ class Trainer:
             if tokenizer is None:
                 raise ConfigError("a model object was given without its tokenizer")
             self.device = next(model.parameters()).device
+        model = adapt(model, cfg.model)
         self.tokenizer = tokenizer
         self.dataset = training_prompts(cfg, tokenizer, train_dataset)
         check_dataset_size(cfg, len(self.dataset))
@@ -146,6 +139,15 @@ class Trainer:
             temperature=self.sampling.temperature,
             dist=self.dist,
         )
+        if self.dist.active and self.dist.is_main:
+            log.info(
+                "%d processes (%s), train.strategy %s: each samples its share of the %d "
+                "prompts per step; planning sees the whole batch",
+                self.dist.world,
+                "nccl" if torch.cuda.is_available() else "gloo",
+                self.learner.strategy.name,
+                cfg.train.prompts_per_step,
+            )
         self.collector = Collector(
             engine=self.engine,
             rewards=self.rewards,
@@ -209,13 +211,18 @@ class Trainer:
 
     def _save(self, *, at_step_start: bool = False) -> Path:
         """A checkpoint of step `self.step`; `at_step_start` saves the data cursor and RNG of
-        the moment the interrupted step began, so a resume repeats that step."""
-        if not self.dist.is_main:  # process 0 writes; the others wait for its path
-            return Path(self.dist.gather(None)[0])
+        the moment the interrupted step began, so a resume repeats that step. Every process
+        calls it: sharded weights are gathered, each process's RNG state is kept, process 0
+        writes."""
         lr = self.learner
-        cursor, rng = self.collector.sampler.state_dict(), None
+        cursor, rng = self.collector.sampler.state_dict(), rng_state()
         if at_step_start and self._step_start is not None:
             cursor, rng = self._step_start
+        weights = lr.model_state()  # collective under fsdp2
+        opt_state = lr.strategy.optimizer_state(lr.optimizer)
+        rngs = self.dist.gather(rng)
+        if not self.dist.is_main:  # process 0 writes; the others wait for its path
+            return Path(self.dist.gather(None)[0])
         path = save_checkpoint(
             self.run_dir,
             self.step,
@@ -228,9 +235,13 @@ class Trainer:
                 "components": {k: c.state_dict() for k, c in self.components.stateful().items()},
                 "collapse_monitor": self.monitor.state_dict() if self.monitor else None,
                 "config": plain_config(self.cfg),
+                "world_size": self.dist.world,
             },
             keep=self.cfg.train.keep_checkpoints,
-            rng=rng,
+            rng=rngs[0],
+            state_dict=weights,
+            optimizer_state=opt_state,
+            rank_rngs=rngs[1:],
         )
         self.dist.gather(str(path))  # (a no-op with one process)
         return path
@@ -240,7 +251,8 @@ class Trainer:
         """Collect, plan, update, publish the weights; returns the step's metrics."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        batch, metrics = self.collector.collect(cfg.train.prompts_per_step)
+        with self.learner.sampling(self.engine):
+            batch, metrics = self.collector.collect(cfg.train.prompts_per_step)
         t1 = time.perf_counter()
         train_batch, plan_metrics = plan_batch(
             batch,
@@ -275,19 +287,20 @@ class Trainer:
             limit = self.cfg.train.eval_limit
             self._eval_set = data if not limit else [data[i] for i in range(min(limit, len(data)))]
         n = self.cfg.train.eval_samples
-        res = evaluate(
-            self.model,
-            self.tokenizer,
-            self._eval_set,
-            self.rewards,
-            n=n,
-            ks=(1, n),
-            temperature=self.sampling.temperature,
-            top_p=self.sampling.top_p,
-            max_new_tokens=self.sampling.max_new_tokens,
-            seed=self.cfg.train.seed,
-            engine=self.engine,
-        )
+        with self.learner.sampling(self.engine):
+            res = evaluate(
+                self.model,
+                self.tokenizer,
+                self._eval_set,
+                self.rewards,
+                n=n,
+                ks=(1, n),
+                temperature=self.sampling.temperature,
+                top_p=self.sampling.top_p,
+                max_new_tokens=self.sampling.max_new_tokens,
+                seed=self.cfg.train.seed,
+                engine=self.engine,
+            )
         return {f"eval/{k}": v for k, v in res.items()}
 
     # ------------------------------------------------------------------ the loop
@@ -310,14 +323,13 @@ class Trainer:
             if self.step:  # the engine was built from the weights before the resume
                 self.learner.publish_weights(self.engine, self.step)
             ref = self.learner.ref_model
-            if (
-                main
-                and ref is not None
-                and not (self.run_dir / "reference").is_dir()
-                and self.step == 0
-            ):
+            if ref is not None and self.step == 0:
                 # Keep π_ref beside the run so a resumed run regularizes toward the same policy.
-                ref.save_pretrained(self.run_dir / "reference", safe_serialization=True)
+                weights = self.learner.model_state(reference=True)  # collective under fsdp2
+                if main and not (self.run_dir / "reference").is_dir():
+                    ref.save_pretrained(
+                        self.run_dir / "reference", safe_serialization=True, state_dict=weights
+                    )
             logger = (
                 MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
                 if main
