@@ -121,10 +121,12 @@ def test_combine_rewards() -> None:
     rewards = torch.tensor([[1.0, 0.5, NAN], [NAN, 1.0, 2.0], [0.0, -1.0, 3.0], [2.0, 1.0, 3.0]])
     weights = torch.tensor([1.0, 2.0, 0.0])
     # row 0: 1·1 + 2·0.5 = 2 (NaN in the weight-0 column is ignored)
-    # row 1: NaN in a weighted column -> NaN
+    # row 1: NaN in a weighted column: skipped (TRL's nansum) -> 2·1 = 2; strict: NaN
     # row 2: 1·0 + 2·(−1) = −2;  row 3: 1·2 + 2·1 = 4 (weight 0 drops the 3)
     out = combine_rewards(rewards, weights)
-    assert out[0] == 2.0 and math.isnan(out[1]) and out[2] == -2.0 and out[3] == 4.0
+    assert out.tolist() == [2.0, 2.0, -2.0, 4.0]
+    strict = combine_rewards(rewards, weights, missing="unscorable")
+    assert strict[0] == 2.0 and math.isnan(strict[1]) and strict[2] == -2.0 and strict[3] == 4.0
 
 
 def test_combine_rewards_shape_check() -> None:
@@ -197,11 +199,14 @@ def test_grpo_infinite_reward_is_unscorable(scale: str, inf: float) -> None:
 
 def test_combine_rewards_huge_and_infinite() -> None:
     rewards = torch.tensor([[1e30, 2e30], [3e38, 3e38], [INF, 1.0], [1.0, INF]])
-    out = combine_rewards(rewards, torch.tensor([1.0, 1.0]))
+    out = combine_rewards(rewards, torch.tensor([1.0, 1.0]), missing="unscorable")
     # row 0: 3e30; row 1: 6e38 is beyond float32 -> unscorable; rows 2, 3: inf -> unscorable
     assert out.dtype == torch.float32
     assert out[0] == pytest.approx(3e30, rel=1e-6)
     assert torch.isnan(out[1:]).all()
+    # skipping: an infinite reward is left out like a NaN one; the sum still must fit
+    skip = combine_rewards(rewards, torch.tensor([1.0, 1.0]))
+    assert math.isnan(skip[1]) and skip[2:].tolist() == [1.0, 1.0]
     # an infinite reward of weight 0 is only logged, as NaN would be
     assert combine_rewards(torch.tensor([[2.0, INF]]), torch.tensor([1.0, 0.0])).tolist() == [2.0]
 

@@ -151,7 +151,10 @@ def test_bad_component_values_fail_at_start_up():
         # greedy sampling: the G completions are identical, every advantage 0
         ("rollout.temperature=0", "rollout.temperature: 0 samples greedily, so the 8 completions"),
         ("rewards=[exact_mach]", "rewards.0: unknown reward 'exact_mach' (did you mean"),
-        ("rewards=[5]", "rewards.0: expected a reward name, 'file.py:function' or a mapping"),
+        (
+            "rewards=[5]",
+            "rewards.0: expected a reward name, 'file.py:function' or 'module:function'",
+        ),
         ("rewards=[{name: exact_match, wieght: 2}]", "rewards.0: reward: unknown key 'wieght'"),
         ("rewards=[{name: 5}]", "rewards.0: name must be a non-empty string, got 5"),
         ("rewards=[{name: exact_match, weight: .nan}]", "rewards.0.weight: must be a finite"),

@@ -280,3 +280,36 @@ def test_every_recipe_trains_through_the_adapter(tmp_path, tiny_model_dir, name)
     assert math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])
     after = params(tr.model)
     assert all(torch.equal(before[k], after[k]) for k in before if "lora_" not in k)
+
+
+def test_combinations_that_cannot_work_are_refused(tmp_path, tiny_model_dir):
+    cfg = lora_config(tmp_path / "a", tiny_model_dir)
+    cfg["model"]["lora"]["quantize"] = "4bit"
+    cfg["rollout"]["engine"] = "vllm"
+    with pytest.raises(ConfigError, match="model.lora.quantize: 4bit cannot send vLLM"):
+        Trainer(cfg, train_dataset=arith_rows())
+    cfg["rollout"]["engine"] = "hf"
+    cfg["train"]["strategy"] = "fsdp2"
+    with pytest.raises(ConfigError, match="cannot be sharded with train.strategy: fsdp2"):
+        Trainer(cfg, train_dataset=arith_rows())
+    # tied embeddings (the tiny model ties them) with a separately trained copy
+    cfg = lora_config(tmp_path / "b", tiny_model_dir)
+    cfg["model"]["lora"]["modules_to_save"] = ["lm_head"]
+    with pytest.raises(ConfigError, match="model.lora.modules_to_save.*tied"):
+        Trainer(cfg, train_dataset=arith_rows())
+
+
+def test_resume_refuses_another_adapter_shape_and_a_checkpoint_as_new_base(
+    tmp_path, tiny_model_dir
+):
+    cfg = lora_config(tmp_path / "run", tiny_model_dir, max_steps=1)
+    Trainer(cfg, train_dataset=arith_rows(), reward_funcs=["exact_match", length_reward]).train()
+    cfg = lora_config(tmp_path / "run", tiny_model_dir, max_steps=2, resume=True)
+    cfg["model"]["lora"]["r"] = 8
+    tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=["exact_match", length_reward])
+    with pytest.raises(ConfigError, match="model.lora.r: 4 in the checkpoint, 8 now"):
+        tr.train()
+    ckpt = latest_checkpoint(tmp_path / "run")
+    cfg = lora_config(tmp_path / "again", ckpt)
+    with pytest.raises(ConfigError, match="is a LoRA checkpoint.*grouprl export"):
+        Trainer(cfg, train_dataset=arith_rows())

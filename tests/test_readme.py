@@ -23,7 +23,12 @@ def test_yaml_example_is_a_valid_config(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(reward_file)
     monkeypatch.chdir(tmp_path)
     cfg = load_config(yaml.safe_load(yaml_block))
-    assert cfg.rollout.num_generations == 8 and cfg.loss["eps_high"] == 0.28
+    assert cfg.rollout.num_generations == 8
+    # loss and regularizers are the recipe's; switching recipe switches them
+    assert cfg.loss["eps_high"] == 0.2 and cfg.regularizers[0]["name"] == "kl"
+    assert not cfg.recipe_overrides
+    dr = load_config(yaml.safe_load(yaml_block), ["recipe=dr_grpo"])
+    assert dr.regularizers == [] and dr.loss["aggregation"] == "seq_mean_token_sum_norm"
     rs = RewardSet.from_config(cfg.rewards)
     res = rs(["q", "q"], ["short 42", "wrong"], {"answer": ["42", "42"]})
     assert rs.names == ["math_accuracy", "concise"]

@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from grouprl.config import ConfigError
     from grouprl.data.datasets import DataError
     from grouprl.registry import RegistryError
-    from grouprl.rewards import RewardFailureError
+    from grouprl.rewards import NoRewardError, RewardFailureError
     from grouprl.rollout.base import RolloutEngineError
     from grouprl.training.checkpoint import CheckpointError
 
@@ -41,6 +41,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         RegistryError,
         CheckpointError,
         RewardFailureError,
+        NoRewardError,
         RolloutEngineError,
         FileNotFoundError,
     )
@@ -109,6 +110,11 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from grouprl.training.sft import sft
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.model.lora:
+        raise UserError(
+            "model.lora: grouprl sft trains the whole model (LoRA for the warm start is not "
+            "built); remove model.lora here and use it for the RL run"
+        )
     seed_everything(cfg.train.seed)
     model, tok, _ = load_model_and_tokenizer(cfg.model)
     data = load_dataset_from_config(cfg, tok)
@@ -270,7 +276,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--output {out}: exists and is not empty; choose another directory")
     if adapter_base(ckpt) is not None:
-        model = load_merged(ckpt, base=args.base, dtype="auto")
+        model = load_merged(ckpt, base=args.base, hint="give it with --base PATH", dtype="auto")
         what = f"LoRA adapter merged into its base ({args.base or adapter_base(ckpt)})"
     elif (ckpt / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype="auto")

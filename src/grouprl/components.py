@@ -319,7 +319,8 @@ def check_reward_specs(cfg: Config) -> None:
     """Each `rewards` / `extra_rewards` entry has a reward's shape, a registered name (if it
     names one) and a finite weight, checked at start-up without importing reward files (those
     load when the run builds its RewardSet); and not every weight is 0 (no learning signal)."""
-    from grouprl.rewards import REWARDS, RewardSpec
+    from grouprl.rewards import REWARDS
+    from grouprl.rewards.base import as_spec
 
     weights: list[float] = []
     names: dict[str, str] = {}
@@ -327,7 +328,7 @@ def check_reward_specs(cfg: Config) -> None:
         for i, item in enumerate(getattr(cfg, section)):
             key = f"{section}.{i}"
             try:
-                spec = _reward_spec(item, RewardSpec)
+                spec = as_spec(item)
                 for attr in ("name", "path", "alias"):
                     value = getattr(spec, attr)
                     if value is not None and (not isinstance(value, str) or not value):
@@ -349,20 +350,6 @@ def check_reward_specs(cfg: Config) -> None:
             weights.append(spec.weight)
     if weights and not any(weights):
         raise ConfigError("rewards: every reward has weight 0, so every advantage would be 0")
-
-
-def _reward_spec(item: Any, spec_cls: Any) -> Any:
-    """A config entry as a RewardSpec: a name, a "file.py:function" path, a mapping or a
-    callable (the Python API), as `RewardSet` reads it."""
-    if isinstance(item, spec_cls):
-        return item
-    if isinstance(item, dict):
-        return spec_cls.from_dict(item)
-    if isinstance(item, str):
-        return spec_cls(path=item) if ".py:" in item else spec_cls(name=item)
-    if callable(item):
-        return spec_cls(fn=item)
-    raise ValueError(f"expected a reward name, 'file.py:function' or a mapping, got {item!r}")
 
 
 def build_rewards(cfg: Config) -> Any:

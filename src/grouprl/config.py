@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -169,6 +169,12 @@ class TrainConfig:
     # of its samples over its last reward_failure_window calls (1.0 = never stop)
     reward_failure_limit: float = 0.5
     reward_failure_window: int = 20
+    # a weighted reward that is None / failed for a sample: skip (TRL's nansum: left out of
+    # the sum; the sample is unscorable only when every weighted reward is) or unscorable
+    missing_rewards: str = choice("skip", "skip", "unscorable")
+    # stop (with a checkpoint) after this many consecutive steps in which no sample had a
+    # reward; 0 = never
+    nan_reward_steps: int = 3
     tensorboard: bool = False
     # several processes under torchrun (training/parallel.py, docs/scaling.md): auto = ddp
     # when WORLD_SIZE > 1; fsdp2 shards weights, gradients and optimizer state
@@ -185,6 +191,9 @@ class TrainConfig:
 @dataclass
 class Config:
     recipe: str | None = None
+    # (not a field) values of the recipe the user's config changed: set by load_config
+    recipe_overrides: ClassVar[dict[str, tuple[Any, Any]]] = {}
+    trl_mappings: ClassVar[list[str]] = []  # (not a field) TRL names it translated
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -387,8 +396,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         dotted = f"{prefix}.{_key_name(key)}" if prefix else _key_name(key)
         if key not in fields:
+            from grouprl.trl_names import trl_hint
+
             raise ConfigError(
-                f"{dotted}: unknown key{did_you_mean(str(key), list(fields))}; "
+                f"{dotted}: unknown key{trl_hint(str(key)) or did_you_mean(str(key), list(fields))}; "
                 f"known keys{' of ' + prefix if prefix else ''}: {', '.join(fields)}"
             )
         tp = hints[key]
@@ -434,6 +445,7 @@ _INT_MIN: dict[str, int] = {
     "train.save_every": 0,  # 0 = only at the end
     "train.keep_checkpoints": 1,  # a resume needs the latest one
     "train.reward_failure_window": 1,
+    "train.nan_reward_steps": 0,  # 0 = never stop
     "train.eval_every": 0,  # 0 = never
     "train.eval_samples": 1,
     "train.eval_limit": 0,  # 0 = all
@@ -574,19 +586,48 @@ def load_config(
             f"overrides: expected a list of 'section.key=value' strings, got {overrides!r}"
         )
     parsed = [parse_override(o) for o in overrides or []]
+    from grouprl.trl_names import TRLNameError, is_trl_name, translate
+
+    # GRPOConfig names (in the file, or as `num_generations=16` overrides) -> grouprl keys
+    for path_, value in [p for p in parsed if len(p[0]) == 1 and is_trl_name(p[0][0])]:
+        user[path_[0]] = value
+    parsed = [p for p in parsed if not (len(p[0]) == 1 and is_trl_name(p[0][0]))]
+    try:
+        user, trl_lines = translate(user)
+    except TRLNameError as exc:
+        raise ConfigError(str(exc)) from None
     recipe = user.get("recipe")
     for path_, value in parsed:
         if path_ == ["recipe"]:
             recipe = value
     # defaults < recipe < user file, so `loss.eps_high=...` refines the default loss
-    merged = deep_merge(Config().to_dict(), load_recipe(recipe) if recipe else {})
+    recipe_cfg = load_recipe(recipe) if recipe else {}
+    merged = deep_merge(Config().to_dict(), recipe_cfg)
     merged = deep_merge(merged, user)
     for path_, value in parsed:
         set_path(merged, path_, value)
     if recipe:
         merged["recipe"] = recipe
     cfg = _build(Config, merged, "")
+    cfg.recipe_overrides = recipe_overrides(recipe_cfg, merged)
+    cfg.trl_mappings = trl_lines
     return validate(cfg) if check else cfg
+
+
+def recipe_overrides(recipe: dict[str, Any], merged: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """ "key -> (the recipe's value, the run's)" for every value the recipe sets that the
+    user's config or command line changed (the start-up log lists them)."""
+    out: dict[str, tuple[Any, Any]] = {}
+
+    def walk(r: Any, m: Any, key: str) -> None:
+        if isinstance(r, dict) and isinstance(m, dict):
+            for k, v in r.items():
+                walk(v, m.get(k), f"{key}.{k}" if key else k)
+        elif r != m:
+            out[key] = (r, m)
+
+    walk(recipe, merged, "")
+    return out
 
 
 def _plain(x: Any) -> Any:

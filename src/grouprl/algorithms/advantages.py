@@ -124,27 +124,41 @@ def grpo(rewards_BG: Tensor, *, scale: str = "group", eps: float = 1e-6) -> Tens
     return torch.where(keep_BG, adv_BG, 0.0).to(out_dtype)
 
 
-def combine_rewards(rewards_NK: Tensor, weights_K: Tensor) -> Tensor:
+def combine_rewards(rewards_NK: Tensor, weights_K: Tensor, *, missing: str = "skip") -> Tensor:
     """Weighted sum of K reward functions per sample: r_N = Σ_k w_k r_{N,k}.
 
-    A sample is NaN (unscorable) when any reward with nonzero weight is NaN or infinite for
-    it; NaN in a weight-0 column is ignored (that reward is only logged). The sum is taken in
-    float64 and returned in the rewards' floating dtype; a sum beyond that dtype's range is
-    unscorable too (NaN), never inf.
+    NaN (a function returned None, failed, or gave a non-finite number) in a column of
+    nonzero weight: with `missing="skip"` (the default, TRL's `nansum`) that term is left
+    out of the sum, and the sample is unscorable (NaN) only when every weighted reward is
+    NaN, so a multi-task set where each function scores its own rows works; with
+    `missing="unscorable"` any such NaN makes the sample unscorable. Weight-0 columns are
+    only logged. The sum is taken in float64 and returned in the rewards' floating dtype; a
+    sum beyond that dtype's range is unscorable too (NaN), never inf.
     """
     if rewards_NK.dim() != 2 or weights_K.shape != (rewards_NK.shape[1],):
         raise ValueError(
             f"combine_rewards: expected rewards [N, K] and weights [K], got "
             f"{tuple(rewards_NK.shape)} and {tuple(weights_K.shape)}"
         )
+    if missing not in MISSING_REWARDS:
+        raise ValueError(
+            f"combine_rewards: missing must be one of {MISSING_REWARDS}, got {missing!r}"
+        )
     out_dtype = _as_float(rewards_NK).dtype
     r_NK = _scorable(rewards_NK)
     w_K = weights_K.to(torch.float64)
-    used_K = w_K != 0
-    nan_N = (torch.isnan(r_NK) & used_K).any(dim=-1)
-    # Zero unused columns before multiplying so that 0·NaN never enters the sum.
-    total_N = (torch.where(used_K, r_NK, 0.0) * w_K).sum(dim=-1).to(out_dtype)
+    used_NK = (w_K != 0) & ~torch.isnan(r_NK)
+    if missing == "skip":
+        nan_N = ~used_NK.any(dim=-1)
+    else:
+        nan_N = (torch.isnan(r_NK) & (w_K != 0)).any(dim=-1)
+    # Zero what is left out before multiplying so that 0·NaN never enters the sum.
+    total_N = (torch.where(used_NK, r_NK, 0.0) * w_K).sum(dim=-1).to(out_dtype)
     return torch.where(nan_N | ~torch.isfinite(total_N), torch.nan, total_N)
+
+
+# how combine_rewards treats a NaN weighted reward (train.missing_rewards)
+MISSING_REWARDS = ("skip", "unscorable")
 
 
 def group_reward_stats(rewards_BG: Tensor) -> dict[str, float]:

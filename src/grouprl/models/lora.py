@@ -133,14 +133,45 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         raise ConfigError(f"model.lora.target_modules: {exc}") from None
 
 
+def check_combination(cfg: Any) -> None:
+    """Refuse at start-up what QLoRA cannot do here: its 4-bit base cannot be merged for
+    vLLM, nor sharded by fully_shard."""
+    settings = LoraSettings.from_dict(cfg.model.lora)
+    if settings is None or settings.quantize == "none":
+        return
+    if cfg.rollout.engine == "vllm":
+        raise ConfigError(
+            "model.lora.quantize: 4bit cannot send vLLM merged weights (the base is packed "
+            "4-bit); use rollout.engine: hf with QLoRA, or LoRA without quantize"
+        )
+    if cfg.train.strategy == "fsdp2":
+        raise ConfigError(
+            "model.lora.quantize: 4bit cannot be sharded with train.strategy: fsdp2; use "
+            "train.strategy: ddp (or single)"
+        )
+
+
 def adapt(model: nn.Module, model_cfg: Any) -> nn.Module:
     """The run's policy: `model` with fresh adapters when `model.lora` asks for them (a model
     that already carries PEFT adapters is trained as it is); logs the trainable share."""
     settings = LoraSettings.from_dict(model_cfg.lora)
     if settings is None or is_adapted(model):
         return model
-    model = apply_lora(model, settings)
     local = Path(str(model_cfg.name_or_path)).expanduser()
+    if model_cfg.name_or_path and (local / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"model.name_or_path: {model_cfg.name_or_path} is a LoRA checkpoint; new adapters "
+            "need a plain base model: merge it first (grouprl export "
+            f"{model_cfg.name_or_path} --output DIR) and train from DIR"
+        )
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied and settings.modules_to_save:
+        raise ConfigError(
+            f"model.lora.modules_to_save: {settings.modules_to_save} on a model with tied "
+            "input and output embeddings would train one copy and leave its twin behind; "
+            "leave modules_to_save empty for this model"
+        )
+    model = apply_lora(model, settings)
     if model_cfg.name_or_path and local.is_dir():  # export finds the base from anywhere
         model.peft_config[model.active_adapter].base_model_name_or_path = str(local.resolve())
     trainable, total = trainable_parameters(model)
@@ -187,12 +218,14 @@ def load_adapter_state_sharded(
     out as the model's own (training/parallel.py)."""
     adapter = model.active_adapter
     target = model.state_dict()
-    names = {k.replace(f".{adapter}", ""): k for k in target if f".{adapter}." in k}
+    # PEFT's saved name drops the adapter's name where it stands as a whole component
+    names = {k.replace(f".{adapter}.", "."): k for k in target if f".{adapter}." in k}
+    own = {k: names.get(k, k if k in target else None) for k in state}  # embeddings as is
     model.load_state_dict(
-        {names[k]: place(v, target[names[k]]) for k, v in state.items() if k in names},
+        {mk: place(state[k], target[mk]) for k, mk in own.items() if mk is not None},
         strict=False,
     )
-    return sorted(set(names) - set(state)), sorted(set(state) - set(names))
+    return sorted(set(names) - set(state)), sorted(k for k, mk in own.items() if mk is None)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -236,9 +269,16 @@ def adapter_base(path: str | Path) -> str | None:
         raise ConfigError(f"{cfg}: unreadable ({exc})") from None
 
 
-def load_merged(path: str | Path, *, base: str | None = None, **load_kwargs: Any) -> nn.Module:
+def load_merged(
+    path: str | Path,
+    *,
+    base: str | None = None,
+    hint: str = "set base_model_name_or_path in its adapter_config.json",
+    **load_kwargs: Any,
+) -> nn.Module:
     """The base model with the adapter of `path` merged in (`merge_and_unload`): a plain
-    transformers model. `base` overrides the base named in adapter_config.json."""
+    transformers model. `base` overrides the base named in adapter_config.json; `hint`
+    says how to give another base where this one is missing or unloadable."""
     from transformers import AutoModelForCausalLM
 
     peft = require_peft()
@@ -252,7 +292,7 @@ def load_merged(path: str | Path, *, base: str | None = None, **load_kwargs: Any
     except OSError as exc:
         raise ConfigError(
             f"{path}: cannot load the base model {base!r} of this adapter "
-            f"({str(exc).splitlines()[0]}); give it with --base PATH"
+            f"({str(exc).splitlines()[0]}); {hint}"
         ) from None
     with _quiet():
         return peft.PeftModel.from_pretrained(model, str(path)).merge_and_unload()

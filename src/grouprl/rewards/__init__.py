@@ -11,6 +11,7 @@ from grouprl.rewards.base import (
     RewardResult,
     RewardSet,
     RewardSpec,
+    TrainerState,
     completion_text,
     load_reward_fn,
 )
@@ -21,15 +22,17 @@ from grouprl.rewards.builtins import (
     format_reward,
     math_accuracy,
 )
-from grouprl.rewards.health import RewardFailureError
+from grouprl.rewards.health import NoRewardError, RewardFailureError
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "REWARDS",
+    "NoRewardError",
     "RewardFailureError",
     "RewardResult",
     "RewardSet",
     "RewardSpec",
+    "TrainerState",
     "choice_accuracy",
     "completion_text",
     "exact_match",

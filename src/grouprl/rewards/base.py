@@ -13,23 +13,19 @@ score": the sample becomes NaN and is left out of the advantage.
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 import inspect
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
 from grouprl.registry import Registry, RegistryError, did_you_mean, keyword_params
 from grouprl.rewards.health import FailureWindow, RewardFailureError
+from grouprl.rewards.loading import load_callable, split_path
 from grouprl.rewards.outcome import Outcome, call_reward
 from grouprl.rewards.worker import RewardWorker, fork_available
 
@@ -75,7 +71,10 @@ def _content_text(content: Any) -> str:
 
 @dataclass
 class RewardSpec:
-    """One reward function of a config: a built-in `name` or a `path` "file.py:function".
+    """One reward function of a config: a built-in `name`, a `path` ("file.py:function" or
+    "package.module:function", e.g. "trl.rewards:accuracy_reward"), or a `factory` (a path
+    as above) called once with `args` to build the function (TRL's
+    `get_soft_overlong_punishment(max_completion_len, soft_punish_cache)`).
 
     weight: its weight in the combined reward; params: keyword arguments bound to it;
     alias: the display name (default: name, or the function's name for a path);
@@ -91,14 +90,19 @@ class RewardSpec:
     alias: str | None = None
     fn: Callable | None = None  # a Python callable (the Python API), instead of name/path
     timeout: float | None = DEFAULT_TIMEOUT
+    factory: str | None = None  # "module:function" (or "file.py:function") that builds it
+    args: dict = field(default_factory=dict)  # the factory's arguments
 
     def __post_init__(self) -> None:
-        if sum(x is not None for x in (self.name, self.path, self.fn)) != 1:
+        if sum(x is not None for x in (self.name, self.path, self.fn, self.factory)) != 1:
             raise ValueError(
                 f"a reward needs exactly one of 'name' (a built-in), 'path' "
-                f"('file.py:function') or 'fn' (a callable), got name={self.name!r}, "
-                f"path={self.path!r}"
+                f"('file.py:function' or 'module:function'), 'factory' (a path whose "
+                f"function builds the reward from 'args') or 'fn' (a callable), got "
+                f"name={self.name!r}, path={self.path!r}, factory={self.factory!r}"
             )
+        if not isinstance(self.args, dict):
+            raise ValueError(f"reward {self.display_name!r}: args must be a mapping")
         if not isinstance(self.params, dict):
             raise ValueError(f"reward {self.display_name!r}: params must be a mapping")
         try:
@@ -124,7 +128,7 @@ class RewardSpec:
             return self.name
         if self.fn is not None:
             return getattr(self.fn, "__name__", type(self.fn).__name__)
-        return _split_path(self.path or "")[1]
+        return split_path(self.path or self.factory or "")[1]
 
     @classmethod
     def from_dict(cls, d: dict) -> RewardSpec:
@@ -137,14 +141,6 @@ class RewardSpec:
                     f"known keys: {', '.join(known)} (function options go under 'params')"
                 )
         return cls(**d)
-
-
-def _split_path(path: str) -> tuple[str, str]:
-    """'some/file.py:fn' -> ('some/file.py', 'fn'); the last colon splits (Windows drives)."""
-    file, sep, fn = path.rpartition(":")
-    if not sep or not file or not fn:
-        raise ValueError(f"reward path {path!r} must look like 'some/file.py:function_name'")
-    return file, fn
 
 
 def load_reward_fn(spec: RewardSpec) -> RewardFn:
@@ -164,10 +160,20 @@ def load_reward_fn(spec: RewardSpec) -> RewardFn:
     else:
         if spec.fn is not None:
             fn, where = spec.fn, f"reward {spec.display_name!r}"
+        elif spec.factory is not None:
+            make, where = load_callable(spec.factory)
+            try:
+                fn = make(**spec.args)
+            except Exception as exc:
+                raise ValueError(
+                    f"reward factory {where} with args {spec.args}: {type(exc).__name__}: {exc}"
+                ) from None
+            if not callable(fn):
+                raise ValueError(
+                    f"reward factory {where} returned {type(fn).__name__}, not a function"
+                )
         else:
-            file, fn_name = _split_path(spec.path or "")
-            fn = _load_from_file(file, fn_name)
-            where = f"{file}:{fn_name}"
+            fn, where = load_callable(spec.path or "")
         accepted = keyword_params(fn)
         for key in spec.params:
             if accepted is not None and key not in accepted:
@@ -203,43 +209,6 @@ def _check_builtin_params(name: str, fn: Callable, params: dict, display: str) -
             )
 
 
-_MODULES: dict[Path, ModuleType] = {}  # one import per file, shared by its functions
-
-
-def _load_from_file(file: str, fn_name: str) -> Callable:
-    path = Path(file).expanduser()
-    if not path.is_absolute():
-        path = Path.cwd() / path
-    path = path.resolve()
-    if not path.is_file():
-        raise ValueError(f"{file}: reward file not found (looked at {path})")
-    module = _MODULES.get(path)
-    if module is None:
-        # A unique module name per file: two "rewards.py" in different folders coexist.
-        digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-        mod_name = f"grouprl_user_rewards.{path.stem}_{digest}"
-        spec = importlib.util.spec_from_file_location(mod_name, path)
-        if spec is None or spec.loader is None:
-            raise ValueError(f"{file}: cannot import this file as Python")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module  # dataclasses and pickling look modules up here
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            del sys.modules[mod_name]
-            raise ValueError(f"{file}: error while importing: {type(e).__name__}: {e}") from e
-        _MODULES[path] = module
-    functions = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-    fn = getattr(module, fn_name, None)
-    if fn is None or not callable(fn):
-        what = "no function" if fn is None else "not a function:"
-        raise ValueError(
-            f"{file}: {what} {fn_name!r}{did_you_mean(fn_name, functions)}; "
-            f"functions in the file: {', '.join(functions) or 'none'}"
-        )
-    return fn
-
-
 # ---------------------------------------------------------------- running
 
 
@@ -266,6 +235,18 @@ class RewardResult:
     metrics: dict[str, float] = field(default_factory=dict)
     timeouts: dict[str, int] = field(default_factory=dict)
     crashes: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, list[Any]] = field(default_factory=dict)  # log_extra columns
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """What a reward function sees of the run as `trainer_state` (TRL passes its
+    TrainerState; these are the fields reward code reads): the optimizer steps done so far,
+    the run's total, and the epoch of the data (a fraction)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
 
 
 class RewardSet:
@@ -298,7 +279,7 @@ class RewardSet:
         failure_limit: float = 0.5,
         failure_window: int = 20,
     ) -> None:
-        self.specs = [_as_spec(s) for s in specs]
+        self.specs = [as_spec(s) for s in specs]
         self.names = [s.display_name for s in self.specs]
         seen: set[str] = set()
         for n in self.names:
@@ -312,6 +293,7 @@ class RewardSet:
         self._warned: set[str] = set()  # functions whose traceback was already logged
         self._health = FailureWindow(self.names, limit=failure_limit, window=failure_window)
         self._worker: RewardWorker | None = None
+        self.trainer_state: TrainerState | None = None  # set by the trainer every step
         if not fork_available() and any(s.timeout for s in self.specs):
             logger.warning("this platform cannot fork: reward timeouts are ignored (in-process)")
 
@@ -354,6 +336,10 @@ class RewardSet:
         if error is not None:
             raise error
 
+    def last_error(self, name: str) -> str:
+        """The last error `name` failed with, or "" (it never failed)."""
+        return self._health.last_error(name)
+
     def failure_share(self, name: str) -> float | None:
         """The share of `name`'s samples that failed over its window; None until it is full."""
         return self._health.share(name)
@@ -375,6 +361,9 @@ class RewardSet:
         metrics: dict[str, float] = {}
         # Columns first, so that a column can never shadow prompts or completions.
         kwargs = {**columns, "prompts": prompts, "completions": completions}
+        if self.trainer_state is not None:
+            kwargs["trainer_state"] = self.trainer_state
+        extra: dict[str, list[Any]] = {}
         for k, (name, fn, spec) in enumerate(zip(self.names, self.fns, self.specs, strict=True)):
             t0 = time.perf_counter()
             if spec.timeout and fork_available():
@@ -395,8 +384,10 @@ class RewardSet:
                 continue
             rewards_NK[:, k] = torch.tensor(outcome.values, dtype=torch.float32)
             nones[name] += outcome.n_none
-            # A function may report diagnostics of this call (e.g. TTRL's majority ratio).
+            # A function may report diagnostics of this call (e.g. TTRL's majority ratio,
+            # or anything it passed to log_metric) and columns for the completions table.
             metrics.update(outcome.metrics)
+            extra.update(outcome.extra)
         return RewardResult(
             rewards_NK=rewards_NK,
             names=list(self.names),
@@ -405,6 +396,7 @@ class RewardSet:
             metrics=metrics,
             timeouts=timeouts,
             crashes=crashes,
+            extra=extra,
         )
 
     def close(self) -> None:
@@ -436,18 +428,21 @@ _FAILURE_WORDS = {
 }
 
 
-def _as_spec(item: RewardSpec | dict | str | Callable) -> RewardSpec:
+def as_spec(item: RewardSpec | dict | str | Callable) -> RewardSpec:
+    """A config entry as a RewardSpec: a built-in name, a "file.py:function" or
+    "module:function" path, a mapping of RewardSpec fields, or a callable."""
     if isinstance(item, RewardSpec):
         return item
     if isinstance(item, dict):
         return RewardSpec.from_dict(item)
     if isinstance(item, str):
-        # "file.py:fn" is a path; anything else a built-in name.
-        if ".py:" in item:
+        # "file.py:fn" or "package.module:fn" is a path; anything else a built-in name.
+        if ":" in item:
             return RewardSpec(path=item)
         return RewardSpec(name=item)
     if callable(item):
         return RewardSpec(fn=item)
     raise ValueError(
-        f"a reward must be a name, a mapping or a RewardSpec, got {type(item).__name__}"
+        f"expected a reward name, 'file.py:function' or 'module:function', a mapping or a "
+        f"callable, got {type(item).__name__} {item!r:.40}"
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["FailureWindow", "RewardFailureError"]
+__all__ = ["FailureWindow", "NoRewardError", "RewardFailureError"]
 
 _MAX_ERROR = 300  # characters of the last error quoted in the message
 
@@ -30,6 +30,10 @@ class RewardFailureError(RuntimeError):
             f"reward {name!r} failed on {share:.0%} of its samples over its last {window} "
             f"calls (limit {limit:.0%}); last error: {last}"
         )
+
+
+class NoRewardError(RuntimeError):
+    """No sample had a reward (every weighted reward NaN) for several consecutive steps."""
 
 
 @dataclass
@@ -69,6 +73,11 @@ class FailureWindow:
         if len(calls) < self.window:
             return None
         return sum(c.failed for c in calls) / sum(c.total for c in calls)
+
+    def last_error(self, name: str) -> str:
+        """The last error `name` failed with (shortened), or ""."""
+        last = " ".join(self._last_error.get(name, "").split())
+        return last[: _MAX_ERROR - 3] + "..." if len(last) > _MAX_ERROR else last
 
     def check(self) -> RewardFailureError | None:
         for name in self._calls:

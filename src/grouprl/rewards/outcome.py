@@ -2,13 +2,23 @@
 
 `call_reward` runs the same way in-process and inside the reward worker, so both paths
 check outputs alike; an `Outcome` holds only plain values, so it crosses a pipe pickled.
+
+As in TRL, a function may be `async def` (awaited here), and may take `log_metric(name,
+value)` (a number logged with the step's metrics) and `log_extra(column, values)` (a
+column of N values shown beside the completions); both are made here, in the process
+that runs the function, and what they collect comes back in the Outcome. They, and the
+other keyword arguments, are passed only to a function that accepts them (by name or
+`**kwargs`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +43,7 @@ class Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
     detail: str = ""
+    extra: dict[str, list[Any]] = field(default_factory=dict)  # log_extra's columns
 
     @property
     def failed(self) -> bool:
@@ -46,16 +57,56 @@ class BadOutput(Exception):
 def call_reward(fn: Callable[..., Any], kwargs: dict[str, Any], n: int) -> Outcome:
     """Run `fn(**kwargs)` on a batch of `n` and check what it returns; never raises an
     Exception (SystemExit and KeyboardInterrupt pass through)."""
+    logged: dict[str, float] = {}
+    extra: dict[str, list[Any]] = {}
+
+    def log_metric(name: str, value: float) -> None:
+        logged[str(name)] = float(value)
+
+    def log_extra(column: str, values: list[Any]) -> None:
+        extra[str(column)] = list(values)
+
     try:
-        values, n_none = to_floats(fn(**kwargs), n)
-        metrics = reported_metrics(fn)
+        args = accepted({**kwargs, "log_metric": log_metric, "log_extra": log_extra}, fn)
+        out = fn(**args)
+        if inspect.isawaitable(out):  # an `async def` reward
+            out = run_awaitable(out)
+        values, n_none = to_floats(out, n)
+        metrics = {**reported_metrics(fn), **logged}
     except BadOutput as e:
         return Outcome("bad_output", error=str(e))
     except MemoryError as e:  # its worker is replaced, which frees what it held
         return Outcome("crash", error=f"MemoryError: {e}", detail=traceback.format_exc())
     except Exception as e:
         return Outcome("error", error=f"{type(e).__name__}: {e}", detail=traceback.format_exc())
-    return Outcome("ok", values=values, n_none=n_none, metrics=metrics)
+    return Outcome("ok", values=values, n_none=n_none, metrics=metrics, extra=extra)
+
+
+def run_awaitable(awaitable: Any) -> Any:
+    """Await `awaitable` to completion from synchronous code; in a thread of its own when
+    this thread already runs an event loop (a notebook)."""
+
+    async def wait() -> Any:
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop here: the usual case
+        return asyncio.run(wait())
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, wait()).result()
+
+
+def accepted(kwargs: dict[str, Any], fn: Callable[..., Any]) -> dict[str, Any]:
+    """The keyword arguments `fn` takes: all of them with `**kwargs`, else those it names."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: pass everything
+        return kwargs
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return kwargs
+    names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return {k: v for k, v in kwargs.items() if k in names}
 
 
 def reported_metrics(fn: Callable[..., Any]) -> dict[str, float]:

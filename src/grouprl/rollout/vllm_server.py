@@ -111,7 +111,11 @@ class ServerVLLM(VLLMEngine):
         else:
             self._tmp = tempfile.TemporaryDirectory(prefix="grouprl-vllm-sync-")
             self.sync_dir = Path(self._tmp.name)
-        self.update_weights(model, step=0)  # the server may hold other weights (a resume)
+        # The server may hold other weights (a resume). Several trainer processes share it:
+        # process 0 alone pushes (the model is not sharded yet; the others meet it at the
+        # trainer's first barrier, before anyone samples).
+        if int(os.environ.get("RANK", "0")) == 0:
+            self.update_weights(model, step=0)
 
     # ------------------------------------------------------------------ HTTP
     def _call(

@@ -168,6 +168,7 @@ class Collector:
         num_train_samples: int = 0,
         dist: Dist | None = None,
         device: torch.device | str = "cpu",
+        missing_rewards: str = "skip",
     ) -> None:
         self.engine, self.rewards, self.dataset = engine, rewards, dataset
         self.sampler, self.sampling = sampler, sampling
@@ -177,6 +178,7 @@ class Collector:
         self.num_train_samples = num_train_samples
         self.dist = dist or Dist()
         self.device = device  # where a gathered batch's rollouts go (the policy's device)
+        self.missing_rewards = missing_rewards  # combine_rewards' rule (train.missing_rewards)
 
     def collect(self, B: int) -> tuple[ScoredBatch, dict[str, float]]:
         """B scored groups ready for planning, and the collector's metrics."""
@@ -190,7 +192,10 @@ class Collector:
 
     def _score(self, examples: list[PromptExample], ro: Rollouts) -> tuple[Tensor, Any]:
         res = score_rollouts(self.rewards, examples, ro, self.sampling.max_new_tokens)
-        return combine_rewards(res.rewards_NK, self.rewards.weights_K), res
+        combined = combine_rewards(
+            res.rewards_NK, self.rewards.weights_K, missing=self.missing_rewards
+        )
+        return combined, res
 
     def _sample(self, n_prompts: int) -> ScoredBatch:
         """n prompts' groups, sampled and scored. With several ranks every rank draws the same

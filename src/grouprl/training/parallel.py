@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from grouprl.config import ConfigError
 from grouprl.models.lora import is_adapted, load_adapter_state, load_adapter_state_sharded
 from grouprl.registry import Registry
 from grouprl.training.distributed import Dist
@@ -81,8 +82,10 @@ class Replicated:
         return contextlib.nullcontext()
 
     def model_state(self, model: nn.Module) -> dict[str, Tensor]:
-        """Every weight, whole, by its one-process name (collective under fsdp2)."""
-        return {k: _full(v).detach() for k, v in model.state_dict().items()}
+        """Every weight a checkpoint keeps, whole, by its one-process name (a LoRA model's:
+        its adapters; PEFT saves no more). Collective under fsdp2, where only process 0
+        gets the tensors (on the CPU)."""
+        return {k: _full(v).detach() for k, v in _saved(model).items()}
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The optimizer's state_dict with whole tensors (collective under fsdp2)."""
@@ -121,7 +124,17 @@ class FullyShard(Replicated):
         norm and LM head it calls directly are gathered too). The reference is sharded the
         same way."""
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        try:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+        except ImportError:
+            fully_shard = None
+        if fully_shard is None or not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+            raise ConfigError(
+                f"train.strategy: fsdp2 needs a torch whose fully_shard can force sum "
+                f"reductions (2.13 is the tested release; this is {torch.__version__}); "
+                "use train.strategy: ddp"
+            )
 
         self._same_start(policy, ref_policy)  # before sharding: shards of one model
         device = next(policy.parameters()).device
@@ -178,12 +191,22 @@ class FullyShard(Replicated):
                 m.reshard()
 
     def model_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """Whole tensors on process 0's CPU, one at a time (every process takes part in
+        each gather; the others keep nothing), so no device ever holds the whole model."""
         self._reshard()
-        return super().model_state(model)
+        return {k: t for k, v in _saved(model).items() if (t := self._to_main(v)) is not None}
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         self._reshard()
-        return super().optimizer_state(optimizer)
+        sd = optimizer.state_dict()
+        state = {i: {k: self._to_main(v) for k, v in s.items()} for i, s in sd["state"].items()}
+        return {"state": state, "param_groups": sd["param_groups"]} if self.dist.is_main else {}
+
+    def _to_main(self, v: Any) -> Any:
+        whole = _full(v)
+        if not self.dist.is_main:
+            return None
+        return whole.detach().cpu() if isinstance(whole, Tensor) else whole
 
     def load_model_state(self, model: nn.Module, full: dict[str, Tensor]) -> Any:
         """Whole tensors cut to this process's shards (each process has read the files, so
@@ -208,6 +231,14 @@ class FullyShard(Replicated):
             for i, s in full["state"].items()
         }
         optimizer.load_state_dict({"state": state, "param_groups": full["param_groups"]})
+
+
+def _saved(model: nn.Module) -> dict[str, Any]:
+    """The state a checkpoint keeps: everything, or a LoRA model's adapter weights."""
+    sd = model.state_dict()
+    if is_adapted(model):
+        return {k: v for k, v in sd.items() if ".lora_" in k or ".modules_to_save." in k}
+    return sd
 
 
 def _shard_like(full: Tensor, like: Any) -> Any:

@@ -73,8 +73,15 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tupl
     }
 
 
+def _refused(key: str) -> bool:
+    """A key whose change would make the resume another run: REFUSED, and the LoRA
+    adapters' shape (every model.lora key but dropout)."""
+    lora = key == "model.lora" or key.startswith("model.lora.")
+    return key in REFUSED or (lora and key != "model.lora.dropout")
+
+
 def refuse_changes(changes: dict[str, tuple[Any, Any]], ckpt: Any) -> None:
-    bad = {k: v for k, v in changes.items() if k in REFUSED}
+    bad = {k: v for k, v in changes.items() if _refused(k)}
     if bad:
         lines = "; ".join(
             f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in bad.items()

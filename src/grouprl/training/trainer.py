@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,15 +22,16 @@ from typing import Any
 import torch
 
 from grouprl.components import Components, build_components, build_rewards, load_config
-from grouprl.config import Config, ConfigError, dump_config, yaml_load
+from grouprl.config import Config, ConfigError, dump_config, recipe_info, yaml_load
 from grouprl.data.datasets import PromptDataset
 from grouprl.data.sampler import PromptSampler
 from grouprl.models.loading import load_model_and_tokenizer
-from grouprl.models.lora import adapt
+from grouprl.models.lora import adapt, check_combination
 from grouprl.monitor.collapse import CollapseMonitor
 from grouprl.monitor.progress import ProgressBar
 from grouprl.monitor.sinks import MetricsLogger
-from grouprl.rewards.health import RewardFailureError
+from grouprl.rewards.base import TrainerState
+from grouprl.rewards.health import NoRewardError, RewardFailureError
 from grouprl.rollout.base import RolloutEngineError, build_engine, sampling_params
 from grouprl.training.checkpoint import rng_state, save_checkpoint
 from grouprl.training.collect import Collector
@@ -100,6 +102,7 @@ class Trainer:
     ) -> None:
         cfg = config if isinstance(config, Config) else load_config(config, list(overrides or []))
         resolve_rewards(cfg, reward_funcs)
+        check_combination(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
         self.dist = init_distributed(cfg.train.strategy)
@@ -139,6 +142,8 @@ class Trainer:
             temperature=self.sampling.temperature,
             dist=self.dist,
         )
+        if self.dist.is_main:
+            self._log_startup()
         if self.dist.active and self.dist.is_main:
             log.info(
                 "%d processes (%s), train.strategy %s: each samples its share of the %d "
@@ -160,8 +165,10 @@ class Trainer:
             num_train_samples=cfg.rollout.num_train_samples,
             dist=self.dist,
             device=self.device,
+            missing_rewards=cfg.train.missing_rewards,
         )
         self.step = 0
+        self._unrewarded = 0  # consecutive steps without a single rewarded sample
         self.stopped_early = False
         self.interrupted: str | None = None
         # data cursor and RNG as the current step began: what a mid-step exit saves
@@ -178,6 +185,46 @@ class Trainer:
     @property
     def model(self) -> torch.nn.Module:
         return self.learner.model
+
+    def _log_startup(self) -> None:
+        """What this run is, in a few lines: the recipe and every value of it the config
+        changed, the model, the data, the batch, and the engine's choices."""
+        cfg, lr = self.cfg, self.learner
+        for line in cfg.trl_mappings:
+            log.info("%s", line)
+        if cfg.recipe:
+            info = recipe_info(cfg.recipe)
+            log.info("recipe %s: %s (%s)", cfg.recipe, info["description"], info["source"])
+            for key, (theirs, yours) in cfg.recipe_overrides.items():
+                log.info("  your config overrides the recipe's %s: %r -> %r", key, theirs, yours)
+        params = sum(p.numel() for p in lr.model.parameters())
+        trainable = sum(p.numel() for p in lr.model.parameters() if p.requires_grad)
+        p0 = next(lr.model.parameters())
+        reference = (
+            "the base with adapters off"
+            if lr.ref_is_base
+            else ("a frozen copy" if lr.ref_model is not None else "none (no KL term)")
+        )
+        log.info(
+            "model %s: %s parameters (%s trainable), %s on %s; reference policy: %s",
+            cfg.model.name_or_path or type(lr.model).__name__,
+            f"{params:,}",
+            f"{trainable:,}",
+            str(p0.dtype).removeprefix("torch."),
+            p0.device,
+            reference,
+        )
+        log.info(
+            "data: %d prompts; %d prompts x %d samples per step, %d steps; engine %s; "
+            "shared prefix %s; run folder %s",
+            len(self.dataset),
+            cfg.train.prompts_per_step,
+            cfg.rollout.num_generations,
+            cfg.train.max_steps,
+            cfg.rollout.engine,
+            "on" if lr.shared_prefix else "off",
+            self.run_dir,
+        )
 
     def close(self) -> None:
         """Release the rollout engine (GPU memory, server connections) and the reward worker."""
@@ -250,6 +297,12 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """Collect, plan, update, publish the weights; returns the step's metrics."""
         cfg = self.cfg
+        sampler = self.collector.sampler
+        self.rewards.trainer_state = TrainerState(  # `trainer_state`, as TRL passes it
+            global_step=self.step,
+            max_steps=cfg.train.max_steps,
+            epoch=sampler.epoch + sampler.pos / max(sampler.size, 1),
+        )
         t0 = time.perf_counter()
         with self.learner.sampling(self.engine):
             batch, metrics = self.collector.collect(cfg.train.prompts_per_step)
@@ -397,6 +450,7 @@ class Trainer:
                 raise
             if stop:
                 return False
+            self._check_rewarded(metrics)
             failure = self.rewards.check_health()
             if self.dist.active:  # rewards run where their samples are: agree on stopping
                 seen = [m for m in self.dist.gather(str(failure) if failure else None) if m]
@@ -413,6 +467,26 @@ class Trainer:
         if stops.requested:  # arrived during the last step
             self.interrupted = stops.requested
         return False
+
+    def _check_rewarded(self, metrics: dict[str, float]) -> None:
+        """Stop, after a checkpoint, when no sample has had a reward for
+        `train.nan_reward_steps` steps in a row: the run would train on nothing. (The
+        metrics are of the whole batch, so every process decides alike.)"""
+        limit = self.cfg.train.nan_reward_steps
+        self._unrewarded = self._unrewarded + 1 if math.isnan(metrics["reward"]) else 0
+        if not limit or self._unrewarded < limit:
+            return
+        why = []
+        for name in self.rewards.names:
+            last = self.rewards.last_error(name)
+            nan = int(metrics.get(f"rewards/{name}/nan_count", 0))
+            why.append(f"{name}: {nan} NaN" + (f", last error: {last}" if last else " (None)"))
+        path = self._save()
+        raise NoRewardError(
+            f"no sample had a reward in the last {self._unrewarded} steps (every weighted "
+            f"reward was None or failed): {'; '.join(why)}. Stopped after step {self.step}, "
+            f"checkpoint {path} (train.nan_reward_steps)"
+        )
 
     def _agreed_stop(self, requested: str | None) -> str | None:
         """A stop request (signal) as all processes see it: each receives its own signal at
