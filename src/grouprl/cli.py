@@ -58,7 +58,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     last = result.history[-1] if result.history else {}
     print(
-        f"trained {result.steps} steps; run directory: {result.run_dir}; last reward: {last.get('reward', float('nan')):.4f}"
+        f"trained {result.steps} steps; run directory: {result.run_dir}; last reward: "
+        f"{last.get('reward', float('nan')):.4f}; last checkpoint: {result.checkpoint}; "
+        f"report: {result.run_dir / 'summary.md'}"
     )
     if result.interrupted:
         print(

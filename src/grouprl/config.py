@@ -86,6 +86,19 @@ def choice(default: Any, *choices: Any, doc: str = "") -> Any:
     return field(default=default, metadata={"choices": choices, "doc": doc})
 
 
+# train.lr_schedule values built by transformers' `get_scheduler` (its warm-up starts at
+# learning rate 0; grouprl's own constant and cosine count the first update as 1/W)
+HF_SCHEDULES = (
+    "linear",
+    "cosine_with_min_lr",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "warmup_stable_decay",
+)
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = ""  # HF hub id or local directory
@@ -157,7 +170,10 @@ class TrainConfig:
     learning_rate: float = 1e-6
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    lr_schedule: str = choice("constant", "constant", "cosine")
+    # constant and cosine (linear warm-up from 1/W); or one of transformers' schedules built
+    # by its get_scheduler (warm-up from 0), with lr_schedule_kwargs (e.g. min_lr_rate)
+    lr_schedule: str = choice("constant", "constant", "cosine", *HF_SCHEDULES)
+    lr_schedule_kwargs: dict[str, Any] = field(default_factory=dict)
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     save_every: int = 50  # 0 = only at the end
@@ -175,6 +191,9 @@ class TrainConfig:
     # stop (with a checkpoint) after this many consecutive steps in which no sample had a
     # reward; 0 = never
     nan_reward_steps: int = 3
+    # every N steps, the step's prompts, completions, rewards and advantages go to
+    # completions.jsonl (and TensorBoard's text tab); 0 = never
+    log_completions_every: int = 10
     tensorboard: bool = False
     # several processes under torchrun (training/parallel.py, docs/scaling.md): auto = ddp
     # when WORLD_SIZE > 1; fsdp2 shards weights, gradients and optimizer state
@@ -446,6 +465,7 @@ _INT_MIN: dict[str, int] = {
     "train.keep_checkpoints": 1,  # a resume needs the latest one
     "train.reward_failure_window": 1,
     "train.nan_reward_steps": 0,  # 0 = never stop
+    "train.log_completions_every": 0,  # 0 = never
     "train.eval_every": 0,  # 0 = never
     "train.eval_samples": 1,
     "train.eval_limit": 0,  # 0 = all

@@ -69,12 +69,6 @@ def _truncated(v: Any) -> Assign:
     return [("sample_filters", [{"name": "mask_truncated"}] if v else [])]
 
 
-def _schedule(v: Any) -> Assign:
-    if v not in ("constant", "cosine", "constant_with_warmup"):
-        raise _Refused(f"lr_scheduler_type {v!r}: grouprl has constant and cosine (with warm-up)")
-    return [("train.lr_schedule", "cosine" if v == "cosine" else "constant")]
-
-
 def _bf16(v: Any) -> Assign:
     return [("model.dtype", "bfloat16")] if v else []
 
@@ -107,7 +101,7 @@ MAPPINGS: dict[str, Callable[[Any], Assign]] = {
     "save_total_limit": _to("train.keep_checkpoints"),
     "eval_steps": _to("train.eval_every"),
     "warmup_steps": _to("train.warmup_steps"),
-    "lr_scheduler_type": _schedule,
+    "lr_scheduler_type": _to("train.lr_schedule"),  # the same names (checked there)
     "max_grad_norm": _to("train.max_grad_norm"),
     "weight_decay": _to("train.weight_decay"),
     "gradient_checkpointing": _to("model.gradient_checkpointing"),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -141,16 +142,41 @@ class ProgressBar:
             self._print_status()
 
     def warn(self, message: str) -> None:
-        """Print a warning line above the bar (without breaking it) and log it."""
+        """A warning line above the bar (without breaking it): through logging when a
+        handler listens (the CLI's prints it), else printed; once either way."""
         if self._progress is not None:
             from rich.markup import escape
 
             self._progress.console.print(f"[yellow]warning:[/yellow] {escape(message)}")
+        elif logger.hasHandlers():
+            logger.warning(message)
         else:
             print(f"warning: {message}", flush=True)
-        # Log only when a handler listens: logging's last-resort handler would print it twice.
-        if logger.hasHandlers():
-            logger.warning(message)
+
+    def note(self, message: str) -> None:
+        """An information line above the bar (e.g. held-out results), shown even when the
+        bar itself is disabled only on the process that draws it."""
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            from rich.markup import escape
+
+            self._progress.console.print(escape(message))
+        else:
+            print(message, flush=True)
+
+    @contextlib.contextmanager
+    def phase(self, what: str) -> Iterator[None]:
+        """Say on the bar what the run is doing between steps (e.g. "evaluating")."""
+        if self.enabled and self._progress is not None:
+            self._progress.update(self._task, description=f"{self.description} ({what})")
+        elif self.enabled:
+            print(f"{self.description}: {what}...", flush=True)
+        try:
+            yield
+        finally:
+            if self._progress is not None:
+                self._progress.update(self._task, description=self.description)
 
     def close(self) -> None:
         """Stop the live bar, or print the final status line in plain mode."""

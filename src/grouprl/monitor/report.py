@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_curves", "write_summary"]
+__all__ = ["plot_curves", "write_run_report", "write_summary"]
 
 
 def _as_float(value: Any) -> float | None:
@@ -135,3 +135,46 @@ def write_summary(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
     return path
+
+
+CURVE_KEYS = ("reward", "loss", "entropy", "completions/mean_length", "kl")
+
+
+def write_run_report(
+    run_dir: str | Path, records: Sequence[Mapping[str, Any]], facts: Mapping[str, Any]
+) -> tuple[Path, Path]:
+    """`summary.md` and `curves.png` of a training run from its metrics.jsonl records:
+    the run's facts (recipe, model, steps, last checkpoint), the last step's main metrics,
+    the last held-out results, and the curves of reward, loss, entropy, length (and KL),
+    with held-out pass@1 as points."""
+    run_dir = Path(run_dir)
+    evals = [r for r in records if any(str(k).startswith("eval/") for k in r)]
+    points = {
+        "eval/pass@1": [
+            (float(r["step"]), float(r["eval/pass@1"]))
+            for r in evals
+            if _as_float(r.get("eval/pass@1")) is not None
+        ]
+    }
+    png = plot_curves(
+        records,
+        run_dir / "curves.png",
+        keys=CURVE_KEYS,
+        title=str(facts.get("recipe", "")),
+        extra_points=points if points["eval/pass@1"] else None,
+    )
+    last = records[-1] if records else {}
+    main = {k: last[k] for k in ("step", *CURVE_KEYS, "grad_norm", "time/step") if k in last}
+    held_out = {k: v for k, v in (evals[-1] if evals else {}).items() if str(k).startswith("eval/")}
+    md = write_summary(
+        run_dir / "summary.md",
+        f"grouprl run: {run_dir.name}",
+        {
+            "Run": dict(facts),
+            "Last step": main,
+            "Held-out (last evaluation)": held_out or "no evaluation (train.eval_every: 0)",
+            "Files": "metrics.jsonl (every step), completions.jsonl (completions tables), "
+            "curves.png, config.yaml, checkpoints/",
+        },
+    )
+    return md, png

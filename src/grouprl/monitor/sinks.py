@@ -10,9 +10,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["METRICS_FILE", "MetricsLogger", "read_metrics"]
+__all__ = ["COMPLETIONS_FILE", "METRICS_FILE", "MetricsLogger", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"  # the completions tables, one JSON row per sample
 
 
 def _json_value(value: Any) -> Any:
@@ -72,29 +73,16 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
-        if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
-        if self.path.exists():
-            _drop_partial_line(self.path)
+        self.completions_path = self.run_dir / COMPLETIONS_FILE
+        for path in (self.path, self.completions_path):
+            if resume_step is not None and path.exists():
+                _truncate_after(path, resume_step)
+            if path.exists():
+                _drop_partial_line(path)
         self._writer = None
         if tensorboard:
             self._writer = _summary_writer(self.run_dir / "tensorboard", resume_step)
         self._file = self.path.open("a", encoding="utf-8")
-
-    def _truncate_after(self, resume_step: int) -> None:
-        lines = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        records = _parse_lines("\n".join(lines), self.path)  # drops a cut-off last line
-        kept = [
-            line
-            for line, r in zip(lines, records, strict=False)
-            if not isinstance(r.get("step"), (int, float)) or r["step"] <= resume_step
-        ]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)  # atomic: a crash leaves either the old or the new file
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Append one record for ``step``; also send numeric values to TensorBoard."""
@@ -111,6 +99,25 @@ class MetricsLogger:
                 value = value.item() if hasattr(value, "item") else value
                 if key != "step" and isinstance(value, (int, float)):  # NaN kept: TB shows it
                     self._writer.add_scalar(key, float(value), int(step))
+            self._writer.flush()
+
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """A completions table of `step` (prompt, completion, rewards, advantage, ...):
+        appended to completions.jsonl one row per line, and the first rows as a markdown
+        table in TensorBoard's text tab."""
+        with self.completions_path.open("a", encoding="utf-8") as f:
+            for row in rows:
+                record = {"step": int(step), **{k: _json_cell(v) for k, v in row.items()}}
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+        if self._writer is not None and rows:
+            head = list(rows[0])
+            lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for row in rows[:8]:
+                cells = [
+                    str(_json_cell(row.get(k))).replace("|", "\\|").replace("\n", " ") for k in head
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+            self._writer.add_text("completions", "\n".join(lines), int(step))
             self._writer.flush()
 
     def close(self) -> None:
@@ -131,6 +138,33 @@ class MetricsLogger:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _json_cell(value: Any) -> Any:
+    """A JSON-safe table cell: text as is, numbers as `_json_value`, else its str."""
+    if isinstance(value, str):
+        return value
+    try:
+        return _json_value(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _truncate_after(path: Path, resume_step: int) -> None:
+    """Drop the records of steps after `resume_step` (atomic rewrite)."""
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    records = _parse_lines("\n".join(lines), path)  # drops a cut-off last line
+    kept = [
+        line
+        for line, r in zip(lines, records, strict=False)
+        if not isinstance(r.get("step"), (int, float)) or r["step"] <= resume_step
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: a crash leaves either the old or the new file
 
 
 def _drop_partial_line(path: Path) -> None:

@@ -39,6 +39,8 @@ class ScoredBatch:
     errors: dict[str, int] = field(default_factory=dict)
     reward_metrics: dict[str, float] = field(default_factory=dict)  # e.g. ttrl/majority_ratio
     baseline_B: Tensor | None = None  # ReMax: combined reward of one greedy completion
+    # columns reward functions added with log_extra (N values each), for the completions table
+    extra: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def num_groups(self) -> int:
@@ -57,7 +59,12 @@ class ScoredBatch:
             errors=dict(self.errors),
             reward_metrics=dict(self.reward_metrics),
             baseline_B=None if self.baseline_B is None else self.baseline_B[groups],
+            extra=_rows_of(self.extra, rows.tolist()),
         )
+
+
+def _rows_of(extra: dict[str, list[Any]], rows: list[int]) -> dict[str, list[Any]]:
+    return {k: [v[i] if i < len(v) else None for i in rows] for k, v in extra.items()}
 
 
 def first_per_group(batch: ScoredBatch, k: int) -> ScoredBatch:
@@ -72,6 +79,7 @@ def first_per_group(batch: ScoredBatch, k: int) -> ScoredBatch:
         rollouts=replace(batch.rollouts.select(rows), group_size=k),
         rewards_NK=batch.rewards_NK[rows],
         rewards_N=batch.rewards_N[rows],
+        extra=_rows_of(batch.extra, rows.tolist()),
     )
 
 
@@ -135,6 +143,10 @@ def concat_batches(parts: list[ScoredBatch], pad_token_id: int) -> ScoredBatch:
         errors=errors,
         reward_metrics=_merge_reward_metrics([p.reward_metrics for p in parts]),
         baseline_B=None if any(b is None for b in baselines) else torch.cat(baselines),  # type: ignore[arg-type]
+        extra={
+            key: [v for p in parts for v in p.extra.get(key, [None] * p.rollouts.num_rollouts)]
+            for key in dict.fromkeys(k for p in parts for k in p.extra)
+        },
     )
 
 
@@ -224,6 +236,7 @@ class Collector:
             rewards_N=rewards_N,
             errors=dict(res.errors),
             reward_metrics=dict(res.metrics),
+            extra=dict(res.extra),
         )
 
     def _fill(self, B: int) -> tuple[ScoredBatch, dict[str, float]]:

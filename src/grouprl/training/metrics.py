@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from grouprl.algorithms.advantages import group_reward_stats
@@ -46,3 +48,27 @@ def timing_metrics(batch: ScoredBatch, t_collect: float, t_plan: float, t_train:
         "time/step": total,
         "tokens_per_second": tokens / max(total, 1e-9),
     }
+
+
+def completion_rows(batch: ScoredBatch, train_batch: Any, names: list[str]) -> list[dict[str, Any]]:
+    """The completions table of a step, one row per sample (TRL logs the same table):
+    prompt, completion, the combined reward, each function's reward, the advantage, and
+    any columns the reward functions added with log_extra."""
+    G = batch.rollouts.group_size
+    adv = getattr(train_batch, "adv_N", None)
+    rows = []
+    for i, completion in enumerate(batch.rollouts.completions):
+        ex = batch.examples[i // G]
+        row: dict[str, Any] = {
+            "prompt": ex.text,
+            "completion": completion,
+            "reward": float(batch.rewards_N[i]),
+        }
+        for k, name in enumerate(names):
+            row[name] = float(batch.rewards_NK[i, k])
+        if adv is not None and i < adv.shape[0]:
+            row["advantage"] = float(adv[i])
+        for key, values in batch.extra.items():
+            row[key] = values[i] if i < len(values) else None
+        rows.append(row)
+    return rows

@@ -44,6 +44,7 @@ OPTIMIZER_KEYS = (
     "train.weight_decay",
     "train.adam_betas",
     "train.lr_schedule",
+    "train.lr_schedule_kwargs",
     "train.warmup_steps",
     "train.max_steps",
     "train.num_iterations",
@@ -100,7 +101,11 @@ def apply_optimizer_config(
     betas, weight decay and schedule back on them (the restored step count is kept)."""
     step = int(scheduler.last_epoch)
     factor = lr_factor(
-        step, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, total_steps=total_updates
+        step,
+        schedule=cfg.lr_schedule,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=total_updates,
+        kwargs=cfg.lr_schedule_kwargs,
     )
     for group in optimizer.param_groups:
         group["initial_lr"] = cfg.learning_rate

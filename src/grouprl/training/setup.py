@@ -4,12 +4,10 @@ mismatch-correction decisions."""
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from grouprl.components import MISMATCH_KEY, Components, build_mismatch, check_compatible
@@ -23,9 +21,10 @@ log = logging.getLogger("grouprl")
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    """Python, numpy, torch (and CUDA) seeded by transformers' `set_seed`."""
+    from transformers import set_seed
+
+    set_seed(seed)
 
 
 def task_of(cfg: Config) -> Any:

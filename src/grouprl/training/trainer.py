@@ -29,7 +29,8 @@ from grouprl.models.loading import load_model_and_tokenizer
 from grouprl.models.lora import adapt, check_combination
 from grouprl.monitor.collapse import CollapseMonitor
 from grouprl.monitor.progress import ProgressBar
-from grouprl.monitor.sinks import MetricsLogger
+from grouprl.monitor.report import write_run_report
+from grouprl.monitor.sinks import MetricsLogger, read_metrics
 from grouprl.rewards.base import TrainerState
 from grouprl.rewards.health import NoRewardError, RewardFailureError
 from grouprl.rollout.base import RolloutEngineError, build_engine, sampling_params
@@ -37,7 +38,12 @@ from grouprl.training.checkpoint import rng_state, save_checkpoint
 from grouprl.training.collect import Collector
 from grouprl.training.distributed import init_distributed
 from grouprl.training.learner import Learner
-from grouprl.training.metrics import completion_metrics, reward_metrics, timing_metrics
+from grouprl.training.metrics import (
+    completion_metrics,
+    completion_rows,
+    reward_metrics,
+    timing_metrics,
+)
 from grouprl.training.plan import plan_batch
 from grouprl.training.resume import resume_run
 from grouprl.training.rundir import RunLock, check_run_dir, move_aside
@@ -70,6 +76,9 @@ class _NullLogger:
     """What ranks other than 0 log to: nothing."""
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
         pass
 
     def close(self) -> None:
@@ -169,6 +178,7 @@ class Trainer:
         )
         self.step = 0
         self._unrewarded = 0  # consecutive steps without a single rewarded sample
+        self._last_batch: tuple[Any, Any] | None = None
         self.stopped_early = False
         self.interrupted: str | None = None
         # data cursor and RNG as the current step began: what a mid-step exit saves
@@ -324,6 +334,7 @@ class Trainer:
             exc.after_update = True  # type: ignore[attr-defined]  # the step's update is done
             raise
         t3 = time.perf_counter()
+        self._last_batch = (batch, train_batch)  # for the completions table
         metrics.update(plan_metrics)
         metrics.update(reward_metrics(batch, self.rewards.names))
         metrics.update(completion_metrics(batch))
@@ -391,7 +402,7 @@ class Trainer:
             try:
                 with ProgressBar(
                     cfg.max_steps,
-                    description="grpo",
+                    description=self.cfg.recipe or "grpo",
                     enabled=cfg.progress and main,
                     initial=self.step,
                 ) as bar:
@@ -405,6 +416,8 @@ class Trainer:
                         )
             finally:
                 logger.close()
+            if main:
+                self._report(path)
         return TrainResult(
             self.run_dir, self.step, self.history, self.stopped_early, self.interrupted, path
         )
@@ -468,6 +481,23 @@ class Trainer:
             self.interrupted = stops.requested
         return False
 
+    def _report(self, checkpoint: Path) -> None:
+        """summary.md and curves.png in the run folder (a report must not fail the run)."""
+        try:
+            write_run_report(
+                self.run_dir,
+                read_metrics(self.run_dir),
+                {
+                    "recipe": self.cfg.recipe or "(none: the config's components)",
+                    "model": self.cfg.model.name_or_path or type(self.model).__name__,
+                    "steps": self.step,
+                    "last checkpoint": str(checkpoint),
+                    "stopped": self.interrupted or ("early" if self.stopped_early else "no"),
+                },
+            )
+        except Exception as exc:  # e.g. a read-only folder
+            log.warning("could not write the run report: %s", exc)
+
     def _check_rewarded(self, metrics: dict[str, float]) -> None:
         """Stop, after a checkpoint, when no sample has had a reward for
         `train.nan_reward_steps` steps in a row: the run would train on nothing. (The
@@ -500,7 +530,20 @@ class Trainer:
         """Evaluation, monitors, logging, checkpoint cadence, callbacks; True to stop."""
         cfg = self.cfg.train
         if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
-            metrics.update(self.evaluate())
+            with bar.phase(f"evaluating after step {self.step}"):
+                held_out = self.evaluate()
+            metrics.update(held_out)
+            shown = [
+                f"{k.removeprefix('eval/')} {v:.4g}"
+                for k, v in held_out.items()
+                if isinstance(v, float) and "ci_" not in k and "num_" not in k
+            ]
+            bar.note(f"step {self.step}: held-out " + ", ".join(shown[:8]))
+        every = cfg.log_completions_every
+        if every and self.step % every == 0 and self._last_batch is not None:
+            logger.log_completions(
+                self.step, completion_rows(*self._last_batch, self.rewards.names)
+            )
         warnings_now = self.monitor.check(metrics) if self.monitor else []
         if warnings_now:
             metrics["collapse/warning"] = 1.0
