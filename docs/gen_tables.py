@@ -101,6 +101,7 @@ REGISTRY_TABLES = [
     RegistryTable("rollout_engines", "grouprl.rollout.base:ROLLOUT_ENGINES"),
     RegistryTable("mismatch", "grouprl.algorithms.mismatch:MISMATCH_CORRECTIONS"),
     RegistryTable("strategies", "grouprl.training.parallel:STRATEGIES"),
+    RegistryTable("trackers", "grouprl.monitor.trackers:TRACKERS"),
     RegistryTable("inputs", "grouprl.inputs:INPUTS"),
 ]
 

@@ -157,8 +157,10 @@ def test_quick_demo_writes_a_run_directory(capsys, tmp_path):
         "grpo/metrics.jsonl",
         "sft/metrics.jsonl",
         "final_model/model.safetensors",
+        "final_model/README.md",  # its model card
     ):
         assert (d / f).is_file(), f
+    assert "eval/pass@1" in (d / "final_model" / "README.md").read_text()
     assert (d / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((d / "summary.json").read_text())["summary"]
     assert 0.0 <= summary["heldout_pass@1_after_grpo"] <= 1.0

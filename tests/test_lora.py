@@ -215,6 +215,9 @@ def test_export_merges_the_adapter_into_a_plain_model(tmp_path, tiny_model_dir, 
     out = tmp_path / "exported"
     assert cli_main(["export", str(tmp_path / "run"), "--output", str(out)]) == 0
     assert "LoRA adapter merged" in capsys.readouterr().out
+    card = (out / "README.md").read_text()  # a model card: how it was trained, results
+    assert "trained with grouprl" in card and "| LoRA | {'r': 4, 'alpha': 8} |" in card
+    assert "| reward |" in card
     plain = AutoModelForCausalLM.from_pretrained(str(out))
     assert not hasattr(plain, "peft_config")
     prompt, pmask, comp, cmask = batch(tok)

@@ -288,8 +288,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(str(ckpt)).save_pretrained(out)
+    _model_card(ckpt, out)
     print(f"exported {ckpt} to {out}: {what}; load it with AutoModelForCausalLM.from_pretrained")
     return 0
+
+
+def _model_card(ckpt: Path, out: Path) -> None:
+    """README.md in an exported model: the checkpoint's config and its run's last metrics
+    (with the last held-out results)."""
+    from grouprl.monitor.report import write_model_card
+    from grouprl.monitor.sinks import read_metrics
+
+    state_file = ckpt / "trainer_state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    step = state.get("step")
+    run = ckpt.parent.parent
+    metrics: dict[str, Any] = {}
+    if (run / "metrics.jsonl").is_file():
+        for row in read_metrics(run):
+            if step is None or row.get("step", 0) <= step:
+                metrics.update({k: v for k, v in row.items() if v is not None})
+    write_model_card(out, state.get("config") or {}, metrics, str(ckpt))
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:

@@ -195,6 +195,9 @@ class TrainConfig:
     # completions.jsonl (and TensorBoard's text tab); 0 = never
     log_completions_every: int = 10
     tensorboard: bool = False
+    # where metrics go besides metrics.jsonl: tensorboard, trackio, wandb (optional extras)
+    report_to: list[str] = field(default_factory=list)
+    report_project: str = "grouprl"  # the trackio / wandb project
     # several processes under torchrun (training/parallel.py, docs/scaling.md): auto = ddp
     # when WORLD_SIZE > 1; fsdp2 shards weights, gradients and optimizer state
     strategy: str = choice("auto", "auto", "single", "ddp", "fsdp2")
@@ -471,6 +474,9 @@ _INT_MIN: dict[str, int] = {
     "train.eval_limit": 0,  # 0 = all
 }
 # String fields that name something and cannot be empty.
+# train.report_to names (monitor/trackers.py builds trackio and wandb; tensorboard is the
+# metrics logger's own)
+REPORT_TO = ("tensorboard", "trackio", "wandb")
 _NON_EMPTY = ("data.prompt_column", "data.split", "rollout.engine", "train.output_dir")
 
 
@@ -525,6 +531,12 @@ def validate(cfg: Config) -> Config:
         )
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas: expected two numbers in [0, 1), got {t.adam_betas}")
+    for i, name in enumerate(t.report_to):
+        if name not in REPORT_TO:
+            raise ConfigError(
+                f"train.report_to.{i}: {name!r} is not one of {', '.join(REPORT_TO)}"
+                f"{did_you_mean(str(name), REPORT_TO)}"
+            )
     if not 0 < t.reward_failure_limit <= 1:
         raise ConfigError(
             f"train.reward_failure_limit: must be in (0, 1] (1.0 = never stop), "

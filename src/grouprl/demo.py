@@ -18,7 +18,7 @@ from grouprl.data.datasets import load_prompts
 from grouprl.data.tasks import get_task
 from grouprl.eval.run import evaluate
 from grouprl.models.tiny import build_tiny_model, save_model
-from grouprl.monitor.report import plot_curves, write_summary
+from grouprl.monitor.report import plot_curves, write_model_card, write_summary
 from grouprl.rewards import RewardSet
 from grouprl.training.rundir import holds_a_run
 from grouprl.training.setup import seed_everything
@@ -236,6 +236,16 @@ def run_demo(
             {"summary": summary, "heldout_pass@1_curve": curve, "before": before, "after": after},
             indent=1,
         )
+    )
+    write_model_card(  # README.md of final_model: how it was trained, and its results
+        out / "final_model",
+        trainer.cfg.to_dict(),
+        {
+            "step": result.steps,
+            **(result.history[-1] if result.history else {}),
+            **{f"eval/{k}": v for k, v in after.items()},
+        },
+        f"grouprl demo --task {s.task} --seed {s.seed}",
     )
     plot_curves(
         result.history,

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_curves", "write_run_report", "write_summary"]
+__all__ = ["plot_curves", "write_model_card", "write_run_report", "write_summary"]
 
 
 def _as_float(value: Any) -> float | None:
@@ -178,3 +178,40 @@ def write_run_report(
         },
     )
     return md, png
+
+
+def write_model_card(
+    out_dir: str | Path, config: Mapping[str, Any], metrics: Mapping[str, Any], source: str
+) -> Path:
+    """README.md of an exported model: how it was trained (recipe, base model, data,
+    rewards, the main settings) and the last step's and held-out results."""
+    cfg = dict(config)
+    model, data = cfg.get("model", {}), cfg.get("data", {})
+    rewards = [
+        r.get("name") or r.get("path") or r.get("factory") if isinstance(r, Mapping) else r
+        for r in cfg.get("rewards", [])
+    ]
+    train, rollout = cfg.get("train", {}), cfg.get("rollout", {})
+    facts = {
+        "trained from": model.get("name_or_path"),
+        "recipe": cfg.get("recipe") or "(the config's own components)",
+        "LoRA": model.get("lora") or "no (full fine-tuning)",
+        "data": data.get("path") or data.get("task"),
+        "rewards": ", ".join(map(str, rewards)),
+        "steps": metrics.get("step"),
+        "prompts x samples per step": f"{train.get('prompts_per_step')} x {rollout.get('num_generations')}",
+        "learning rate": train.get("learning_rate"),
+        "exported from": source,
+    }
+    results = {k: v for k, v in metrics.items() if k == "reward" or str(k).startswith("eval/")}
+    return write_summary(
+        Path(out_dir) / "README.md",
+        f"{Path(out_dir).name}: trained with grouprl",
+        {
+            "Training": facts,
+            "Results (last step)": results or "no metrics found beside the checkpoint",
+            "Use": "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{Path(out_dir).name}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{Path(out_dir).name}")\n```',
+        },
+    )

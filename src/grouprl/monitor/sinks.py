@@ -69,6 +69,7 @@ class MetricsLogger:
         *,
         tensorboard: bool = False,
         resume_step: int | None = None,
+        trackers: list[Any] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,6 +84,7 @@ class MetricsLogger:
         if tensorboard:
             self._writer = _summary_writer(self.run_dir / "tensorboard", resume_step)
         self._file = self.path.open("a", encoding="utf-8")
+        self._trackers = list(trackers or [])  # monitor/trackers.py (trackio, wandb)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Append one record for ``step``; also send numeric values to TensorBoard."""
@@ -100,6 +102,8 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)):  # NaN kept: TB shows it
                     self._writer.add_scalar(key, float(value), int(step))
             self._writer.flush()
+        for tracker in self._trackers:
+            tracker.log(step, metrics)
 
     def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
         """A completions table of `step` (prompt, completion, rewards, advantage, ...):
@@ -127,6 +131,9 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -31,6 +31,7 @@ from grouprl.monitor.collapse import CollapseMonitor
 from grouprl.monitor.progress import ProgressBar
 from grouprl.monitor.report import write_run_report
 from grouprl.monitor.sinks import MetricsLogger, read_metrics
+from grouprl.monitor.trackers import build_trackers
 from grouprl.rewards.base import TrainerState
 from grouprl.rewards.health import NoRewardError, RewardFailureError
 from grouprl.rollout.base import RolloutEngineError, build_engine, sampling_params
@@ -395,7 +396,17 @@ class Trainer:
                         self.run_dir / "reference", safe_serialization=True, state_dict=weights
                     )
             logger = (
-                MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step)
+                MetricsLogger(
+                    self.run_dir,
+                    tensorboard=cfg.tensorboard or "tensorboard" in cfg.report_to,
+                    resume_step=self.step,
+                    trackers=build_trackers(
+                        cfg.report_to,
+                        project=cfg.report_project,
+                        run_dir=self.run_dir,
+                        config=plain_config(self.cfg),
+                    ),
+                )
                 if main
                 else _NullLogger()
             )
