@@ -412,7 +412,9 @@ class RewardSet:
 
     def _log_failure(self, name: str, outcome: Outcome) -> None:
         what = _FAILURE_WORDS[outcome.status]
-        msg = f"reward {name!r} {what} on this batch (column set to NaN): {outcome.error}"
+        state = self.trainer_state
+        where = f"step {state.global_step + 1}: " if state is not None else ""
+        msg = f"{where}reward {name!r} {what} on this batch (its column is NaN; the run goes on): {outcome.error}"
         if outcome.detail and name not in self._warned:
             # the full traceback once per function is enough to debug it
             self._warned.add(name)

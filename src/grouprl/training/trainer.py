@@ -563,11 +563,7 @@ class Trainer:
         bar.update(self.step, metrics)
         for msg in warnings_now:
             bar.warn(f"step {self.step}: {msg}")
-        for name in self.rewards.names:
-            if metrics.get(f"rewards/{name}/errors", 0):
-                bar.warn(
-                    f"step {self.step}: reward {name!r} failed on this batch (NaN rewards, run continues)"
-                )
+        # (a reward that failed on this batch was reported once, by the RewardSet)
         if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
             self._save()
         for cb in self.callbacks:
