@@ -123,6 +123,13 @@ def test_sft_command(capsys, tmp_path, tiny_model_dir):
     code, out, err = run(capsys, "sft", str(tmp_path / "sft.yaml"))
     assert code == 0, err
     assert (tmp_path / "sft" / "final" / "model.safetensors").is_file()
+    assert "learning_rate not set" not in out  # the config gave 1e-3
+    del cfg["train"]["learning_rate"]
+    cfg["train"]["overwrite"] = True
+    (tmp_path / "sft2.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = run(capsys, "sft", str(tmp_path / "sft2.yaml"))
+    assert code == 0, err
+    assert "train.learning_rate not set: 2e-05 (SFT's default)" in out
     # a row without the completion column names its place
     data.write_text(json.dumps({"prompt": "1+1="}))
     code, _, err = run(capsys, "sft", str(tmp_path / "sft.yaml"))

@@ -190,3 +190,39 @@ def test_trls_own_reward_functions_run_unchanged(tmp_path, tiny_model_dir):
     for name in ("accuracy_reward", "think_format_reward", "overlong"):
         assert f"rewards/{name}/mean" in last, name
         assert last[f"rewards/{name}/errors"] == 0, name
+
+
+def test_async_rewards_run_together_each_under_its_deadline():
+    """Two async rewards that each wait 0.3 s finish in about 0.3 s together (TRL runs them
+    concurrently); one past its deadline gives a timeout, the others their values."""
+    import asyncio
+    import time
+
+    async def slow_a(completions, **kw):
+        await asyncio.sleep(0.3)
+        return [1.0] * len(completions)
+
+    async def slow_b(completions, **kw):
+        await asyncio.sleep(0.3)
+        return [2.0] * len(completions)
+
+    async def stuck(completions, **kw):
+        await asyncio.sleep(5)
+        return [3.0] * len(completions)
+
+    rs = RewardSet(
+        [{"fn": slow_a}, {"fn": slow_b}, {"fn": stuck, "timeout": 0.5}, {"fn": math_task}]
+    )
+    try:
+        t0 = time.perf_counter()
+        res = rs(["q", "q"], ["1", "x"], {"task": ["math", "math"]})
+        elapsed = time.perf_counter() - t0
+    finally:
+        rs.close()
+    assert elapsed < 1.0  # one after another: 0.3 + 0.3 + 0.5 = 1.1 s at least
+    assert res.rewards_NK[:, 0].tolist() == [1.0, 1.0] and res.rewards_NK[:, 1].tolist() == [
+        2.0,
+        2.0,
+    ]
+    assert torch.isnan(res.rewards_NK[:, 2]).all() and res.timeouts["stuck"] == 1
+    assert res.rewards_NK[:, 3].tolist() == [1.0, 0.0]

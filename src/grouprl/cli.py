@@ -104,6 +104,19 @@ def cmd_ttrl(args: argparse.Namespace) -> int:
     return 0
 
 
+SFT_LEARNING_RATE = 2e-5  # TRL's SFTConfig default; GRPO's 1e-6 is for RL
+
+
+def _sets_learning_rate(config: str, overrides: list[str]) -> bool:
+    """Whether the SFT config file or the command line gives train.learning_rate."""
+    from grouprl.config import read_yaml_file
+
+    if any(o.split("=", 1)[0].strip() == "train.learning_rate" for o in overrides):
+        return True
+    train = read_yaml_file(Path(config)).get("train") or {}
+    return isinstance(train, dict) and "learning_rate" in train
+
+
 def cmd_sft(args: argparse.Namespace) -> int:
     from grouprl.components import load_config
     from grouprl.models.loading import load_model_and_tokenizer
@@ -117,6 +130,10 @@ def cmd_sft(args: argparse.Namespace) -> int:
             "model.lora: grouprl sft trains the whole model (LoRA for the warm start is not "
             "built); remove model.lora here and use it for the RL run"
         )
+    if not _sets_learning_rate(args.config, args.overrides):
+        # GRPO's default (1e-6) barely moves a model under SFT; TRL's SFTConfig uses 2e-5
+        cfg.train.learning_rate = SFT_LEARNING_RATE
+        print(f"sft: train.learning_rate not set: {SFT_LEARNING_RATE:g} (SFT's default)")
     seed_everything(cfg.train.seed)
     model, tok, _ = load_model_and_tokenizer(cfg.model)
     data = load_dataset_from_config(cfg, tok)

@@ -26,7 +26,7 @@ import torch
 from grouprl.registry import Registry, RegistryError, did_you_mean, keyword_params
 from grouprl.rewards.health import FailureWindow, RewardFailureError
 from grouprl.rewards.loading import load_callable, split_path
-from grouprl.rewards.outcome import Outcome, call_reward
+from grouprl.rewards.outcome import Outcome, call_async_rewards, call_reward, is_async
 from grouprl.rewards.worker import RewardWorker, fork_available
 
 RewardFn = Callable[..., list[float | None]]
@@ -364,13 +364,33 @@ class RewardSet:
         if self.trainer_state is not None:
             kwargs["trainer_state"] = self.trainer_state
         extra: dict[str, list[Any]] = {}
+        # async functions run together in this process, each under its own deadline
+        t0 = time.perf_counter()
+        together = [k for k, fn in enumerate(self.fns) if is_async(fn)]
+        awaited = (
+            dict(
+                zip(
+                    together,
+                    call_async_rewards(
+                        [(self.fns[k], self.specs[k].timeout) for k in together], kwargs, n
+                    ),
+                    strict=True,
+                )
+            )
+            if together
+            else {}
+        )
+        async_seconds = time.perf_counter() - t0
         for k, (name, fn, spec) in enumerate(zip(self.names, self.fns, self.specs, strict=True)):
             t0 = time.perf_counter()
-            if spec.timeout and fork_available():
+            if k in awaited:
+                outcome = awaited[k]
+            elif spec.timeout and fork_available():
                 outcome = self._worker_for_call().run(k, kwargs, n, spec.timeout)
             else:
                 outcome = call_reward(fn, kwargs, n)
-            metrics[f"rewards/{name}/seconds"] = time.perf_counter() - t0
+            seconds = async_seconds if k in awaited else time.perf_counter() - t0
+            metrics[f"rewards/{name}/seconds"] = seconds
             timeouts[name] = int(outcome.status == "timeout")
             crashes[name] = int(outcome.status == "crash")
             metrics[f"rewards/{name}/timeouts"] = float(timeouts[name])

@@ -54,32 +54,81 @@ class BadOutput(Exception):
     """A reward function returned something that is not N numbers or Nones."""
 
 
+class _Logs:
+    """The `log_metric` / `log_extra` callables one call gets, and what they collected."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+        self.extra: dict[str, list[Any]] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics[str(name)] = float(value)
+
+    def log_extra(self, column: str, values: list[Any]) -> None:
+        self.extra[str(column)] = list(values)
+
+    def args(self, kwargs: dict[str, Any], fn: Callable[..., Any]) -> dict[str, Any]:
+        extras = {"log_metric": self.log_metric, "log_extra": self.log_extra}
+        return accepted({**kwargs, **extras}, fn)
+
+
+def _checked(out: Any, fn: Callable[..., Any], n: int, logs: _Logs) -> Outcome:
+    values, n_none = to_floats(out, n)
+    metrics = {**reported_metrics(fn), **logs.metrics}
+    return Outcome("ok", values=values, n_none=n_none, metrics=metrics, extra=logs.extra)
+
+
+def _failed(e: BaseException) -> Outcome:
+    if isinstance(e, BadOutput):
+        return Outcome("bad_output", error=str(e))
+    if isinstance(e, MemoryError):  # its worker is replaced, which frees what it held
+        return Outcome("crash", error=f"MemoryError: {e}", detail=traceback.format_exc())
+    return Outcome("error", error=f"{type(e).__name__}: {e}", detail=traceback.format_exc())
+
+
 def call_reward(fn: Callable[..., Any], kwargs: dict[str, Any], n: int) -> Outcome:
     """Run `fn(**kwargs)` on a batch of `n` and check what it returns; never raises an
     Exception (SystemExit and KeyboardInterrupt pass through)."""
-    logged: dict[str, float] = {}
-    extra: dict[str, list[Any]] = {}
-
-    def log_metric(name: str, value: float) -> None:
-        logged[str(name)] = float(value)
-
-    def log_extra(column: str, values: list[Any]) -> None:
-        extra[str(column)] = list(values)
-
+    logs = _Logs()
     try:
-        args = accepted({**kwargs, "log_metric": log_metric, "log_extra": log_extra}, fn)
-        out = fn(**args)
+        out = fn(**logs.args(kwargs, fn))
         if inspect.isawaitable(out):  # an `async def` reward
             out = run_awaitable(out)
-        values, n_none = to_floats(out, n)
-        metrics = {**reported_metrics(fn), **logged}
-    except BadOutput as e:
-        return Outcome("bad_output", error=str(e))
-    except MemoryError as e:  # its worker is replaced, which frees what it held
-        return Outcome("crash", error=f"MemoryError: {e}", detail=traceback.format_exc())
+        return _checked(out, fn, n, logs)
     except Exception as e:
-        return Outcome("error", error=f"{type(e).__name__}: {e}", detail=traceback.format_exc())
-    return Outcome("ok", values=values, n_none=n_none, metrics=metrics, extra=extra)
+        return _failed(e)
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    """An `async def` function (also behind functools.partial, or an async __call__)."""
+    target = getattr(fn, "func", fn)
+    if inspect.iscoroutinefunction(target):
+        return True
+    return not inspect.isroutine(target) and inspect.iscoroutinefunction(type(target).__call__)
+
+
+def call_async_rewards(
+    calls: list[tuple[Callable[..., Any], float | None]], kwargs: dict[str, Any], n: int
+) -> list[Outcome]:
+    """Several `async def` rewards awaited together in one event loop (as TRL runs them),
+    each under its own deadline (seconds; None or 0: none); one Outcome each, in order."""
+
+    async def one(fn: Callable[..., Any], timeout: float | None) -> Outcome:
+        logs = _Logs()
+        try:
+            out = fn(**logs.args(kwargs, fn))
+            if inspect.isawaitable(out):
+                out = await (asyncio.wait_for(out, timeout) if timeout else out)
+            return _checked(out, fn, n, logs)
+        except asyncio.TimeoutError:
+            return Outcome("timeout", error=f"no result within {timeout:g} s")
+        except Exception as e:
+            return _failed(e)
+
+    async def every() -> list[Outcome]:
+        return list(await asyncio.gather(*(one(fn, t) for fn, t in calls)))
+
+    return run_awaitable(every())
 
 
 def run_awaitable(awaitable: Any) -> Any:
