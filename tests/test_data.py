@@ -106,9 +106,9 @@ def test_in_memory_list():
 def test_missing_file_and_unknown_extension(tmp_path):
     with pytest.raises(DataError, match=r"nope\.jsonl: no such file or directory"):
         load_prompts(tmp_path / "nope.jsonl")
-    (tmp_path / "d.csv").write_text("prompt\nhi\n")
-    with pytest.raises(DataError, match=r"d\.csv: unsupported format '\.csv'.*\.jsonl.*\.parquet"):
-        load_prompts(tmp_path / "d.csv")
+    (tmp_path / "d.xml").write_text("<prompt>hi</prompt>\n")
+    with pytest.raises(DataError, match=r"d\.xml: unsupported format '\.xml'.*\.jsonl.*\.csv"):
+        load_prompts(tmp_path / "d.xml")
 
 
 def test_invalid_json_file(tmp_path):
@@ -395,3 +395,33 @@ def test_deeply_nested_json_line_is_a_bad_row(tmp_path):
     ds = load_prompts(path, on_bad_row="skip")
     assert ds.skipped_rows == [2]
     assert "row 2: invalid JSON" in ds.skipped_reasons[0]
+
+
+def test_csv_tsv_data_folders_and_hub_ids_go_through_datasets(tmp_path, monkeypatch):
+    """csv/tsv files and folders of data files are read by datasets.load_dataset; a hub id
+    that cannot be reached says so (offline here); a missing .csv is a missing file, not a
+    hub lookup; a bad row still names its place."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from grouprl.data import DataError, load_prompts
+
+    (tmp_path / "a.csv").write_text('prompt,answer\n1+1=,"2"\n2+2=,"4"\n')
+    (tmp_path / "b.tsv").write_text("prompt\tanswer\n3+3=\tsix\n")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "train.csv").write_text("prompt,answer\n5+5=,ten\n")
+    a = load_prompts(tmp_path / "a.csv")
+    assert len(a) == 2 and a[1].text == "2+2=" and "answer" in a[1].columns
+    b = load_prompts(str(tmp_path / "b.tsv"))
+    assert b[0].text == "3+3=" and b[0].columns["answer"] == "six"
+    f = load_prompts(str(tmp_path / "folder"))
+    assert f[0].text == "5+5=" and f[0].columns["answer"] == "ten"
+    with pytest.raises(DataError, match="nosuch.csv: no such file or directory"):
+        load_prompts(str(tmp_path / "nosuch.csv"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="someorg/nosuchset: not a local file, folder or readable"):
+        load_prompts("someorg/nosuchset")
+    (tmp_path / "bad.csv").write_text("prompt,answer\n1+1=,2\n,3\n")
+    with pytest.raises(DataError, match="bad.csv: row 2: field 'prompt'"):
+        load_prompts(str(tmp_path / "bad.csv"))

@@ -117,6 +117,15 @@ def _sets_learning_rate(config: str, overrides: list[str]) -> bool:
     return isinstance(train, dict) and "learning_rate" in train
 
 
+def _completion_of(ex: Any, column: str, source: str) -> str:
+    if column not in ex.columns or not isinstance(ex.columns[column], str):
+        raise UserError(
+            f"{source}: row {ex.row}: field {column!r}: missing or not a string (SFT needs "
+            f"prompt and {column} columns)"
+        )
+    return ex.columns[column]
+
+
 def cmd_sft(args: argparse.Namespace) -> int:
     from grouprl.components import load_config
     from grouprl.models.loading import load_model_and_tokenizer
@@ -138,13 +147,14 @@ def cmd_sft(args: argparse.Namespace) -> int:
     model, tok, _ = load_model_and_tokenizer(cfg.model)
     data = load_dataset_from_config(cfg, tok)
     column = args.completion_column
-    completions = []
-    for ex in data:
-        if column not in ex.columns or not isinstance(ex.columns[column], str):
-            raise UserError(
-                f"{data.source}: row {ex.row}: field {column!r}: missing or not a string (SFT needs prompt and {column} columns)"
-            )
-        completions.append(ex.columns[column])
+    completions = [_completion_of(ex, column, data.source) for ex in data]
+    held_out = None
+    if cfg.data.eval_path:
+        eval_data = load_dataset_from_config(cfg, tok, split="eval")
+        held_out = (
+            [ex.text for ex in eval_data],
+            [_completion_of(ex, column, eval_data.source) for ex in eval_data],
+        )
     res = sft(
         model,
         tok,
@@ -158,6 +168,11 @@ def cmd_sft(args: argparse.Namespace) -> int:
         seed=cfg.train.seed,
         output_dir=cfg.train.output_dir,
         progress=cfg.train.progress,
+        eval_pairs=held_out,
+        eval_every=cfg.train.eval_every,
+        save_every=cfg.train.save_every,
+        keep_checkpoints=cfg.train.keep_checkpoints,
+        resume=cfg.train.resume,
     )
     path = save_model(model, tok, Path(cfg.train.output_dir) / "final")
     print(f"sft: {res.steps} steps, final loss {res.final_loss:.4f}; model saved to {path}")

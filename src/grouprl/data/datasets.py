@@ -1,4 +1,8 @@
-"""Load prompt datasets: jsonl, json, parquet, `datasets.save_to_disk` folders, or lists.
+"""Load prompt datasets: jsonl, json, parquet, csv/tsv, `datasets.save_to_disk` folders,
+any folder or hub id `datasets.load_dataset` reads, or lists.
+
+jsonl, json and parquet are read here, so a broken line is named by its number; csv/tsv,
+data folders and hub ids go through `datasets.load_dataset` (cached as it caches).
 
 Every row needs a prompt column holding a string or chat messages (a list of
 ``{"role", "content"}`` dicts); every other column is kept for the reward functions.
@@ -25,7 +29,10 @@ SUPPORTED_FORMATS = (
     ".jsonl",
     ".json",
     ".parquet",
+    ".csv",
+    ".tsv",
     "a directory written by datasets' save_to_disk",
+    "a data directory or hub id that datasets.load_dataset reads",
     "a list of dicts",
 )
 ON_BAD_ROW = ("error", "skip")
@@ -192,10 +199,24 @@ def _open(source: Any, split: str) -> tuple[str, Iterator[tuple[int, Any]]]:
     except (OSError, ValueError):  # a name too long, or with a NUL byte
         found = False
     if not found:
+        suffix = path.suffix.lower()
+        if _HUB_ID.fullmatch(name) and suffix not in _FILE_SUFFIXES:
+            return name, _read_with_datasets(name, name, split)
         raise DataError(f"{name}: no such file or directory")
     if path.is_dir():
-        return name, _read_saved(path, name, split)
+        if any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
+            return name, _read_saved(path, name, split)
+        return name, _read_with_datasets(
+            str(path),
+            name,
+            split,
+            what="a directory must be written by datasets' save_to_disk or hold data files "
+            "that datasets.load_dataset reads",
+        )
     suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        sep = {"delimiter": "\t"} if suffix == ".tsv" else {}
+        return name, _read_with_datasets("csv", name, "train", data_files=str(path), **sep)
     if suffix == ".jsonl":
         return name, _read_jsonl(path, name)
     if suffix == ".json":
@@ -206,6 +227,30 @@ def _open(source: Any, split: str) -> tuple[str, Iterator[tuple[int, Any]]]:
         f"{name}: unsupported format {suffix or '(no extension)'!r}; "
         f"supported: {', '.join(SUPPORTED_FORMATS)}"
     )
+
+
+# a hub dataset id ("gsm8k", "openai/gsm8k"): tried when no local path has the name
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow")
+
+
+def _read_with_datasets(
+    target: str,
+    name: str,
+    split: str,
+    what: str = "not a local file, folder or readable dataset",
+    **kwargs: Any,
+) -> Iterator[tuple[int, Any]]:
+    """Rows through `datasets.load_dataset(target, split=split, **kwargs)`: csv/tsv files,
+    data folders, hub ids. Its error, first line, names the source."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(target, split=split, **kwargs)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{name}: {what} ({type(e).__name__}: {first})") from e
+    return _arrow_rows(ds.with_format("arrow")[:])
 
 
 def _read_bytes(path: Path, name: str) -> bytes:

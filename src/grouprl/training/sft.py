@@ -62,8 +62,19 @@ def sft(
     seed: int = 0,
     output_dir: str | Path | None = None,
     progress: bool = True,
+    eval_pairs: tuple[Sequence[str], Sequence[str]] | None = None,
+    eval_every: int = 0,
+    save_every: int = 0,
+    keep_checkpoints: int = 2,
+    resume: bool = False,
 ) -> SFTResult:
-    """Fit `completions` given `prompts` for `steps` AdamW steps on random mini-batches."""
+    """Fit `completions` given `prompts` for `steps` AdamW steps on random mini-batches.
+
+    With `output_dir`: metrics.jsonl, and a checkpoint every `save_every` steps and at the
+    end (weights, optimizer, RNG and the batch sampler's state), from which `resume`
+    continues exactly. `eval_pairs` (prompts, completions): the held-out completion loss
+    (`eval/loss`) every `eval_every` steps and at the end.
+    """
     if len(prompts) != len(completions) or not prompts:
         raise ValueError("sft: prompts and completions must be non-empty lists of equal length")
     device = next(model.parameters()).device
@@ -73,35 +84,89 @@ def sft(
         weight_decay=weight_decay,
     )
     g = torch.Generator().manual_seed(seed)
-    logger = MetricsLogger(output_dir) if output_dir else None
+    start = _resume(output_dir, model, opt, g) if resume and output_dir else 0
+    logger = MetricsLogger(output_dir, resume_step=start) if output_dir else None
     history: list[dict[str, float]] = []
     model.train()
     loss_val = float("nan")
-    with ProgressBar(steps, description="sft", enabled=progress) as bar:
-        for step in range(1, steps + 1):
+    with ProgressBar(steps, description="sft", enabled=progress, initial=start) as bar:
+        for step in range(start + 1, steps + 1):
             t0 = time.perf_counter()
             idx = torch.randint(
                 len(prompts), (min(batch_size, len(prompts)),), generator=g
             ).tolist()
-            pid, pmask, cid, cmask = (
-                t.to(device)
-                for t in encode_pairs(
-                    tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx]
-                )
+            loss = _loss(
+                model, tokenizer, [prompts[i] for i in idx], [completions[i] for i in idx], device
             )
-            logp, _ = completion_logprobs(model, pid, pmask, cid, cmask)
-            loss = -(logp * cmask).sum() / cmask.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             opt.step()
             loss_val = float(loss.detach())
             m = {"loss": loss_val, "time/step": time.perf_counter() - t0}
+            if eval_pairs and ((eval_every and step % eval_every == 0) or step == steps):
+                m["eval/loss"] = held_out_loss(model, tokenizer, *eval_pairs, batch_size, device)
+                bar.note(f"step {step}: held-out loss {m['eval/loss']:.4f}")
             history.append({"step": step, **m})
             if logger:
                 logger.log(step, m)
             bar.update(step, m)
+            if output_dir and ((save_every and step % save_every == 0) or step == steps):
+                _save(output_dir, step, model, tokenizer, opt, g, keep_checkpoints)
     if logger:
         logger.close()
     model.eval()
     return SFTResult(steps, loss_val, history)
+
+
+def _loss(model, tokenizer, prompts, completions, device) -> torch.Tensor:
+    """-mean log π(completion token | prompt, past) over the batch's completion tokens."""
+    pid, pmask, cid, cmask = (t.to(device) for t in encode_pairs(tokenizer, prompts, completions))
+    logp, _ = completion_logprobs(model, pid, pmask, cid, cmask)
+    return -(logp * cmask).sum() / cmask.sum()
+
+
+@torch.no_grad()
+def held_out_loss(model, tokenizer, prompts, completions, batch_size, device) -> float:
+    """The completion loss over held-out pairs (token-weighted), without dropout."""
+    was = model.training
+    model.eval()
+    total, tokens = 0.0, 0.0
+    for i in range(0, len(prompts), batch_size):
+        P, C = list(prompts[i : i + batch_size]), list(completions[i : i + batch_size])
+        pid, pmask, cid, cmask = (t.to(device) for t in encode_pairs(tokenizer, P, C))
+        logp, _ = completion_logprobs(model, pid, pmask, cid, cmask)
+        total += float(-(logp * cmask).sum())
+        tokens += float(cmask.sum())
+    model.train(was)
+    return total / max(tokens, 1.0)
+
+
+def _save(out, step, model, tokenizer, opt, g, keep) -> None:
+    from grouprl.training.checkpoint import rng_state, save_checkpoint
+
+    save_checkpoint(
+        out,
+        step,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=opt,
+        scheduler=None,
+        trainer_state={"kind": "sft"},
+        keep=keep,
+        rng={**rng_state(), "sft_batches": g.get_state()},
+    )
+
+
+def _resume(out, model, opt, g) -> int:
+    """Continue from the newest checkpoint in `out` (0 when there is none)."""
+    from grouprl.training.checkpoint import apply_checkpoint, read_latest
+
+    data = read_latest(out, with_optimizer=True, with_scheduler=False)
+    if data is None:
+        log.warning("sft: resume asked, but %s has no checkpoint: starting at step 0", out)
+        return 0
+    state = apply_checkpoint(data, model=model, optimizer=opt, scheduler=None)
+    g.set_state(data["rng"]["sft_batches"])
+    log.info("sft: resumed from %s at step %d", data["path"], state["step"])
+    return int(state["step"])
