@@ -221,3 +221,35 @@ def test_ttrl_on_unlabeled_questions(capsys, tmp_path, tiny_model_dir):
         "selection/kept_token_frac",
     ):
         assert key in lines[-1], key
+
+
+def test_sft_on_chat_conversations(capsys, tmp_path, tiny_model_dir):
+    """TRL's conversational SFT rows: the last assistant message is the completion, the
+    messages before it the prompt (data.prompt_column: messages)."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": r["answer"]},
+            ]
+        }
+        for r in arith_rows(6)
+    ]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"path": str(data), "prompt_column": "messages", "chat_template": "never"},
+        "train": {"output_dir": str(tmp_path / "sft"), "max_steps": 3, "progress": False},
+    }
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = run(capsys, "sft", str(tmp_path / "sft.yaml"))
+    assert code == 0, err
+    assert "sft: 3 steps" in out
+    from grouprl.data import load_prompts
+
+    ds = load_prompts(
+        data, prompt_column="messages", chat_template="never", completion_from_messages="completion"
+    )
+    assert ds[0].text.strip() == f"user: {rows[0]['messages'][0]['content']}"
+    assert ds[0].columns["completion"] == rows[0]["messages"][1]["content"]

@@ -145,12 +145,16 @@ def cmd_sft(args: argparse.Namespace) -> int:
         print(f"sft: train.learning_rate not set: {SFT_LEARNING_RATE:g} (SFT's default)")
     seed_everything(cfg.train.seed)
     model, tok, _ = load_model_and_tokenizer(cfg.model)
-    data = load_dataset_from_config(cfg, tok)
     column = args.completion_column
+    # TRL's conversational SFT rows ({messages: [..., assistant]}): the last assistant
+    # message is the completion (data.prompt_column: messages)
+    data = load_dataset_from_config(cfg, tok, completion_from_messages=column)
     completions = [_completion_of(ex, column, data.source) for ex in data]
     held_out = None
     if cfg.data.eval_path:
-        eval_data = load_dataset_from_config(cfg, tok, split="eval")
+        eval_data = load_dataset_from_config(
+            cfg, tok, split="eval", completion_from_messages=column
+        )
         held_out = (
             [ex.text for ex in eval_data],
             [_completion_of(ex, column, eval_data.source) for ex in eval_data],

@@ -123,8 +123,13 @@ def load_prompts(
     chat_template: str = "auto",
     split: str = "train",
     system_prompt: str | None = None,
+    completion_from_messages: str | None = None,
 ) -> PromptDataset:
     """Read `source` into a PromptDataset, validating every row.
+
+    `completion_from_messages` (SFT on TRL's conversational format, e.g. a `messages`
+    prompt column): a chat prompt that ends with an assistant message is cut there; that
+    message's content becomes the column of this name and the prompt is what precedes it.
 
     chat_template="auto" renders prompts with the tokenizer's chat template when it has
     one (a string prompt becomes one user message, after `system_prompt` if given);
@@ -153,6 +158,7 @@ def load_prompts(
         use_template=chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None)),
         mode=chat_template,
         system_prompt=system_prompt,
+        completion_from_messages=completion_from_messages,
     )
     out = PromptDataset(source=name)
     n_rows = 0
@@ -381,6 +387,7 @@ class _RowReader:
     use_template: bool  # auto mode and the tokenizer has a chat template
     mode: str  # "auto" or "never"
     system_prompt: str | None
+    completion_from_messages: str | None = None  # SFT: cut a final assistant message
 
     def example(self, record: Any, row: int) -> PromptExample:
         col = self.prompt_column
@@ -393,6 +400,12 @@ class _RowReader:
             raise _BadRow(f"missing (columns: {', '.join(map(str, record)) or 'none'})", col)
         prompt = record[col]
         _check_prompt(prompt, col)
+        target = self.completion_from_messages
+        answer = None
+        if target and isinstance(prompt, list) and prompt[-1].get("role") == "assistant":
+            if len(prompt) == 1:
+                raise _BadRow("the conversation has no message before the assistant's", col)
+            answer, prompt = prompt[-1].get("content"), prompt[:-1]
         text = self.render(prompt)
         if self.tokenizer is not None and self.max_prompt_length is not None:
             try:
@@ -406,6 +419,8 @@ class _RowReader:
                     col,
                 )
         columns = {k: v for k, v in record.items() if k != col}
+        if answer is not None and target:
+            columns[target] = answer
         return PromptExample(prompt=prompt, text=text, columns=columns, row=row)
 
     def render(self, prompt: str | list[dict]) -> str:

@@ -47,10 +47,15 @@ def _benchmark_rows(name: str, path: str | Path, params: dict[str, Any]) -> list
 
 
 def load_dataset_from_config(
-    cfg: Config, tokenizer: Any, split: str = "train", source: Any = None
+    cfg: Config,
+    tokenizer: Any,
+    split: str = "train",
+    source: Any = None,
+    completion_from_messages: str | None = None,
 ) -> PromptDataset:
     """The prompts of `split` (train: data.path or data.task; eval: data.eval_path or the
-    task's held-out split), or of `source` (a path or a list of dicts) when given."""
+    task's held-out split), or of `source` (a path or a list of dicts) when given;
+    `completion_from_messages`: see `load_prompts` (SFT on chat conversations)."""
     d = cfg.data
     if source is None:
         if d.task:
@@ -73,6 +78,7 @@ def load_dataset_from_config(
         chat_template=d.chat_template,
         split=d.split,
         system_prompt=d.system_prompt,
+        completion_from_messages=completion_from_messages,
     )
 
 
