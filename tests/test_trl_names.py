@@ -65,8 +65,12 @@ def test_a_grpoconfig_style_yaml_resolves_to_the_documented_values():
 
 
 def test_a_trl_section_and_command_line_names_work_too():
-    cfg = load_config({"trl": {"num_generations": 4, "beta": 0.0}}, ["max_completion_length=32"])
+    cfg = load_config(
+        {"trl": {"num_generations": 4, "beta": 0.0, "report_to": ["wandb"]}},
+        ["max_completion_length=32"],
+    )
     assert cfg.rollout.num_generations == 4 and cfg.regularizers == []
+    assert cfg.train.report_to == ["wandb"]
     assert cfg.rollout.max_new_tokens == 32
 
 

@@ -69,6 +69,13 @@ def _truncated(v: Any) -> Assign:
     return [("sample_filters", [{"name": "mask_truncated"}] if v else [])]
 
 
+def _report_to(v: Any) -> Assign:
+    names = [] if v in (None, "none") else ([v] if isinstance(v, str) else list(v))
+    if "all" in names:
+        raise _Refused("report_to 'all': name the trackers (tensorboard, trackio, wandb)")
+    return [("train.report_to", names)]
+
+
 def _bf16(v: Any) -> Assign:
     return [("model.dtype", "bfloat16")] if v else []
 
@@ -110,6 +117,7 @@ MAPPINGS: dict[str, Callable[[Any], Assign]] = {
     "vllm_mode": _to("rollout.vllm.mode"),
     "vllm_server_base_url": _to("rollout.vllm.server_url"),
     "vllm_gpu_memory_utilization": _to("rollout.vllm.gpu_memory_utilization"),
+    "report_to": _report_to,
 }
 
 REFUSED: dict[str, str] = {
@@ -125,7 +133,6 @@ REFUSED: dict[str, str] = {
     "generation_batch_size": "each step samples its own batch: train.prompts_per_step",
     "steps_per_generation": "each step samples its own batch: train.prompts_per_step",
     "logging_steps": "every step is logged",
-    "report_to": "metrics go to metrics.jsonl; train.tensorboard=true adds TensorBoard",
     "delta": "the two-sided clip of INTELLECT-2 is not built",
     "sync_ref_model": "the reference policy is never synced (TR-DPO style) here",
     "reward_weights": "give each reward its weight: rewards: [{name: ..., weight: ...}]",
