@@ -6,7 +6,8 @@ Environment: DIST_RUN_STRATEGY (train.strategy, default auto), DIST_RUN_ENGINE (
 or hf: real sampling, per-process RNG), DIST_RUN_PROMPTS (prompts per step, default 6),
 DIST_RUN_FAIL_RANK (that rank's sampling raises), DIST_RUN_KILL_RANK (that rank is
 killed with SIGKILL while sampling), DIST_RUN_SERVER (engine vllm in server
-mode at that URL), DIST_RUN_LORA (model.lora.r: LoRA adapters, and a KL term)."""
+mode at that URL), DIST_RUN_LORA (model.lora.r: LoRA adapters, and a KL term), DIST_RUN_REWARD_FAIL_RANK (the
+reward raises on that rank; failure window of 1 call)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ class Scripted:
 
 
 def has_seven(completions, **_):
+    if os.environ.get("DIST_RUN_REWARD_FAIL_RANK") == os.environ.get("RANK", "-"):
+        raise RuntimeError("judge unreachable from this rank")
     return [float("7" in c) + 0.1 * len(c) for c in completions]
 
 
@@ -98,6 +101,8 @@ if __name__ == "__main__":
         cfg["model"]["lora"] = {"r": int(os.environ["DIST_RUN_LORA"]), "alpha": 8}
         cfg["regularizers"] = [{"name": "kl", "beta": 0.1}]
         cfg["train"]["learning_rate"] = 1e-2
+    if os.environ.get("DIST_RUN_REWARD_FAIL_RANK"):
+        cfg["train"]["reward_failure_window"] = 1
     if os.environ.get("DIST_RUN_SERVER"):
         cfg["rollout"]["engine"] = "vllm"
         cfg["rollout"]["vllm"] = {"mode": "server", "server_url": os.environ["DIST_RUN_SERVER"]}

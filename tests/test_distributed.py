@@ -237,6 +237,19 @@ def test_a_rank_killed_outright_ends_the_run_naming_it(tmp_path, model_dir):
     assert "SIGKILL" in log or "Signal 9" in log, log[-2000:]
 
 
+def test_a_reward_failing_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, model_dir):
+    """The reward fails on rank 1 only (its samples): the failure limit trips there, every
+    rank agrees to stop after the same step, the checkpoint is written, and rank 0 reports
+    the same error, rebuilt from rank 1's."""
+    res = _run([str(model_dir), str(tmp_path), "grpo", "3"], 2, DIST_RUN_REWARD_FAIL_RANK="1")
+    assert res.returncode != 0
+    log = res.stdout + res.stderr
+    rank0 = [ln for ln in log.splitlines() if ln.startswith("[rank0]")]
+    assert any("RewardFailureError: reward 'has_seven' failed on 100%" in ln for ln in rank0)
+    assert "judge unreachable from this rank" in log
+    assert (tmp_path / "run" / "checkpoints" / "step_0000001").is_dir()
+
+
 def test_two_nodes_on_localhost_make_the_update_of_one(tmp_path, model_dir):
     """`torchrun --nnodes=2` with two agents (one process each) meeting at a c10d
     rendezvous on localhost: the multi-machine launch, simulated on one machine."""

@@ -178,11 +178,16 @@ def sevens(completions, **_):
     return [c.count("7") / max(1, len(c)) for c in completions]
 
 
-def _train(tmp_path: Path, engine: str, steps: int = 5):
+def _train(
+    tmp_path: Path, engine: str, steps: int = 5, *, lr: float = 3e-3, lora: dict | None = None
+):
+    """`steps` GRPO steps on `sevens`; the history, and the largest LoRA B entry (0 without
+    LoRA: a trained adapter has moved it off its zero start)."""
     from grouprl.training.trainer import Trainer
 
     model, tok = tiny(seed=3)
     cfg = {
+        "model": {"lora": lora or {}},
         "rollout": {"engine": engine, "num_generations": 8, "max_new_tokens": 6},
         "advantage": {"name": "grpo"},
         "loss": {"name": "ppo_clip", "aggregation": "token_mean"},
@@ -191,18 +196,20 @@ def _train(tmp_path: Path, engine: str, steps: int = 5):
             "max_steps": steps,
             "prompts_per_step": 8,
             "micro_batch_size": 64,
-            "learning_rate": 3e-3,
+            "learning_rate": lr,
             "save_every": 0,
             "progress": False,
         },
     }
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 30) for b in (3, 4)]
     with Trainer(cfg, model=model, tokenizer=tok, train_dataset=rows, reward_funcs=[sevens]) as tr:
-        return tr.train().history
+        history = tr.train().history
+        b = [float(p.detach().abs().max()) for n, p in tr.model.named_parameters() if "lora_B" in n]
+    return history, max(b, default=0.0)
 
 
 def test_five_steps_improve_the_reward_like_the_hf_engine(tmp_path):
-    hist = {e: _train(tmp_path, e) for e in ("hf", "vllm")}
+    hist = {e: _train(tmp_path, e)[0] for e in ("hf", "vllm")}
     gains = {}
     for e, h in hist.items():
         r = [m["reward"] for m in h]
@@ -220,28 +227,7 @@ def test_lora_adapters_reach_vllm_merged(tmp_path):
     """LoRA with the colocated engine: after every step vLLM gets the base weights with the
     adapters merged in (under the base names), so its log-probs stay the trainer's."""
     pytest.importorskip("peft")
-    from grouprl.training.trainer import Trainer
-
-    model, tok = tiny(seed=3)
-    cfg = {
-        "model": {"lora": {"r": 4, "alpha": 16}},
-        "rollout": {"engine": "vllm", "num_generations": 8, "max_new_tokens": 6},
-        "train": {
-            "output_dir": str(tmp_path / "lora"),
-            "max_steps": 3,
-            "prompts_per_step": 8,
-            "micro_batch_size": 64,
-            "learning_rate": 2e-2,
-            "save_every": 0,
-            "progress": False,
-        },
-    }
-    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 30) for b in (3, 4)]
-    with Trainer(cfg, model=model, tokenizer=tok, train_dataset=rows, reward_funcs=[sevens]) as tr:
-        hist = tr.train().history
-        moved = max(
-            float(p.detach().abs().max()) for n, p in tr.model.named_parameters() if "lora_B" in n
-        )
+    hist, moved = _train(tmp_path, "vllm", 3, lr=2e-2, lora={"r": 4, "alpha": 16})
     assert moved > 1e-3  # the adapters trained, so vLLM's merged weights changed
     for m in hist:
         assert abs(m["mismatch/kl"]) < 1e-4, m

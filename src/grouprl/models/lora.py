@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from grouprl.config import ConfigError
+from grouprl.models.whole import whole
 
 log = logging.getLogger("grouprl")
 
@@ -249,12 +250,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             weight = module.get_base_layer().weight
             out[f"{name}.weight"] = (weight + module.get_delta_weight(adapter)).detach()
-    return {k: _whole(v) for k, v in out.items()}
-
-
-def _whole(t: Tensor) -> Tensor:
-    full = getattr(t, "full_tensor", None)  # a DTensor shard
-    return full() if full is not None else t
+    return {k: whole(v) for k, v in out.items()}
 
 
 def adapter_base(path: str | Path) -> str | None:
@@ -284,9 +280,7 @@ def load_merged(
     peft = require_peft()
     base = base or adapter_base(path)
     if not base:
-        raise ConfigError(
-            f"{path}: the adapter does not name its base model; give it (--base PATH)"
-        )
+        raise ConfigError(f"{path}: the adapter does not name its base model; {hint}")
     try:
         model = AutoModelForCausalLM.from_pretrained(base, **load_kwargs)
     except OSError as exc:

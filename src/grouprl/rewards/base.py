@@ -294,6 +294,7 @@ class RewardSet:
         self._health = FailureWindow(self.names, limit=failure_limit, window=failure_window)
         self._worker: RewardWorker | None = None
         self.trainer_state: TrainerState | None = None  # set by the trainer every step
+        self._async = [k for k, fn in enumerate(self.fns) if is_async(fn)]  # awaited together
         if not fork_available() and any(s.timeout for s in self.specs):
             logger.warning("this platform cannot fork: reward timeouts are ignored (in-process)")
 
@@ -366,20 +367,9 @@ class RewardSet:
         extra: dict[str, list[Any]] = {}
         # async functions run together in this process, each under its own deadline
         t0 = time.perf_counter()
-        together = [k for k, fn in enumerate(self.fns) if is_async(fn)]
-        awaited = (
-            dict(
-                zip(
-                    together,
-                    call_async_rewards(
-                        [(self.fns[k], self.specs[k].timeout) for k in together], kwargs, n
-                    ),
-                    strict=True,
-                )
-            )
-            if together
-            else {}
-        )
+        calls = [(self.fns[k], self.specs[k].timeout) for k in self._async]
+        outcomes = call_async_rewards(calls, kwargs, n) if calls else []
+        awaited = dict(zip(self._async, outcomes, strict=True))
         async_seconds = time.perf_counter() - t0
         for k, (name, fn, spec) in enumerate(zip(self.names, self.fns, self.specs, strict=True)):
             t0 = time.perf_counter()
@@ -434,7 +424,10 @@ class RewardSet:
         what = _FAILURE_WORDS[outcome.status]
         state = self.trainer_state
         where = f"step {state.global_step + 1}: " if state is not None else ""
-        msg = f"{where}reward {name!r} {what} on this batch (its column is NaN; the run goes on): {outcome.error}"
+        msg = (
+            f"{where}reward {name!r} {what} on this batch (its column is NaN; the run goes "
+            f"on): {outcome.error}"
+        )
         if outcome.detail and name not in self._warned:
             # the full traceback once per function is enough to debug it
             self._warned.add(name)

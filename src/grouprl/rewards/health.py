@@ -31,6 +31,10 @@ class RewardFailureError(RuntimeError):
             f"calls (limit {limit:.0%}); last error: {last}"
         )
 
+    def fields(self) -> tuple[str, float, int, float, str]:
+        """The constructor's arguments (to rebuild the error in another process)."""
+        return self.name, self.share, self.window, self.limit, self.last_error
+
 
 class NoRewardError(RuntimeError):
     """No sample had a reward (every weighted reward NaN) for several consecutive steps."""

@@ -16,6 +16,7 @@ import torch
 
 from grouprl.config import ConfigError
 from grouprl.models.lora import is_adapted, merged_state_dict
+from grouprl.models.whole import whole
 from grouprl.rollout.base import ROLLOUT_ENGINES, RolloutEngineError, Rollouts, SamplingParams
 
 if TYPE_CHECKING:
@@ -292,7 +293,7 @@ def full_state_dict(
     elif is_adapted(model):  # LoRA: vLLM gets the merged weights under the base names
         sd = merged_state_dict(model)
     else:
-        sd = {k: getattr(v, "full_tensor", lambda v=v: v)() for k, v in model.state_dict().items()}
+        sd = {k: whole(v) for k, v in model.state_dict().items()}
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied and "lm_head.weight" not in sd and hasattr(model, "get_output_embeddings"):
         head = model.get_output_embeddings()

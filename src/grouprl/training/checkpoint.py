@@ -155,16 +155,21 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, layout: Any = None
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
-    if layout is not None:
-        missing, unexpected = layout.load_model_state(model, state)
-    else:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = _load_weights_into(model, state, layout)
     tied = _tied_names(model)
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
         raise RuntimeError(
             f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+
+
+def _load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor], layout: Any) -> Any:
+    """(missing, unexpected) keys of loading whole tensors: through the layout's loader
+    (shards, LoRA adapters) when given, else plain load_state_dict."""
+    if layout is not None:
+        return layout.load_model_state(model, state)
+    return model.load_state_dict(state, strict=False)
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:
@@ -239,10 +244,7 @@ def apply_checkpoint(
     """Load what `read_checkpoint` read into the model, optimizer, scheduler and RNGs;
     `layout` (training/parallel.py) cuts whole tensors to a sharded model's shards."""
     path = data["path"]
-    if layout is not None:
-        missing, unexpected = layout.load_model_state(model, data["weights"])
-    else:
-        missing, unexpected = model.load_state_dict(data["weights"], strict=False)
+    missing, unexpected = _load_weights_into(model, data["weights"], layout)
     missing = [m for m in missing if m not in _tied_names(model)]
     if missing or unexpected:
         raise CheckpointError(

@@ -25,6 +25,7 @@ from grouprl.components import Components
 from grouprl.config import Config
 from grouprl.models.forward import PolicyLogProbs, completion_logprobs
 from grouprl.models.lora import is_adapted, merged_state_dict
+from grouprl.models.whole import whole
 from grouprl.rollout.base import RolloutEngine, Rollouts
 from grouprl.training.batching import micro_batches
 from grouprl.training.distributed import Dist
@@ -87,7 +88,6 @@ class Learner:
         self.strategy = build_strategy(cfg.train.strategy, self.dist)
         self.strategy.prepare(self.policy, self.ref_policy)
         self.optimizer = build_optimizer(model, cfg.train)
-        self._any_row: Rollouts | None = None  # during a multi-process update
         total_updates = cfg.train.max_steps * cfg.train.num_iterations
         self.scheduler = build_scheduler(self.optimizer, cfg.train, total_updates)
 
@@ -136,35 +136,42 @@ class Learner:
         G = ro.group_size if self.components.whole_groups else 1
         return micro_batches(ro.num_rollouts, self.cfg.train.micro_batch_size, G)
 
-    def _own_micro_batches(self, ro: Rollouts) -> list[slice | None]:
-        """This process's micro-batches; where forwards are collective (fsdp2) padded with
-        None up to the most any process has, for zero-weight forwards (`_idle_forward`)."""
+    def _own_micro_batches(self, ro: Rollouts, spare: Rollouts | None) -> list[slice | None]:
+        """The micro-batches of `ro`. With `spare` (this process's share of a batch split over
+        processes) and collective forwards (fsdp2), padded with None up to the most any
+        process has: each None is a zero-weight forward on `spare` (`_idle_forward`)."""
         mbs: list[slice | None] = list(self.micro_batches(ro)) if ro.num_rollouts else []
-        if self.strategy.aligned_forwards and self.dist.active:
+        if spare is not None and self.strategy.aligned_forwards:
             most = max(self.dist.gather(len(mbs)))
             mbs += [None] * (most - len(mbs))
         return mbs
 
-    def _idle_forward(self, *, backward: bool, policy: torch.nn.Module | None = None) -> None:
-        """A forward (and backward) that changes nothing, on one row of the step's batch: the
-        collectives of a micro-batch this process does not have."""
-        assert self._any_row is not None
-        lp, _ = self.logprobs(self._any_row, policy=policy, with_entropy=False)
+    def _idle_forward(
+        self, spare: Rollouts, *, backward: bool, policy: torch.nn.Module | None = None
+    ) -> None:
+        """A forward (and backward) that changes nothing, on `spare` (one row of the step's
+        batch): the collectives of a micro-batch this process does not have."""
+        lp, _ = self.logprobs(spare, policy=policy, with_entropy=False)
         if backward:
             (lp.sum() * 0.0).backward()
 
     @torch.no_grad()
     def prepass(
-        self, ro: Rollouts, with_entropy: bool, *, policy: torch.nn.Module | None = None
+        self,
+        ro: Rollouts,
+        with_entropy: bool,
+        *,
+        policy: torch.nn.Module | None = None,
+        spare: Rollouts | None = None,
     ) -> dict[str, Tensor]:
         """Log-probs (and entropy) of the batch under `policy` (default: the policy as it is
-        now, i.e. the sampling policy), in the update's micro-batches."""
+        now, i.e. the sampling policy), in the update's micro-batches (`spare`: see
+        `_own_micro_batches`)."""
         logps, ents = [], []
-        for s in (
-            self._own_micro_batches(ro) if self._any_row is not None else self.micro_batches(ro)
-        ):
+        for s in self._own_micro_batches(ro, spare):
             if s is None:
-                self._idle_forward(backward=False, policy=policy)
+                assert spare is not None
+                self._idle_forward(spare, backward=False, policy=policy)
                 continue
             lp, ent = self.logprobs(ro.select(s), policy=policy, with_entropy=with_entropy)
             logps.append(lp)
@@ -181,14 +188,14 @@ class Learner:
             out["entropy_NT"] = torch.cat(ents)
         return out
 
-    def _ref_logp(self, ro: Rollouts) -> Tensor | None:
+    def _ref_logp(self, ro: Rollouts, spare: Rollouts | None = None) -> Tensor | None:
         """π_ref's log-probs of the batch: the frozen copy's, or with LoRA the policy's own
         forward with its adapters switched off (PEFT's `disable_adapter`)."""
         if self.ref_policy is not None:
-            return self.prepass(ro, False, policy=self.ref_policy)["old_logp_NT"]
+            return self.prepass(ro, False, policy=self.ref_policy, spare=spare)["old_logp_NT"]
         if self.ref_is_base:
             with self.model.disable_adapter():  # type: ignore[operator]
-                return self.prepass(ro, False)["old_logp_NT"]
+                return self.prepass(ro, False, spare=spare)["old_logp_NT"]
         return None
 
     # ------------------------------------------------------------------ the update
@@ -197,10 +204,11 @@ class Learner:
         normalization: the policy term over `tb.policy_mask_NT`, the regularizers over the
         loss mask, both normalizers spanning the whole batch (`TrainBatch`)."""
         cfg, comp = self.cfg.train, self.components
+        spare = None
         if self.dist.active:  # this rank's groups; normalizers stay those of the whole batch
             G = tb.rollouts.group_size
             mine = self.dist.shard(tb.rollouts.num_rollouts // G)
-            self._any_row = tb.rollouts.select(slice(0, 1))
+            spare = tb.rollouts.select(slice(0, 1))
             tb = tb.rows(slice(mine.start * G, mine.stop * G))
         ro, mask = tb.rollouts, tb.loss_mask_NT
         group_N = torch.arange(ro.num_rollouts, device=mask.device) // ro.group_size
@@ -208,8 +216,8 @@ class Learner:
         # logp.detach() *is* π_old: same forward, ratio exactly 1, one forward saved.
         old_logp_NT = tb.old_logp_NT if cfg.num_iterations > 1 else None
         if old_logp_NT is None and cfg.num_iterations > 1:
-            old_logp_NT = self.prepass(ro, False)["old_logp_NT"]
-        ref_logp = self._ref_logp(ro)
+            old_logp_NT = self.prepass(ro, False, spare=spare)["old_logp_NT"]
+        ref_logp = self._ref_logp(ro, spare)
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, float] = defaultdict(float)
         scalar_stats: dict[str, list[float]] = defaultdict(list)
@@ -218,9 +226,10 @@ class Learner:
         for it in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             total_loss = 0.0
-            for s in self._own_micro_batches(ro):
+            for s in self._own_micro_batches(ro, spare):
                 if s is None:
-                    self._idle_forward(backward=True)
+                    assert spare is not None
+                    self._idle_forward(spare, backward=True)
                     continue
                 mb = ro.select(s)
                 logp, ent = self.logprobs(
@@ -263,7 +272,6 @@ class Learner:
                     counts[k] += n_tok
             self.strategy.sync_gradients(self.model)
             grad_norm = self._step(step, sums, counts)
-        self._any_row = None
         if self.dist.active:
             sums, counts, scalar_stats, minmax, total_loss = self._merge_stats(
                 sums, counts, scalar_stats, minmax, total_loss
@@ -338,7 +346,7 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.train.max_grad_norm
         )
-        grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)()  # fsdp2: a DTensor
+        grad_norm = whole(grad_norm)  # fsdp2: a DTensor
         if not math.isfinite(float(grad_norm)):
             # A NaN/inf gradient would poison the weights: skip this update, keep the run.
             self.optimizer.zero_grad(set_to_none=True)

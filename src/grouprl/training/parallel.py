@@ -28,16 +28,11 @@ from torch import Tensor, nn
 
 from grouprl.config import ConfigError
 from grouprl.models.lora import is_adapted, load_adapter_state, load_adapter_state_sharded
+from grouprl.models.whole import whole
 from grouprl.registry import Registry
 from grouprl.training.distributed import Dist
 
 STRATEGIES: Registry[Any] = Registry("train.strategy")
-
-
-def _full(v: Any) -> Any:
-    """A DTensor as the whole tensor (collective: every process calls it in the same order)."""
-    full = getattr(v, "full_tensor", None)
-    return full() if full is not None else v
 
 
 @STRATEGIES.register("single")
@@ -83,15 +78,12 @@ class Replicated:
 
     def model_state(self, model: nn.Module) -> dict[str, Tensor]:
         """Every weight a checkpoint keeps, whole, by its one-process name (a LoRA model's:
-        its adapters; PEFT saves no more). Collective under fsdp2, where only process 0
-        gets the tensors (on the CPU)."""
-        return {k: _full(v).detach() for k, v in _saved(model).items()}
+        its adapters; PEFT saves no more)."""
+        return {k: v.detach() for k, v in _saved(model).items()}
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The optimizer's state_dict with whole tensors (collective under fsdp2)."""
-        sd = optimizer.state_dict()
-        state = {i: {k: _full(v) for k, v in s.items()} for i, s in sd["state"].items()}
-        return {"state": state, "param_groups": sd["param_groups"]}
+        """The optimizer's state_dict, whole tensors."""
+        return optimizer.state_dict()
 
     def load_model_state(self, model: nn.Module, full: dict[str, Tensor]) -> Any:
         """Load whole tensors; returns the (missing, unexpected) keys. A LoRA model's are its
@@ -191,8 +183,8 @@ class FullyShard(Replicated):
                 m.reshard()
 
     def model_state(self, model: nn.Module) -> dict[str, Tensor]:
-        """Whole tensors on process 0's CPU, one at a time (every process takes part in
-        each gather; the others keep nothing), so no device ever holds the whole model."""
+        """Collective: whole tensors on process 0's CPU, one at a time (every process takes
+        part in each gather; the others keep nothing), so no device holds the whole model."""
         self._reshard()
         return {k: t for k, v in _saved(model).items() if (t := self._to_main(v)) is not None}
 
@@ -203,10 +195,10 @@ class FullyShard(Replicated):
         return {"state": state, "param_groups": sd["param_groups"]} if self.dist.is_main else {}
 
     def _to_main(self, v: Any) -> Any:
-        whole = _full(v)
+        t = whole(v)
         if not self.dist.is_main:
             return None
-        return whole.detach().cpu() if isinstance(whole, Tensor) else whole
+        return t.detach().cpu() if isinstance(t, Tensor) else t
 
     def load_model_state(self, model: nn.Module, full: dict[str, Tensor]) -> Any:
         """Whole tensors cut to this process's shards (each process has read the files, so

@@ -154,15 +154,6 @@ class Trainer:
         )
         if self.dist.is_main:
             self._log_startup()
-        if self.dist.active and self.dist.is_main:
-            log.info(
-                "%d processes (%s), train.strategy %s: each samples its share of the %d "
-                "prompts per step; planning sees the whole batch",
-                self.dist.world,
-                "nccl" if torch.cuda.is_available() else "gloo",
-                self.learner.strategy.name,
-                cfg.train.prompts_per_step,
-            )
         self.collector = Collector(
             engine=self.engine,
             rewards=self.rewards,
@@ -225,6 +216,15 @@ class Trainer:
             p0.device,
             reference,
         )
+        if self.dist.active:
+            log.info(
+                "%d processes (%s), train.strategy %s: each samples its share of the %d "
+                "prompts per step; planning sees the whole batch",
+                self.dist.world,
+                "nccl" if torch.cuda.is_available() else "gloo",
+                lr.strategy.name,
+                cfg.train.prompts_per_step,
+            )
         log.info(
             "data: %d prompts; %d prompts x %d samples per step, %d steps; engine %s; "
             "shared prefix %s; run folder %s",
@@ -477,9 +477,10 @@ class Trainer:
             self._check_rewarded(metrics)
             failure = self.rewards.check_health()
             if self.dist.active:  # rewards run where their samples are: agree on stopping
-                seen = [m for m in self.dist.gather(str(failure) if failure else None) if m]
+                mine = failure.fields() if failure is not None else None
+                seen = [f for f in self.dist.gather(mine) if f is not None]
                 if seen and failure is None:
-                    failure = RewardFailureError(seen[0])
+                    failure = RewardFailureError(*seen[0])
             if failure is not None:  # keep the steps done, then stop with the reason
                 path = self._save()
                 failure.args = (
