@@ -54,8 +54,8 @@ def test_shared_prefix_backend_choice_by_device_and_head_size(tiny):
     assert head_dim_of(model) == 16
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_backend("auto", cuda, 16) == "flex"
-    assert resolve_backend("auto", cuda, 8) == "sdpa"
-    assert resolve_backend("auto", cpu, 64) == "sdpa"
+    assert resolve_backend("auto", cuda, 8) == "two_part"
+    assert resolve_backend("auto", cpu, 64) == "two_part"
     assert resolve_backend("flex", cpu, 8) == "flex"  # eager flex on CPU has no minimum
     with pytest.raises(ValueError, match="shared_prefix_backend flex.*8 dimensions"):
         resolve_backend("flex", cuda, 8)

@@ -29,7 +29,7 @@ def _batch(tok):
     return [t.cuda() for t in (enc["input_ids"], enc["attention_mask"].float(), cid, cmask)]
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("backend", ["two_part", "sdpa", "flex"])
 def test_shared_prefix_gradients_on_gpu(backend):
     tok = build_char_tokenizer("0123456789+=")
     model = build_tiny_model(tok, hidden_size=64, num_layers=2, num_heads=4).cuda()

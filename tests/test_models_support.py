@@ -184,12 +184,15 @@ def test_module_walk_refuses_state_the_layer_types_do_not_name(name, module, mon
 
 
 def test_self_check_catches_a_completion_that_sees_another(monkeypatch):
+    # the dense-mask backend: completion j also sees completion j - 1
+    import grouprl.models.forward as forward
+
     model, _ = tiny_model("qwen2")
+    monkeypatch.setattr(forward, "resolve_backend", lambda *a: "sdpa")
     assert check_support(model)[0]
     rule = packing.allowed
 
     def leaky(seg_q, seg_k, q, k, pos_q, pos_k, window):
-        # completion j also sees completion j - 1: a leak between completions
         return rule(seg_q, seg_k, q, k, pos_q, pos_k, window) | ((k <= q) & (seg_k == seg_q - 1))
 
     monkeypatch.setattr(packing, "allowed", leaky)
@@ -197,18 +200,37 @@ def test_self_check_catches_a_completion_that_sees_another(monkeypatch):
     assert not ok and "differ by" in reason, reason
 
 
-def test_one_rule_for_both_attention_backends(monkeypatch):
-    # flex and sdpa read the same `allowed`: a broken rule shows in both, identically
+def test_self_check_catches_a_completion_that_misses_its_prompt(monkeypatch):
+    # the default backend (two_part on CPU): completions do not see the first prompt token
+    model, _ = tiny_model("qwen2")
+    assert check_support(model)[0]
+    rule = packing.allowed
+
+    def blind(seg_q, seg_k, q, k, pos_q, pos_k, window):
+        return rule(seg_q, seg_k, q, k, pos_q, pos_k, window) & ~((seg_q >= 1) & (k == 0))
+
+    monkeypatch.setattr(packing, "allowed", blind)
+    ok, reason = check_support(model)
+    assert not ok and "differ by" in reason, reason
+
+
+def test_one_rule_for_every_attention_backend(monkeypatch):
+    # flex, sdpa and two_part read the same `allowed`: a broken rule shows in all, identically
     model, tok = tiny_model("llama")
     args, _ = context_batch(tok)
     with torch.no_grad():
         good = completion_logprobs(model, *args, shared_prefix=True, attn_backend="flex")[0]
-        monkeypatch.setattr(
-            packing, "allowed", lambda sq, sk, q, k, pq, pk, w: (k <= q) & (sk >= 0)
-        )  # plain causal over the packed row: every completion sees the earlier ones
+        rule = packing.allowed
+        monkeypatch.setattr(  # completions blind to the first prompt token
+            packing,
+            "allowed",
+            lambda sq, sk, q, k, pq, pk, w: rule(sq, sk, q, k, pq, pk, w) & ~((sq >= 1) & (k == 0)),
+        )
         sdpa = completion_logprobs(model, *args, shared_prefix=True, attn_backend="sdpa")[0]
         flex = completion_logprobs(model, *args, shared_prefix=True, attn_backend="flex")[0]
+        two = completion_logprobs(model, *args, shared_prefix=True, attn_backend="two_part")[0]
     assert (sdpa - flex).abs().max() <= 1e-5
+    assert (sdpa - two).abs().max() <= 1e-5
     assert (good - flex).abs().max() > 1e-3
 
 

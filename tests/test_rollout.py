@@ -58,7 +58,9 @@ def test_shared_prefill_draws_the_same_samples():
     outs = []
     for share in (False, True):
         torch.manual_seed(7)
-        outs.append(HFEngine(model, tok, share_prefill=share).generate(prompts, params))
+        outs.append(
+            HFEngine(model, tok, share_prefill=share, decoder="generate").generate(prompts, params)
+        )
     assert torch.equal(outs[0].completion_ids_NT, outs[1].completion_ids_NT)
     assert outs[0].completions == outs[1].completions
 
@@ -76,7 +78,7 @@ def test_prefill_is_computed_once_per_prompt(monkeypatch):
         return real(*a, **kw)
 
     monkeypatch.setattr(model, "forward", spy)
-    HFEngine(model, tok).generate(
+    HFEngine(model, tok, decoder="generate").generate(
         ["12+34=", "1+2="], SamplingParams(num_generations=4, max_new_tokens=3)
     )
     # one prefill of 2 prompts x (6-1) tokens, then one token per row and step

@@ -33,6 +33,7 @@ CASES = {
     "G=1": (["12+34="], [["46"]]),
     "uneven lengths": (["12+34=", "7+8="], [["4", "46", "4611", "46="], ["15", "1", "150"]]),
     "one-token completions": (["9+9="], [["1", "8", "="]]),
+    "completions longer than the prompt": (["9+9="], [["18=18=18=", "1", "181818"]]),
     "several groups, left padding": (
         ["1+1=", "123+456=", "55+5="],
         [["2", "22"], ["579", "5", "57"], ["60", "6"]],
@@ -48,7 +49,7 @@ def grads(model, logp, mask):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("backend", ["two_part", "sdpa", "flex"])
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_logprobs_and_gradients_match_repeated_layout(arch, case, backend):
@@ -56,7 +57,7 @@ def test_logprobs_and_gradients_match_repeated_layout(arch, case, backend):
     args = batch(tok, *CASES[case])
     mask = args[3]
     # FlexAttention has no CPU backward: on CPU its values are checked, its gradients on GPU
-    with_grad = backend == "sdpa" or torch.cuda.is_available()
+    with_grad = backend != "flex" or torch.cuda.is_available()
     with torch.set_grad_enabled(with_grad):
         ref, ref_h = completion_logprobs(model, *args, temperature=0.9, with_entropy=True)
         got, got_h = completion_logprobs(

@@ -111,8 +111,9 @@ class ModelConfig:
     # Prefix Grouper: encode each prompt once per group in training (exact same gradients).
     # auto = on when a quick self-check passes on this model, else off with a one-line reason.
     shared_prefix: str = choice("auto", "auto", "on", "off")
-    # attention of the packed layout: flex (block-sparse; default on CUDA) or sdpa (dense mask)
-    shared_prefix_backend: str = choice("auto", "auto", "sdpa", "flex")
+    # attention of the packed layout: two_part (prompt once, then each completion against
+    # [prompt; itself]; default off CUDA), flex (block-sparse; default on CUDA), sdpa (dense)
+    shared_prefix_backend: str = choice("auto", "auto", "two_part", "sdpa", "flex")
     # positions per LM-head chunk (fp32 logits of one chunk at a time); 0 = 64 MiB of logits
     logprob_chunk_size: int = 0
     # LoRA through PEFT (models/lora.py): {r, alpha, dropout, target_modules,
@@ -151,6 +152,10 @@ class RolloutConfig:
     max_new_tokens: int = 256
     num_train_samples: int = 0  # train on the first k of each group's G samples (TTRL); 0 = all
     share_prefill: bool = True  # prefill each prompt once and reuse its KV cache for the G samples
+    # engine hf: shared = the G samples read one copy of their prompt's KV, cache preallocated,
+    # finished rows dropped (rollout/decode.py); generate = HF generate; auto = shared when
+    # its probe passes on the model
+    decoder: str = choice("auto", "auto", "shared", "generate")
     # importance weights for a sampler whose log-probs differ from the trainer's (vLLM):
     # {name: auto | none | tis | seq_tis | seq_mask, cap: C}; auto = the engine's default
     mismatch_correction: dict[str, Any] = field(default_factory=lambda: {"name": "auto"})

@@ -24,6 +24,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from transformers import AttentionInterface
 
 from grouprl.models.packing import PackedLayout
+from grouprl.models.two_part import two_part_attention
 
 ATTN_NAME = "grouprl_packed"
 _ACTIVE: contextvars.ContextVar[PackedLayout | None] = contextvars.ContextVar(
@@ -42,7 +43,8 @@ def packed_attention(
     sliding_window: int | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """The registered attention function: the active layout's split mask, SDPA or flex.
+    """The registered attention function: the active layout's split rule, by its backend
+    (two-part, dense-mask SDPA or flex).
 
     query [R, H, L, d], key/value [R, Hkv, L, d] -> output [R, L, H, d] (the interface's layout).
     """
@@ -54,7 +56,16 @@ def packed_attention(
             "attention sinks / logit softcapping are not supported by the packed layout"
         )
     gqa = key.shape[1] != query.shape[1]
-    if layout.backend == "flex":
+    if layout.backend == "two_part":
+        out = two_part_attention(
+            query,
+            key,
+            value,
+            layout.two_part_plan(sliding_window),
+            scaling=scaling,
+            sliding_window=sliding_window,
+        )
+    elif layout.backend == "flex":
         out = flex_attention_fn()(
             query,
             key,
@@ -115,15 +126,21 @@ def head_dim_of(model: torch.nn.Module) -> int | None:
     return int(hd) if hd else None
 
 
+# the packed layout's attention: a dense mask (sdpa), block-sparse flex attention, or the
+# two-part form (models/two_part.py)
+BACKENDS = ("two_part", "sdpa", "flex")
+
+
 def resolve_backend(name: str, device: torch.device, head_dim: int | None = None) -> str:
     """auto -> flex on CUDA (block-sparse, no dense mask) when the heads are large enough for
-    its kernel, sdpa elsewhere."""
+    its kernel, two_part elsewhere (prompt once + each completion on its own, no mask over
+    the whole packed row)."""
     small = head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM
     if name == "auto":
-        return "flex" if device.type == "cuda" and not small else "sdpa"
-    if name not in ("sdpa", "flex"):
+        return "flex" if device.type == "cuda" and not small else "two_part"
+    if name not in BACKENDS:
         raise ValueError(
-            f"unknown shared-prefix attention backend {name!r}; use auto, sdpa or flex"
+            f"unknown shared-prefix attention backend {name!r}; use auto, " + ", ".join(BACKENDS)
         )
     if name == "flex" and small and device.type == "cuda":
         raise ValueError(

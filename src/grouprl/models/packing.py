@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import create_block_mask
 
+from grouprl.models.two_part import TwoPartPlan
+
 
 def allowed(
     seg_q: Tensor,
@@ -84,7 +86,8 @@ class PackedLayout:
     row_N: Tensor
     src_col_NT: Tensor
     length_N: Tensor
-    backend: str = "sdpa"  # "sdpa" (dense boolean mask) or "flex" (block-sparse FlexAttention)
+    # "two_part" (models/two_part.py), "sdpa" (dense boolean mask) or "flex" (block-sparse)
+    backend: str = "two_part"
     _masks: dict[Any, Any] = field(default_factory=dict)
 
     def attention_mask(self, sliding_window: int | None = None) -> Tensor:
@@ -94,6 +97,16 @@ class PackedLayout:
                 self.segment_RL, self.position_ids_RL, sliding_window
             )
         return self._masks[sliding_window]
+
+    def two_part_plan(self, sliding_window: int | None = None) -> TwoPartPlan:
+        """Where the prompt and each completion sit, with the `allowed` rule as the mask of
+        each completion slot over [prompt; its completion] (cached per sliding window)."""
+        plan = self._masks.get("two_part")
+        if plan is None:
+            plan = self._masks["two_part"] = TwoPartPlan.of(self.segment_RL)
+        if sliding_window not in plan.mask_B1CK:
+            plan.mask_B1CK[sliding_window] = _two_part_mask(self, plan, sliding_window)
+        return plan
 
     def block_mask(self, sliding_window: int | None = None) -> Any:
         """FlexAttention BlockMask of the same rule, built from segment ids (never [L, L] dense)."""
@@ -109,6 +122,47 @@ class PackedLayout:
                 mask_mod, B=R, H=None, Q_LEN=L, KV_LEN=L, device=seg.device
             )
         return self._masks[key]
+
+
+def _two_part_mask(layout: PackedLayout, plan: TwoPartPlan, window: int | None) -> Tensor:
+    """`allowed` for the completion slots of `plan` (queries) over [prompt columns; the slots
+    of the same completion] (keys): [R*Gm, 1, Cm, Pm+Cm]. Prompt keys are only the prompt's
+    own columns (a shorter prompt's later columns are completion tokens, keyed in part 2);
+    an empty slot is segment -1 (as a query it sees the first prompt token only)."""
+    seg_RL, pos_RL = layout.segment_RL, layout.position_ids_RL
+    R = seg_RL.shape[0]
+    Gm, Cm, Pm = plan.Gm, plan.Cm, plan.Pm
+    col_RM = plan.comp_col_RM
+    seg_RM = torch.where(plan.comp_real_RM, seg_RL.gather(1, col_RM), -1)
+    pos_RM = pos_RL.gather(1, col_RM)
+
+    def grid(x_RM: Tensor) -> Tensor:  # [R, Gm*Cm] -> [R*Gm, Cm]
+        return x_RM.view(R * Gm, Cm)
+
+    seg_q, col_q, pos_q = grid(seg_RM), grid(col_RM), grid(pos_RM)
+    p_P = torch.arange(Pm, device=seg_RL.device)
+    seg_p = seg_RL[:, :Pm].repeat_interleave(Gm, 0)  # [R*Gm, Pm]
+    seg_p = torch.where(seg_p == 0, 0, -1)  # completion tokens there are keyed in part 2
+    pos_p = pos_RL[:, :Pm].repeat_interleave(Gm, 0)
+    to_prompt = allowed(
+        seg_q[:, :, None],
+        seg_p[:, None, :],
+        col_q[:, :, None],
+        p_P[None, None, :],
+        pos_q[:, :, None],
+        pos_p[:, None, :],
+        window,
+    )
+    to_own = allowed(
+        seg_q[:, :, None],
+        seg_q[:, None, :],
+        col_q[:, :, None],
+        col_q[:, None, :],
+        pos_q[:, :, None],
+        pos_q[:, None, :],
+        window,
+    )
+    return torch.cat([to_prompt, to_own], dim=2)[:, None]
 
 
 def group_spans(prompt_ids_NP: Tensor, prompt_mask_NP: Tensor) -> list[tuple[int, int]]:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from grouprl.config import ConfigError
 from grouprl.rollout.base import ROLLOUT_ENGINES, Rollouts, SamplingParams, completion_mask_from_eos
+from grouprl.rollout.decode import check_decoder, sample_groups
 
 if TYPE_CHECKING:
     from grouprl.config import RolloutConfig
+
+log = logging.getLogger("grouprl")
 
 
 def _cache_field(out: Any) -> str:
@@ -22,6 +27,12 @@ def _cache_field(out: Any) -> str:
     """
     names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set()
     return "cache" if "cache" in names else "past_key_values"
+
+
+# shared: one copy of each prompt's KV for its G samples, a preallocated cache
+# (rollout/decode.py); generate: HF `generate` on G repeated prompts; auto: shared when its
+# probe passes on the model, else generate (one warning)
+DECODERS = ("auto", "shared", "generate")
 
 
 @ROLLOUT_ENGINES.register("hf")
@@ -45,11 +56,16 @@ class HFEngine:
         *,
         max_prompt_length: int | None = None,
         share_prefill: bool = True,
+        decoder: str = "auto",
     ) -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"rollout.decoder: {decoder!r} is not one of {', '.join(DECODERS)}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
         self.share_prefill = share_prefill
+        self.decoder = decoder
+        self._shared_ok: dict[type, bool] = {}
 
     @classmethod
     def from_config(
@@ -65,6 +81,7 @@ class HFEngine:
             tokenizer,
             max_prompt_length=max_prompt_length,
             share_prefill=rollout_cfg.share_prefill,
+            decoder=rollout_cfg.decoder,
         )
 
     @torch.no_grad()
@@ -102,6 +119,26 @@ class HFEngine:
         cache.batch_repeat_interleave(G)
         return {key: cache}
 
+    def uses_shared_decoder(self) -> bool:
+        """Whether this model samples through the shared-prompt decoder (probed once)."""
+        if self.decoder == "generate":
+            return False
+        cls = type(self.model)
+        if cls not in self._shared_ok:
+            ok, reason = check_decoder(self.model, self._vocab_size())
+            if not ok and self.decoder == "shared":
+                raise ConfigError(f"rollout.decoder shared: {cls.__name__}: {reason}")
+            if not ok:
+                log.warning(
+                    "%s: shared-prompt decoder off, using generate (%s)", cls.__name__, reason
+                )
+            self._shared_ok[cls] = ok
+        return self._shared_ok[cls]
+
+    def _vocab_size(self) -> int:
+        emb = self.model.get_input_embeddings()
+        return int(emb.weight.shape[0]) if emb is not None else len(self.tokenizer)
+
     def eos_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
         if ids is None:
@@ -136,9 +173,25 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            if self.share_prefill and G > 1:
+            if self.uses_shared_decoder():
+                comp = sample_groups(
+                    self.model,
+                    ids_BP,
+                    mask_BP,
+                    G=G,
+                    max_new_tokens=params.max_new_tokens,
+                    eos_ids=self.eos_ids(),
+                    pad_id=tok.pad_token_id,
+                    temperature=params.temperature,
+                    top_k=params.top_k,
+                    top_p=params.top_p,
+                )
+                out = torch.cat([ids, comp], dim=1)
+            elif self.share_prefill and G > 1:
                 gen_kwargs.update(self._prefill_once(ids_BP, mask_BP, G))
-            out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+            else:
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
         finally:
             self.model.train(was_training)
         P = ids.shape[1]

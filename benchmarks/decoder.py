@@ -1,0 +1,79 @@
+"""The HF engine's decoders side by side: the shared-prompt decoder vs `generate`.
+
+Usage:
+    python benchmarks/decoder.py [--cells 64x32 512x32 512x256 2048x32 64x1024]
+        [--B 4] [--G 8] [--reps 2] [--threads 2]
+
+The random Qwen2 of `attention_backends.py` (hidden 256, 4 layers, vocabulary 4096, fp32), B prompts of P random ids, G samples each of exactly C tokens (the EOS is outside
+the vocabulary). Compared: `rollout/decode.py::sample_groups` (rollout.decoder shared) and
+the `generate` path as `HFEngine` runs it (prefill once, cache repeated G times, then
+`model.generate`). `--reps` rounds alternating the two; the minimum of each and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from attention_backends import bench_model  # this folder's script
+from transformers import GenerationConfig
+
+from grouprl.rollout.decode import sample_groups
+from grouprl.rollout.hf import HFEngine
+
+
+def _shared(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, G: int, C: int, eos: list[int]
+) -> None:
+    sample_groups(model, ids, mask, G=G, max_new_tokens=C, eos_ids=eos, pad_id=0, temperature=1.0)
+
+
+def _generate(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, G: int, C: int, eos: list[int]
+) -> None:
+    eng = HFEngine(model, None, decoder="generate")
+    kw = eng._prefill_once(ids, mask, G)
+    gc = GenerationConfig(max_new_tokens=C, do_sample=True, eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(
+            input_ids=ids.repeat_interleave(G, 0),
+            attention_mask=mask.repeat_interleave(G, 0),
+            generation_config=gc,
+            **kw,
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--cells", nargs="*", default=["64x32", "512x32", "512x256", "2048x32", "64x1024"]
+    )
+    ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--G", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = bench_model().eval()
+    B, G, eos = args.B, args.G, [model.config.vocab_size]  # never sampled: exactly C tokens
+    print("| P | C | shared s | generate s | shared / generate |")
+    print("|---|---|---|---|---|")
+    for cell in args.cells:
+        P, C = (int(x) for x in cell.split("x"))
+        ids = torch.randint(0, 4000, (B, P))
+        mask = torch.ones_like(ids)
+
+        runs = {"shared": _shared, "generate": _generate}
+        times: dict[str, list[float]] = {"shared": [], "generate": []}
+        for _ in range(args.reps):
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn(model, ids, mask, G, C, eos)
+                times[name].append(time.perf_counter() - t0)
+        s, g = min(times["shared"]), min(times["generate"])
+        print(f"| {P} | {C} | {s:.2f} | {g:.2f} | {s / g:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Sampling G completions per prompt with one copy of the prompt's KV and a preallocated cache.
+
+HF `generate` on G repeated prompts keeps G copies of each prompt's keys and values and
+re-copies the whole cache every token (a concatenation per layer per step). Here the model's
+own modules run, with a registered attention function (`grouprl_decode`) that holds:
+
+- the prompt's keys/values once per prompt (prefilled once, never expanded to G rows);
+- each sample's own keys/values in a buffer preallocated for `max_new_tokens` (written in
+  place, one column per step);
+- attention of a new token = one softmax over [its prompt's keys; its own past keys].
+
+Rows that finished (EOS) stop costing compute: the rows still running are compacted to the
+front of the buffers whenever a quarter of them has finished. Sampling follows HF's sampler
+step for step (temperature, top-k, top-p warpers in HF's order, one `torch.multinomial` over
+all rows per step, finished rows forced to the pad token), so a seeded run draws the same
+samples as `generate` with the same warpers (tests check it).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from grouprl.models.attention import attention_implementation
+from grouprl.models.forward import _accepts_logits_to_keep
+
+ATTN_NAME = "grouprl_decode"
+_STATE: contextvars.ContextVar[_DecodeState | None] = contextvars.ContextVar(
+    "grouprl_decode_state", default=None
+)
+
+
+def warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    """The sampling warpers HF `generate` builds for these settings, in its order."""
+    out = LogitsProcessorList()
+    if temperature > 0 and temperature != 1.0:
+        out.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        out.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=top_p))
+    return out
+
+
+@dataclass
+class _DecodeState:
+    """What the attention function needs: per layer, the prompts' K/V [B, Hkv, P, d] and the
+    samples' K/V buffers [N, Hkv, T, d]; which group each running row belongs to."""
+
+    prompt_ok_BP: Tensor  # real prompt tokens (left padding is False)
+    prompt_pos_BP: Tensor
+    max_new_tokens: int
+    prefill: bool = True
+    t: int = 0  # column of the token being decoded
+    prompt_k: dict[int, Tensor] = field(default_factory=dict)
+    prompt_v: dict[int, Tensor] = field(default_factory=dict)
+    k_buf: dict[int, Tensor] = field(default_factory=dict)
+    v_buf: dict[int, Tensor] = field(default_factory=dict)
+    # running rows (the first n rows of the buffers): their group, position of the current
+    # token, and the [B, Gp] grid that lays them out by group for the prompt part
+    grp_n: Tensor | None = None
+    pos_n: Tensor | None = None
+    grid_BG: Tensor | None = None  # row index per (group, slot); n (a spare) where empty
+    flat_n: Tensor | None = None  # each row's flat index into the grid
+
+    def set_rows(self, grp_n: Tensor, pos_n: Tensor, B: int) -> None:
+        """Lay the running rows (sorted by group) out in the per-group grid."""
+        self.grp_n, self.pos_n = grp_n, pos_n
+        n = len(grp_n)
+        counts = torch.bincount(grp_n, minlength=B)
+        Gp = max(int(counts.max()) if n else 1, 1)
+        first = torch.cumsum(counts, 0) - counts
+        slot_n = torch.arange(n, device=grp_n.device) - first[grp_n]
+        self.flat_n = grp_n * Gp + slot_n
+        grid = torch.full((B * Gp,), n, dtype=torch.long, device=grp_n.device)
+        grid[self.flat_n] = torch.arange(n, device=grp_n.device)
+        self.grid_BG = grid.view(B, Gp)
+
+
+def _layer(module: torch.nn.Module) -> int:
+    idx = getattr(module, "layer_idx", None)
+    if idx is None:
+        raise NotImplementedError(f"{type(module).__name__} has no layer_idx")
+    return int(idx)
+
+
+def decode_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The registered attention function. Prefill: causal attention over the prompts, whose
+    K/V are kept. Decode: one new token per running row against [prompt K/V; own K/V].
+
+    query [R, H, L, d], key/value [R, Hkv, L, d] -> output [R, L, H, d]."""
+    st = _STATE.get()
+    if st is None:
+        raise RuntimeError(f"attention '{ATTN_NAME}' called outside grouprl's decoder")
+    if kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError("attention sinks / logit softcapping")
+    i = _layer(module)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    if st.prefill:
+        return _prefill(st, i, query, key, value, scale, sliding_window)
+    return _decode(st, i, query, key, value, scale, sliding_window)
+
+
+def _prefill(
+    st: _DecodeState, i: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None
+) -> tuple[Tensor, None]:
+    st.prompt_k[i], st.prompt_v[i] = k, v
+    P = q.shape[2]
+    idx = torch.arange(P, device=q.device)
+    ok = (idx[None, :] <= idx[:, None])[None] & st.prompt_ok_BP[:, None, :]
+    if window is not None:
+        pos = st.prompt_pos_BP
+        ok = ok & (pos[:, :, None] - pos[:, None, :] < window)
+    ok = ok | torch.eye(P, dtype=torch.bool, device=q.device)[None]  # a pad query sees itself
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=ok[:, None], scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _decode(
+    st: _DecodeState, i: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None
+) -> tuple[Tensor, None]:
+    n, H, _, d = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    t = st.t
+    if i not in st.k_buf:
+        shape = (n, Hkv, st.max_new_tokens, d)
+        st.k_buf[i] = k.new_empty(shape)
+        st.v_buf[i] = v.new_empty(shape)
+    st.k_buf[i][:n, :, t] = k[:, :, 0]
+    st.v_buf[i][:n, :, t] = v[:, :, 0]
+    k_own, v_own = st.k_buf[i][:n, :, : t + 1], st.v_buf[i][:n, :, : t + 1]
+    q_n = q[:, :, 0].reshape(n, Hkv, rep, d) * scale
+    assert st.grid_BG is not None and st.flat_n is not None and st.pos_n is not None
+    B, Gp = st.grid_BG.shape
+    kp, vp = st.prompt_k[i], st.prompt_v[i]  # [B, Hkv, P, d]
+    P = kp.shape[2]
+
+    # scores against the prompt, computed per group on the [B, Gp] grid of running rows
+    q_pad = torch.cat([q_n, q_n.new_zeros(1, Hkv, rep, d)])[st.grid_BG.reshape(-1)]
+    q_grid = q_pad.view(B, Gp, Hkv, rep, d).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Gp * rep, d)
+    s_grid = q_grid @ kp.transpose(-1, -2)  # [B, Hkv, Gp*rep, P]
+    s_p = s_grid.view(B, Hkv, Gp, rep, P).permute(0, 2, 1, 3, 4).reshape(B * Gp, Hkv, rep, P)
+    s_p = s_p[st.flat_n]  # [n, Hkv, rep, P]
+    ok_p = st.prompt_ok_BP[st.grp_n]  # [n, P]
+    if window is not None:
+        ok_p = ok_p & (st.pos_n[:, None] - st.prompt_pos_BP[st.grp_n] < window)
+    s_p = s_p.masked_fill(~ok_p[:, None, None, :], float("-inf"))
+    # scores against its own past tokens
+    s_o = q_n @ k_own.transpose(-1, -2)  # [n, Hkv, rep, t+1]
+    if window is not None and t + 1 > window:
+        s_o[..., : t + 1 - window] = float("-inf")
+    s_p, s_o = s_p.float(), s_o.float()  # the softmax in fp32 whatever the model's dtype
+    m = torch.maximum(s_p.amax(-1, keepdim=True), s_o.amax(-1, keepdim=True))
+    e_p, e_o = (s_p - m).exp(), (s_o - m).exp()
+    z = e_p.sum(-1, keepdim=True) + e_o.sum(-1, keepdim=True)
+    e_p, e_o = e_p / z, e_o / z
+    e_p, e_o = e_p.to(v.dtype), e_o.to(v.dtype)
+    out_o = e_o @ v_own  # [n, Hkv, rep, d]
+    e_pad = torch.cat([e_p, e_p.new_zeros(1, Hkv, rep, P)])[st.grid_BG.reshape(-1)]
+    e_grid = e_pad.view(B, Gp, Hkv, rep, P).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Gp * rep, P)
+    o_grid = e_grid @ vp  # [B, Hkv, Gp*rep, d]
+    o_p = o_grid.view(B, Hkv, Gp, rep, d).permute(0, 2, 1, 3, 4).reshape(B * Gp, Hkv, rep, d)
+    out = o_p[st.flat_n] + out_o
+    return out.reshape(n, 1, H, d), None
+
+
+def register() -> None:
+    AttentionInterface.register(ATTN_NAME, decode_attention)
+
+
+def _logits(model: torch.nn.Module, ids: Tensor, pos: Tensor) -> Tensor:
+    """The model's next-token logits [R, V] (fp32) at the last column."""
+    kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(model).forward) else {}
+    out = model(input_ids=ids, position_ids=pos, use_cache=False, **kw)
+    return out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def sample_groups(
+    model: torch.nn.Module,
+    ids_BP: Tensor,
+    mask_BP: Tensor,
+    *,
+    G: int,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    logits_out: list[tuple[Tensor, Tensor]] | None = None,
+) -> Tensor:
+    """Completion ids [B*G, T] (T <= max_new_tokens; pad after EOS) for left-padded prompts
+    [B, P], the G samples of prompt b in rows b*G..b*G+G-1. `logits_out` (for checks)
+    receives (rows, logits) of every step: the logits that chose column t of those rows."""
+    B, _ = ids_BP.shape
+    N, dev = B * G, ids_BP.device
+    register()
+    pos_BP = (mask_BP.long().cumsum(1) - 1).clamp(min=0)
+    st = _DecodeState(
+        prompt_ok_BP=mask_BP.bool(), prompt_pos_BP=pos_BP, max_new_tokens=max(max_new_tokens, 1)
+    )
+    procs = warpers(temperature, top_k, top_p)
+    greedy = temperature == 0
+    eos = torch.tensor(eos_ids, device=dev)
+    out_NT = torch.full((N, max_new_tokens), pad_id, dtype=ids_BP.dtype, device=dev)
+    # the sequences so far, for the warpers (HF passes them; these ones do not read them)
+    seq = torch.cat([ids_BP.repeat_interleave(G, 0), out_NT], dim=1)
+    P = ids_BP.shape[1]
+    token = _STATE.set(st)
+    try:
+        with attention_implementation(model, ATTN_NAME):
+            logits = _logits(model, ids_BP, pos_BP).repeat_interleave(G, 0)  # [N, V]
+            if logits_out is not None:
+                logits_out.append((torch.arange(N, device=dev), logits))
+            st.prefill = False
+            slot_n = torch.arange(N, device=dev)  # the sample each running row is
+            unfinished_N = torch.ones(N, dtype=torch.bool, device=dev)
+            last_pos_B = pos_BP[:, -1]
+            T = 0
+            for t in range(max_new_tokens):
+                full = logits.new_zeros((N, logits.shape[1]))
+                full[slot_n] = logits
+                scores = procs(seq[:, : P + t], full)
+                if greedy:
+                    nxt = scores.argmax(-1)
+                else:
+                    probs = F.softmax(scores, dim=-1)
+                    nxt = torch.multinomial(probs, num_samples=1).squeeze(1)
+                nxt = torch.where(unfinished_N, nxt, pad_id)
+                out_NT[:, t] = nxt
+                seq[:, P + t] = nxt
+                T = t + 1
+                unfinished_N = unfinished_N & ~torch.isin(nxt, eos)
+                if not bool(unfinished_N.any()) or t + 1 == max_new_tokens:
+                    break
+                # the next forward runs token t of each running row (written at column t)
+                slot_n = _compact(st, slot_n, unfinished_N, t)
+                st.t = t
+                grp_n = slot_n // G
+                st.set_rows(grp_n, last_pos_B[grp_n] + t + 1, B)
+                logits = _logits(model, out_NT[slot_n, t : t + 1], st.pos_n[:, None])
+                if logits_out is not None:
+                    logits_out.append((slot_n.clone(), logits))
+    finally:
+        _STATE.reset(token)
+    return out_NT[:, : max(T, 1)]
+
+
+def _compact(st: _DecodeState, slot_n: Tensor, unfinished_N: Tensor, t: int) -> Tensor:
+    """Drop finished rows from the running set once a quarter of them has finished: the
+    buffers' running rows move to the front (columns 0..t-1, the ones written so far)."""
+    running = unfinished_N[slot_n]
+    n = len(slot_n)
+    if bool(running.all()) or int(running.sum()) > 0.75 * n:
+        return slot_n
+    keep = running.nonzero().squeeze(1)
+    for bufs in (st.k_buf, st.v_buf):
+        for buf in bufs.values():
+            buf[: len(keep), :, :t] = buf[keep, :, :t]
+    return slot_n[keep]
+
+
+@torch.no_grad()
+def check_decoder(model: torch.nn.Module, vocab_size: int) -> tuple[bool, str]:
+    """Can `sample_groups` run this model? (ok, one-line reason). A probe: two left-padded
+    random prompts, 2 samples each, 4 greedy tokens; the logits of every step must equal the
+    model's own forward on [prompt; tokens so far] (within 1e-3 of their scale)."""
+    dev = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (2, 6), generator=gen).to(dev)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    steps: list[tuple[Tensor, Tensor]] = []
+    try:
+        comp = sample_groups(
+            model,
+            ids,
+            mask,
+            G=2,
+            max_new_tokens=4,
+            eos_ids=[],
+            pad_id=0,
+            temperature=0.0,
+            logits_out=steps,
+        )
+    except (NotImplementedError, RuntimeError, TypeError, ValueError) as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    full_ids = torch.cat([ids.repeat_interleave(2, 0), comp], 1)
+    full_mask = torch.cat([mask.repeat_interleave(2, 0), torch.ones_like(comp)], 1)
+    pos = (full_mask.cumsum(1) - 1).clamp(min=0)
+    ref = model(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits.float()
+    P = ids.shape[1]
+    worst = 0.0
+    for t, (rows, logits) in enumerate(steps):
+        want = ref[rows, P - 1 + t]
+        scale = float(want.abs().max()) or 1.0
+        worst = max(worst, float((logits - want).abs().max()) / scale)
+    if worst > 1e-3:
+        return False, f"decoder logits differ from the model's forward by {worst:.1e} (relative)"
+    return True, "ok"

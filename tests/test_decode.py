@@ -1,0 +1,95 @@
+"""The shared-prompt decoder (rollout/decode.py): the samples of HF `generate`, less work."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import grouprl.rollout.decode as decode
+from grouprl.config import ConfigError
+from grouprl.rollout.base import SamplingParams
+from grouprl.rollout.hf import HFEngine
+
+PROMPTS = ["12+34=", "7+8=", "123+456="]  # uneven lengths: left padding
+
+
+def _both(model, tok, params, seed, eos=None):
+    outs = []
+    for decoder in ("generate", "shared"):
+        eng = HFEngine(model, tok, decoder=decoder)
+        if eos is not None:
+            eng.eos_ids = lambda: eos  # type: ignore[method-assign]
+        torch.manual_seed(seed)
+        outs.append(eng.generate(PROMPTS, params))
+    return outs
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "mistral"])  # mistral: sliding window
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9), (0.0, 0, 1.0)])
+def test_same_samples_as_generate(arch, temperature, top_k, top_p):
+    model, tok = tiny_model(arch)
+    params = SamplingParams(
+        num_generations=4, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=12
+    )
+    a, b = _both(model, tok, params, seed=1)
+    assert torch.equal(a.completion_ids_NT, b.completion_ids_NT)
+    assert torch.equal(a.attention_mask_NT, b.attention_mask_NT)
+    assert a.completions == b.completions
+
+
+def test_same_samples_when_rows_finish_at_different_steps():
+    # several EOS ids: rows stop early and the running rows are compacted mid-decode
+    model, tok = tiny_model("mistral")
+    params = SamplingParams(num_generations=4, temperature=1.0, max_new_tokens=30)
+    a, b = _both(model, tok, params, seed=3, eos=[5, 9, 17, 23, 40])
+    lengths = b.attention_mask_NT.sum(1)
+    assert len(set(lengths.tolist())) > 3  # rows really finished at different steps
+    assert torch.equal(a.completion_ids_NT, b.completion_ids_NT)
+
+
+def test_prompt_once_and_finished_rows_cost_nothing(monkeypatch):
+    model, tok = tiny_model("qwen2")
+    seen = []
+    real = model.forward
+
+    def spy(*a, **kw):
+        seen.append(tuple(kw["input_ids"].shape))
+        return real(*a, **kw)
+
+    eng = HFEngine(model, tok, decoder="shared")
+    eng.uses_shared_decoder()  # the probe runs before the spy
+    monkeypatch.setattr(model, "forward", spy)
+    eng.eos_ids = lambda: [5, 9, 17, 23, 40]  # type: ignore[method-assign]
+    torch.manual_seed(3)
+    eng.generate(PROMPTS, SamplingParams(num_generations=4, max_new_tokens=30))
+    assert seen[0] == (3, 8)  # each prompt once (not 12 rows)
+    rows = [s[0] for s in seen[1:]]
+    assert all(s[1] == 1 for s in seen[1:])
+    assert rows[0] == 12 and rows[-1] < 12 and rows == sorted(rows, reverse=True)
+
+
+def test_a_model_the_decoder_gets_wrong_is_refused_or_falls_back(monkeypatch, caplog):
+    model, tok = tiny_model("qwen2")
+    real = decode._decode
+
+    def wrong(st, i, q, k, v, scale, window):
+        out, _ = real(st, i, q, k, v, scale, window)
+        return out * 1.5, None
+
+    monkeypatch.setattr(decode, "_decode", wrong)
+    ok, reason = decode.check_decoder(model, model.get_input_embeddings().weight.shape[0])
+    assert not ok and "differ" in reason
+    with pytest.raises(ConfigError, match="rollout.decoder shared"):
+        HFEngine(model, tok, decoder="shared").uses_shared_decoder()
+    with caplog.at_level(logging.WARNING, logger="grouprl"):
+        assert not HFEngine(model, tok).uses_shared_decoder()
+    assert "shared-prompt decoder off" in caplog.text
+
+
+def test_unknown_decoder_is_refused():
+    model, tok = tiny_model("qwen2")
+    with pytest.raises(ValueError, match="rollout.decoder"):
+        HFEngine(model, tok, decoder="fast")
