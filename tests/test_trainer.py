@@ -273,3 +273,45 @@ def test_collapse_warning_is_logged_and_can_stop_the_run(tmp_path, tiny_model_di
     assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
     off = base_config(tmp_path / "off", tiny_model_dir)
     assert Trainer(off, train_dataset=arith_rows()).monitor is None  # auto: only with majority_vote
+
+
+def test_token_budget_slices_by_padded_tokens():
+    from grouprl.training.batching import token_micro_batches
+
+    # units of 2 rows each, lengths 10, 4, 7, 30, 3; repeated layout: 2 rows per unit
+    got = token_micro_batches([10, 4, 7, 30, 3], 2, 2, 45)
+    # [10,4]: 2*2*10=40 fits; +7: 3*2*10=60 no -> [7]: 14, +30: 2*2*30=120 no -> [30] alone
+    # (over budget) ; [3]
+    assert got == [slice(0, 4), slice(4, 6), slice(6, 8), slice(8, 10)]
+    # packed layout: one row per group of 4
+    assert token_micro_batches([10, 4, 7], 1, 4, 20) == [slice(0, 8), slice(8, 12)]
+    assert token_micro_batches([], 1, 4, 20) == []
+
+
+@pytest.mark.parametrize("shared_prefix", ["off", "on"])
+def test_token_budgets_keep_the_gradient(tmp_path, tiny_model_dir, shared_prefix):
+    grads, counts = [], []
+    for tokens in (0, 60, 1):  # one forward; a few; every unit alone
+        cfg = base_config(
+            tmp_path / f"r{tokens}",
+            tiny_model_dir,
+            micro_batch_size=64,
+            learning_rate=0.0,
+            max_steps=1,
+        )
+        cfg["train"]["micro_batch_tokens"] = tokens
+        cfg["model"]["shared_prefix"] = shared_prefix
+        cfg["regularizers"] = [{"name": "kl", "beta": 0.1}]
+        tr = Trainer(cfg, train_dataset=arith_rows())
+        real = tr.learner.micro_batches
+        tr.learner.micro_batches = lambda ro, real=real: counts.append(len(real(ro))) or real(ro)
+        torch.manual_seed(0)
+        tr.train()
+        grads.append(
+            {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+        )
+    counts = counts[:: len(counts) // 3]  # each run asks the same number of times
+    assert counts[0] == 1 and counts[2] > counts[1] > 1, counts
+    for other in grads[1:]:
+        for n, g in grads[0].items():
+            assert torch.allclose(g, other[n], atol=1e-6, rtol=1e-5), n

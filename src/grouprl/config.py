@@ -171,6 +171,9 @@ class TrainConfig:
     max_steps: int = 100
     prompts_per_step: int = 8  # B; the optimizer batch is B*G completions
     micro_batch_size: int = 16  # completions per forward/backward
+    # or a token budget per forward/backward (padded tokens; whole groups with the shared
+    # prefix); 0 = use micro_batch_size. Either way the gradient is the whole batch's.
+    micro_batch_tokens: int = 0
     num_iterations: int = 1  # optimizer steps per rollout batch (PPO epochs, mu)
     learning_rate: float = 1e-6
     weight_decay: float = 0.0
@@ -467,6 +470,7 @@ _INT_MIN: dict[str, int] = {
     "train.max_steps": 0,
     "train.prompts_per_step": 1,
     "train.micro_batch_size": 1,
+    "train.micro_batch_tokens": 0,  # 0 = by micro_batch_size
     "train.num_iterations": 1,
     "train.warmup_steps": 0,
     "train.save_every": 0,  # 0 = only at the end

@@ -27,7 +27,7 @@ from grouprl.models.forward import PolicyLogProbs, completion_logprobs
 from grouprl.models.lora import is_adapted, merged_state_dict
 from grouprl.models.whole import whole
 from grouprl.rollout.base import RolloutEngine, Rollouts
-from grouprl.training.batching import micro_batches
+from grouprl.training.batching import micro_batches, token_micro_batches
 from grouprl.training.distributed import Dist
 from grouprl.training.optim import build_optimizer, build_scheduler
 from grouprl.training.parallel import build_strategy
@@ -132,9 +132,21 @@ class Learner:
         )
 
     def micro_batches(self, ro: Rollouts) -> list[slice]:
-        # losses that couple a group's rows get whole groups
-        G = ro.group_size if self.components.whole_groups else 1
-        return micro_batches(ro.num_rollouts, self.cfg.train.micro_batch_size, G)
+        """By `train.micro_batch_tokens` when set (padded tokens per forward), else by
+        `train.micro_batch_size` rows; losses that couple a group's rows, and the packed
+        layout under a token budget, get whole groups."""
+        budget = self.cfg.train.micro_batch_tokens
+        if budget <= 0:
+            G = ro.group_size if self.components.whole_groups else 1
+            return micro_batches(ro.num_rollouts, self.cfg.train.micro_batch_size, G)
+        G = ro.group_size if (self.components.whole_groups or self.shared_prefix) else 1
+        prompt_N = ro.prompt_mask_NP.sum(1).long()
+        comp_N = ro.attention_mask_NT.sum(1).long()
+        if self.shared_prefix:  # a group is one packed row [prompt; c_1; ...; c_G]
+            length_U = (prompt_N[::G] + comp_N.view(-1, G).sum(1)).tolist()
+            return token_micro_batches(length_U, 1, G, budget)
+        length_U = (prompt_N + comp_N).view(-1, G).amax(1).tolist()
+        return token_micro_batches(length_U, G, G, budget)
 
     def _own_micro_batches(self, ro: Rollouts, spare: Rollouts | None) -> list[slice | None]:
         """The micro-batches of `ro`. With `spare` (this process's share of a batch split over
