@@ -93,3 +93,16 @@ def test_unknown_decoder_is_refused():
     model, tok = tiny_model("qwen2")
     with pytest.raises(ValueError, match="rollout.decoder"):
         HFEngine(model, tok, decoder="fast")
+
+
+def test_neither_decoder_applies_the_models_own_generation_config():
+    # a hub model's generation_config may carry processors (here a repetition penalty) that
+    # the trainer's log-probs know nothing of: both decoders sample from the settings only
+    model, tok = tiny_model("qwen2")
+    params = SamplingParams(num_generations=4, temperature=1.0, max_new_tokens=12)
+    torch.manual_seed(1)
+    plain = HFEngine(model, tok, decoder="generate").generate(PROMPTS, params)
+    model.generation_config.repetition_penalty = 5.0
+    a, b = _both(model, tok, params, seed=1)
+    assert torch.equal(a.completion_ids_NT, b.completion_ids_NT)
+    assert torch.equal(a.completion_ids_NT, plain.completion_ids_NT)

@@ -7,6 +7,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import GenerationConfig
 
 from grouprl.config import ConfigError
 from grouprl.rollout.base import ROLLOUT_ENGINES, Rollouts, SamplingParams, completion_mask_from_eos
@@ -187,11 +188,24 @@ class HFEngine:
                     top_p=params.top_p,
                 )
                 out = torch.cat([ids, comp], dim=1)
-            elif self.share_prefill and G > 1:
-                gen_kwargs.update(self._prefill_once(ids_BP, mask_BP, G))
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
             else:
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+                # only the configured warpers: transformers fills unset values of a passed
+                # config from the model's own generation_config (e.g. a repetition penalty,
+                # which the trainer's log-probs know nothing of), so that one is swapped out
+                cache = (
+                    self._prefill_once(ids_BP, mask_BP, G) if self.share_prefill and G > 1 else {}
+                )
+                own = self.model.generation_config
+                self.model.generation_config = GenerationConfig()
+                try:
+                    out = self.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        generation_config=GenerationConfig(**gen_kwargs),
+                        **cache,
+                    )
+                finally:
+                    self.model.generation_config = own
         finally:
             self.model.train(was_training)
         P = ids.shape[1]
