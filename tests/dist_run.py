@@ -5,7 +5,8 @@ train on the same global batch. Usage: dist_run.py MODEL_DIR OUT_DIR RECIPE [STE
 Environment: DIST_RUN_STRATEGY (train.strategy, default auto), DIST_RUN_ENGINE (scripted_dist
 or hf: real sampling, per-process RNG), DIST_RUN_PROMPTS (prompts per step, default 6),
 DIST_RUN_FAIL_RANK (that rank's sampling raises), DIST_RUN_KILL_RANK (that rank is
-killed with SIGKILL while sampling), DIST_RUN_SERVER (engine vllm in server
+killed with SIGKILL while sampling), DIST_RUN_ASYNC (train.async, and no checkpoint before
+the end, so every step but the first is collected ahead), DIST_RUN_SERVER (engine vllm in server
 mode at that URL), DIST_RUN_LORA (model.lora.r: LoRA adapters, and a KL term), DIST_RUN_REWARD_FAIL_RANK (the
 reward raises on that rank; failure window of 1 call)."""
 
@@ -27,6 +28,7 @@ from grouprl.training.trainer import Trainer
 class Scripted:
     reports_sampling_logp = False
     default_mismatch_correction = "none"
+    overlaps_training = True  # its samples do not depend on the weights
 
     def __init__(self, model, tok) -> None:
         self.model, self.tok = model, tok
@@ -101,6 +103,9 @@ if __name__ == "__main__":
         cfg["model"]["lora"] = {"r": int(os.environ["DIST_RUN_LORA"]), "alpha": 8}
         cfg["regularizers"] = [{"name": "kl", "beta": 0.1}]
         cfg["train"]["learning_rate"] = 1e-2
+    if os.environ.get("DIST_RUN_ASYNC"):
+        cfg["train"]["async"] = os.environ["DIST_RUN_ASYNC"]
+        cfg["train"]["save_every"] = 0
     if os.environ.get("DIST_RUN_REWARD_FAIL_RANK"):
         cfg["train"]["reward_failure_window"] = 1
     if os.environ.get("DIST_RUN_SERVER"):

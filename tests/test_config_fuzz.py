@@ -22,7 +22,7 @@ from grouprl.algorithms import ADVANTAGES, AGGREGATIONS, LOSSES, REGULARIZERS
 from grouprl.algorithms.advantages import ADVANTAGE_MODIFIERS
 from grouprl.algorithms.selection import SAMPLE_FILTERS, TOKEN_MASKS
 from grouprl.components import load_config
-from grouprl.config import Config, ConfigError, dump_config, recipe_names, yaml_load
+from grouprl.config import Config, ConfigError, config_key, dump_config, recipe_names, yaml_load
 from grouprl.rewards import REWARDS
 
 FUZZ = settings(
@@ -41,7 +41,9 @@ def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 SECTIONS = ("model", "data", "rollout", "train")
 TOP_KEYS = [f.name for f in dataclasses.fields(Config)]
-DOTTED = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(type(getattr(Config(), s)))]
+DOTTED = [
+    f"{s}.{config_key(f)}" for s in SECTIONS for f in dataclasses.fields(type(getattr(Config(), s)))
+]
 COMPONENT_NAMES = (
     ADVANTAGES.names()
     + LOSSES.names()
@@ -96,7 +98,8 @@ def _typed(tp: object) -> st.SearchStrategy:
 
 
 FIELD_TYPES = {
-    s: {f.name: f.type for f in dataclasses.fields(type(getattr(Config(), s)))} for s in SECTIONS
+    s: {config_key(f): f.type for f in dataclasses.fields(type(getattr(Config(), s)))}
+    for s in SECTIONS
 }
 PARAM_VALUES = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),

@@ -4,6 +4,7 @@ same completions). Slow: each case starts three Python processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -99,6 +100,31 @@ def test_fsdp2_with_uneven_shares_makes_the_update_of_one(tmp_path, model_dir):
         assert res.returncode == 0, res.stderr[-3000:]
         out[name] = _params(d)
     assert _diff(out["one"], out["fsdp2"]) <= 1e-5
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "dapo"])
+def test_async_on_two_ranks_makes_the_updates_of_one_synchronous_process(
+    tmp_path, model_dir, recipe
+):
+    """train.async one_step on 2 ranks: the collection thread gathers (and dapo agrees on
+    refill rounds) over its own process group while the main threads all-reduce gradients.
+    The scripted sampler ignores the weights, so sampling ahead changes nothing: 3 steps
+    equal one synchronous process's."""
+    out = {}
+    for name, ranks, mode in (("one", 1, "off"), ("async", 2, "one_step")):
+        d = tmp_path / name
+        d.mkdir()
+        res = _run(
+            [str(model_dir), str(d), recipe, "3"],
+            ranks,
+            DIST_RUN_STRATEGY="ddp" if ranks > 1 else "auto",
+            DIST_RUN_ASYNC=mode,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[name] = _params(d)
+    lines = (tmp_path / "async" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["async/staleness"] for x in lines] == [0.0, 1.0, 1.0]
+    assert _diff(out["one"], out["async"]) <= 1e-5
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])

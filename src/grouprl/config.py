@@ -82,8 +82,18 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
-def choice(default: Any, *choices: Any, doc: str = "") -> Any:
-    return field(default=default, metadata={"choices": choices, "doc": doc})
+def choice(default: Any, *choices: Any, doc: str = "", key: str = "") -> Any:
+    """A field with a fixed set of values; `key` is its name in YAML when that name is a
+    Python keyword (`train.async` is the field `async_`)."""
+    meta: dict[str, Any] = {"choices": choices, "doc": doc}
+    if key:
+        meta["key"] = key
+    return field(default=default, metadata=meta)
+
+
+def config_key(f: dataclasses.Field) -> str:
+    """A config field's name in YAML, overrides and messages (its `key`, else its name)."""
+    return f.metadata.get("key", f.name)
 
 
 # train.lr_schedule values built by transformers' `get_scheduler` (its warm-up starts at
@@ -216,6 +226,10 @@ class TrainConfig:
     eval_every: int = 0
     eval_samples: int = 4  # samples per held-out problem (pass@1 over them, and pass@n / maj@n)
     eval_limit: int = 200  # held-out problems per evaluation (0 = all)
+    # one_step: the next step's batch is sampled (from the weights before this step's update)
+    # while this step trains, its staleness corrected by rollout.mismatch_correction
+    # (training/pipeline.py); off: sample, then train, exactly as one process in order
+    async_: str = choice("off", "off", "one_step", key="async")
 
 
 @dataclass
@@ -243,7 +257,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data with the YAML key names (what `load_config` reads back)."""
+        return _as_dict(self)
+
+
+def _as_dict(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {config_key(f): _as_dict(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, dict):
+        return {k: _as_dict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_as_dict(v) for v in x)
+    return copy.deepcopy(x)
 
 
 # ---------------------------------------------------------------------------- recipes
@@ -421,7 +446,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {config_key(f): f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}.{_key_name(key)}" if prefix else _key_name(key)
@@ -432,9 +457,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
                 f"{dotted}: unknown key{trl_hint(str(key)) or did_you_mean(str(key), list(fields))}; "
                 f"known keys{' of ' + prefix if prefix else ''}: {', '.join(fields)}"
             )
-        tp = hints[key]
+        tp = hints[fields[key].name]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, dotted)
+            kwargs[fields[key].name] = _build(tp, value if value is not None else {}, dotted)
             continue
         choices = fields[key].metadata.get("choices")
         if choices and isinstance(value, bool):
@@ -449,7 +474,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
                 f"{dotted}: {value!r} is not one of {', '.join(map(str, choices))}"
                 f"{did_you_mean(str(value), [str(c) for c in choices])}"
             )
-        kwargs[key] = value
+        kwargs[fields[key].name] = value
     return cls(**kwargs)
 
 
@@ -558,6 +583,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"rollout.num_train_samples: must be between 0 (all) and rollout.num_generations "
             f"({r.num_generations}), got {r.num_train_samples}"
+        )
+    if t.async_ != "off" and t.strategy == "fsdp2":
+        raise ConfigError(
+            "train.async: one_step with train.strategy fsdp2 is not supported yet (the "
+            "sampler's own copy of the policy would need the sharded weights gathered every "
+            "step); use train.strategy ddp, or train.async: off"
         )
     if t.eval_every and not (cfg.data.eval_path or cfg.data.task):
         raise ConfigError(
@@ -680,7 +711,7 @@ def _plain(x: Any) -> Any:
     if callable(x):
         return f"<python function {getattr(x, '__name__', type(x).__name__)}>"
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return _plain({f.name: getattr(x, f.name) for f in dataclasses.fields(x)})
+        return _plain({config_key(f): getattr(x, f.name) for f in dataclasses.fields(x)})
     return x
 
 

@@ -36,6 +36,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 256
+    # when set, this call's randomness comes from this seed alone, not from torch's global
+    # RNG: what sampling in a background thread needs (train.async, training/pipeline.py)
+    seed: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -135,7 +138,10 @@ class RolloutEngine(Protocol):
     whether `generate` runs the learner's live module, whose weights a sharded layout
     (fsdp2) must gather for the sampling phase; `shared_by_processes` (default False), one
     engine that every trainer process talks to (a vLLM server), whose `update_weights(model,
-    step=, weights=)` process 0 alone calls with the gathered weights.
+    step=, weights=)` process 0 alone calls with the gathered weights; `overlaps_training`
+    (default False), whether `generate` may run in a background thread while the learner
+    updates the policy (train.async), after an optional `prepare_overlap()` that
+    `build_engine(..., overlap=True)` calls once.
     """
 
     reports_sampling_logp: bool
@@ -189,8 +195,10 @@ def build_engine(
     tokenizer: Any,
     *,
     max_prompt_length: int | None = None,
+    overlap: bool = False,
 ) -> RolloutEngine:
-    """The engine named by `rollout_cfg.engine`, built with its `from_config`.
+    """The engine named by `rollout_cfg.engine`, built with its `from_config`; with
+    `overlap` (train.async) one that declares `overlaps_training`, prepared for it.
 
     Raises ConfigError (key `rollout.engine`) for an unknown name, or for a registered
     class that lacks part of the `RolloutEngine` protocol; the latter is checked before
@@ -207,7 +215,19 @@ def build_engine(
             f"rollout.engine: {name!r} ({getattr(cls, '__qualname__', cls)!r}) is not a "
             f"RolloutEngine: it lacks {', '.join(missing)} (needs {', '.join(_ENGINE_METHODS)})"
         )
+    if overlap and not getattr(cls, "overlaps_training", False):
+        raise ConfigError(
+            f"train.async: rollout.engine {name!r} cannot sample while the policy trains (it "
+            "does not declare overlaps_training); set train.async: off"
+        )
     engine = cls.from_config(rollout_cfg, model, tokenizer, max_prompt_length=max_prompt_length)
+    if overlap and not getattr(engine, "overlaps_training", False):
+        raise ConfigError(
+            f"train.async: rollout.engine {name!r} in this mode cannot sample while the "
+            "policy trains; set train.async: off"
+        )
+    if overlap and callable(getattr(engine, "prepare_overlap", None)):
+        engine.prepare_overlap()  # type: ignore[attr-defined]
     if not isinstance(engine, RolloutEngine):
         raise ConfigError(
             f"rollout.engine: {name!r}.from_config returned {type(engine).__qualname__}, "

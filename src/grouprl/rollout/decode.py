@@ -215,10 +215,16 @@ def sample_groups(
     top_k: int = 0,
     top_p: float = 1.0,
     logits_out: list[tuple[Tensor, Tensor]] | None = None,
+    generator: torch.Generator | None = None,
+    logp_out_NT: Tensor | None = None,
 ) -> Tensor:
     """Completion ids [B*G, T] (T <= max_new_tokens; pad after EOS) for left-padded prompts
     [B, P], the G samples of prompt b in rows b*G..b*G+G-1. `logits_out` (for checks)
-    receives (rows, logits) of every step: the logits that chose column t of those rows."""
+    receives (rows, logits) of every step: the logits that chose column t of those rows.
+    `generator` draws the samples instead of torch's global RNG. `logp_out_NT` ([B*G,
+    max_new_tokens], float32) receives log softmax(logits / temperature) of each sampled
+    token: the sampler's log-probs as the trainer's forward defines them (temperature only,
+    no top-k / top-p truncation)."""
     B, _ = ids_BP.shape
     N, dev = B * G, ids_BP.device
     register()
@@ -252,7 +258,12 @@ def sample_groups(
                     nxt = scores.argmax(-1)
                 else:
                     probs = F.softmax(scores, dim=-1)
-                    nxt = torch.multinomial(probs, num_samples=1).squeeze(1)
+                    nxt = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+                if logp_out_NT is not None:
+                    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+                    logp_out_NT[slot_n, t] = (
+                        F.log_softmax(scaled, dim=-1).gather(1, nxt[slot_n, None]).squeeze(1)
+                    )
                 nxt = torch.where(unfinished_N, nxt, pad_id)
                 out_NT[:, t] = nxt
                 seq[:, P + t] = nxt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ class HFEngine:
     reports_sampling_logp = False
     samples_from_policy = True  # the learner's live module: gathered under fsdp2
     default_mismatch_correction = "none"
+    overlaps_training = True  # train.async: after prepare_overlap, from its own copy
 
     def __init__(
         self,
@@ -95,6 +97,27 @@ class HFEngine:
 
     def close(self) -> None:
         """No resources of its own: the model belongs to the caller."""
+
+    def prepare_overlap(self) -> None:
+        """Sample from a copy of the policy instead of the live module, so that `generate`
+        can run in a background thread while the learner updates the policy (train.async).
+        The copy (a second set of weights) gets the policy's weights in `update_weights`
+        after every step. From here on `generate` reports its own log-probs: the copy is a
+        step behind the policy the trainer scores, and `rollout.mismatch_correction` weighs
+        the difference (default tis). Needs the shared decoder, which draws from a seed per
+        call (`SamplingParams.seed`) rather than the global RNG the training thread shares."""
+        if not self.uses_shared_decoder():
+            raise ConfigError(
+                "train.async: one_step samples through rollout.decoder shared (seeded per "
+                f"call, its own log-probs), which {type(self.model).__name__} cannot use "
+                f"(rollout.decoder: {self.decoder}); set train.async: off"
+            )
+        own = copy.deepcopy(self.model)
+        own.requires_grad_(False)
+        self.model = own
+        self.reports_sampling_logp = True
+        self.samples_from_policy = False
+        self.default_mismatch_correction = "tis"
 
     def _prefill_once(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, G: int) -> dict[str, Any]:
         """KV cache of each prompt but its last token, computed once and repeated G times.
@@ -173,8 +196,16 @@ class HFEngine:
             )
         was_training = self.model.training
         self.model.eval()
+        logp_NT = None
+        if self.reports_sampling_logp:
+            logp_NT = torch.zeros(
+                (ids.shape[0], max(params.max_new_tokens, 1)), dtype=torch.float32, device=device
+            )
         try:
             if self.uses_shared_decoder():
+                gen = None
+                if params.seed is not None:
+                    gen = torch.Generator(device=device).manual_seed(params.seed)
                 comp = sample_groups(
                     self.model,
                     ids_BP,
@@ -186,9 +217,13 @@ class HFEngine:
                     temperature=params.temperature,
                     top_k=params.top_k,
                     top_p=params.top_p,
+                    generator=gen,
+                    logp_out_NT=logp_NT,
                 )
                 out = torch.cat([ids, comp], dim=1)
             else:
+                if params.seed is not None:
+                    raise ValueError("SamplingParams.seed needs rollout.decoder shared")
                 # only the configured warpers: transformers fills unset values of a passed
                 # config from the model's own generation_config (e.g. a repetition penalty,
                 # which the trainer's log-probs know nothing of), so that one is swapped out
@@ -224,4 +259,7 @@ class HFEngine:
             truncated_N=truncated,
             completions=texts,
             group_size=G,
+            sampling_logp_NT=None
+            if logp_NT is None
+            else torch.where(comp_mask.bool(), logp_NT[:, : comp.shape[1]], 0.0),
         )

@@ -32,6 +32,8 @@ from grouprl.rollout.vllm_common import (
 class ColocatedVLLM(VLLMEngine):
     """An in-process `vllm.LLM` on the policy's device, fed the policy's weights in place."""
 
+    overlaps_training = False  # train.async with vLLM in the trainer's process: not yet
+
     def __init__(
         self,
         model: torch.nn.Module,

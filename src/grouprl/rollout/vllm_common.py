@@ -156,11 +156,13 @@ def tokenize_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     return [list(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
 
 
-def request_seeds(num_prompts: int, group_size: int) -> list[int]:
-    """One seed per prompt, drawn from torch's global RNG (seeded, saved in checkpoints), so a
-    seeded or resumed run asks vLLM for the same samples. vLLM seeds a prompt's i-th sample
-    with seed + i; seeds are spaced by the group size so no two samples share one."""
-    base = torch.randint(0, 2**30, (num_prompts,)).tolist()
+def request_seeds(num_prompts: int, group_size: int, seed: int | None = None) -> list[int]:
+    """One seed per prompt, drawn from torch's global RNG (seeded, saved in checkpoints), or
+    from `seed` alone when given (SamplingParams.seed), so a seeded or resumed run asks vLLM
+    for the same samples. vLLM seeds a prompt's i-th sample with seed + i; seeds are spaced
+    by the group size so no two samples share one."""
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 2**30, (num_prompts,), generator=gen).tolist()
     return [int(b) * group_size % (2**31 - group_size) for b in base]
 
 
@@ -321,6 +323,9 @@ class VLLMEngine:
     samples_from_policy = False  # its own copy of the weights, synced after each step
     shared_by_processes = False  # server mode: True
     default_mismatch_correction = VLLM_DEFAULT_CORRECTION
+    # train.async: the server samples over HTTP while the trainer updates; colocate (vLLM
+    # in the trainer's process) sets False: not built or tested yet
+    overlaps_training = True
 
     @classmethod
     def from_config(
@@ -375,7 +380,7 @@ class VLLMEngine:
         warn_truncated_sampling(params)
         prompt_ids = tokenize_prompts(self.tokenizer, prompts)
         check_prompts(prompt_ids, params.max_new_tokens, self.max_model_len, self.vocab_size)
-        return prompt_ids, request_seeds(len(prompts), params.num_generations)
+        return prompt_ids, request_seeds(len(prompts), params.num_generations, params.seed)
 
     def _rollouts(self, prompt_ids: list[list[int]], samples: list[Any]) -> Rollouts:
         return build_rollouts(

@@ -191,9 +191,14 @@ class Collector:
         self.dist = dist or Dist()
         self.device = device  # where a gathered batch's rollouts go (the policy's device)
         self.missing_rewards = missing_rewards  # combine_rewards' rule (train.missing_rewards)
+        self._seed: int | None = None
+        self._calls = 0
 
-    def collect(self, B: int) -> tuple[ScoredBatch, dict[str, float]]:
-        """B scored groups ready for planning, and the collector's metrics."""
+    def collect(self, B: int, *, seed: int | None = None) -> tuple[ScoredBatch, dict[str, float]]:
+        """B scored groups ready for planning, and the collector's metrics. With `seed`, every
+        sampling call of this collection draws from a seed of (seed, call, rank) instead of
+        the global RNG (train.async: training/pipeline.py)."""
+        self._seed, self._calls = seed, 0
         batch, stats = self._fill(B) if self.refill is not None else (self._sample(B), {})
         if self.want_baseline:
             batch.baseline_B = self._greedy_baseline(batch)
@@ -201,6 +206,14 @@ class Collector:
         if 0 < k < batch.rollouts.group_size:
             batch = first_per_group(batch, k)
         return batch, stats
+
+    def _params(self, params: SamplingParams) -> SamplingParams:
+        """This call's sampling parameters: its own seed when the collection has one."""
+        if self._seed is None:
+            return params
+        self._calls += 1
+        mixed = (self._seed + self._calls * 0x94D049BB133111EB + self.dist.rank * 7919) % 2**62
+        return replace(params, seed=mixed)
 
     def _score(self, examples: list[PromptExample], ro: Rollouts) -> tuple[Tensor, Any]:
         res = score_rollouts(self.rewards, examples, ro, self.sampling.max_new_tokens)
@@ -226,7 +239,7 @@ class Collector:
 
     def _sample_these(self, indices: list[int]) -> ScoredBatch:
         examples = [self.dataset[i] for i in indices]
-        ro = self.engine.generate([ex.text for ex in examples], self.sampling)
+        ro = self.engine.generate([ex.text for ex in examples], self._params(self.sampling))
         rewards_N, res = self._score(examples, ro)
         return ScoredBatch(
             examples=examples,
@@ -267,5 +280,5 @@ class Collector:
     def _greedy_baseline(self, batch: ScoredBatch) -> Tensor:
         """ReMax's baseline: the combined reward of one greedy completion per prompt."""
         params = replace(self.sampling, num_generations=1, temperature=0.0)
-        ro = self.engine.generate([ex.text for ex in batch.examples], params)
+        ro = self.engine.generate([ex.text for ex in batch.examples], self._params(params))
         return self._score(batch.examples, ro)[0]

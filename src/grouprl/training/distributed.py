@@ -29,6 +29,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    group: Any = None  # the process group of these collectives (None: the default one)
 
     @property
     def active(self) -> bool:
@@ -49,24 +50,33 @@ class Dist:
         if not self.active:
             return [obj]
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum over ranks."""
         if self.active:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """In-place: process `src`'s values everywhere."""
         if self.active:
-            dist.broadcast(t, src=src)
+            dist.broadcast(t, src=src, group=self.group)
         return t
 
     def barrier(self) -> None:
         if self.active:
-            dist.barrier()
+            dist.barrier(group=self.group)
+
+    def split(self) -> Dist:
+        """The same ranks over a gloo process group of their own (collective: every rank
+        calls it, in the same order), for collectives issued from another thread that must
+        never interleave with this group's (train.async's collection, training/pipeline.py).
+        Only object gathers go over it, so gloo serves under NCCL too."""
+        if not self.active:
+            return self
+        return Dist(self.rank, self.world, self.local_rank, dist.new_group(backend="gloo"))
 
 
 def init_distributed(strategy: str, *, timeout_s: float = 600.0) -> Dist:

@@ -45,6 +45,7 @@ from grouprl.training.metrics import (
     reward_metrics,
     timing_metrics,
 )
+from grouprl.training.pipeline import Pipeline
 from grouprl.training.plan import plan_batch
 from grouprl.training.resume import resume_run
 from grouprl.training.rundir import RunLock, check_run_dir, move_aside
@@ -140,8 +141,13 @@ class Trainer:
         check_dataset_size(cfg, len(self.dataset))
         self._eval_set: Any = None
         self.sampling = sampling_params(cfg.rollout)
+        overlap = cfg.train.async_ != "off"
         self.engine = build_engine(
-            cfg.rollout, model, tokenizer, max_prompt_length=cfg.data.max_prompt_length
+            cfg.rollout,
+            model,
+            tokenizer,
+            max_prompt_length=cfg.data.max_prompt_length,
+            overlap=overlap,
         )
         resolve_mismatch(cfg, self.components, self.engine)
         self.learner = Learner(
@@ -164,10 +170,12 @@ class Trainer:
             refill=self.components.refill,
             want_baseline="baseline_B" in self.components.advantage_inputs(),
             num_train_samples=cfg.rollout.num_train_samples,
-            dist=self.dist,
+            # a background collection gathers over its own group (training/pipeline.py)
+            dist=self.dist.split() if overlap else self.dist,
             device=self.device,
             missing_rewards=cfg.train.missing_rewards,
         )
+        self.pipeline = Pipeline(self.collector, mode=cfg.train.async_, seed=cfg.train.seed)
         self.step = 0
         self._unrewarded = 0  # consecutive steps without a single rewarded sample
         self._last_batch: tuple[Any, Any] | None = None
@@ -239,6 +247,7 @@ class Trainer:
 
     def close(self) -> None:
         """Release the rollout engine (GPU memory, server connections) and the reward worker."""
+        self.pipeline.close()
         self.engine.close()
         self.rewards.close()
 
@@ -273,7 +282,7 @@ class Trainer:
         calls it: sharded weights are gathered, each process's RNG state is kept, process 0
         writes."""
         lr = self.learner
-        cursor, rng = self.collector.sampler.state_dict(), rng_state()
+        cursor, rng = self.pipeline.cursor(), rng_state()
         if at_step_start and self._step_start is not None:
             cursor, rng = self._step_start
         weights = lr.model_state()  # collective under fsdp2
@@ -305,18 +314,39 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ one step
+    def _tell_rewards(self, step: int) -> None:
+        sampler = self.collector.sampler
+        self.rewards.trainer_state = TrainerState(  # `trainer_state`, as TRL passes it
+            global_step=step,
+            max_steps=self.cfg.train.max_steps,
+            epoch=sampler.epoch + sampler.pos / max(sampler.size, 1),
+        )
+
+    def _prefetch_next(self) -> bool:
+        """train.async one_step: collect the next step's batch during this step's update,
+        except past the end and for the first step after a checkpoint (it samples from the
+        saved weights, so a resume repeats it exactly; training/pipeline.py)."""
+        cfg, nxt = self.cfg.train, self.step + 1
+        if not self.pipeline.overlaps or nxt >= cfg.max_steps:
+            return False
+        return not (cfg.save_every and nxt % cfg.save_every == 0)
+
     def train_step(self) -> dict[str, float]:
         """Collect, plan, update, publish the weights; returns the step's metrics."""
         cfg = self.cfg
-        sampler = self.collector.sampler
-        self.rewards.trainer_state = TrainerState(  # `trainer_state`, as TRL passes it
-            global_step=self.step,
-            max_steps=cfg.train.max_steps,
-            epoch=sampler.epoch + sampler.pos / max(sampler.size, 1),
-        )
+        B = cfg.train.prompts_per_step
         t0 = time.perf_counter()
-        with self.learner.sampling(self.engine):
-            batch, metrics = self.collector.collect(cfg.train.prompts_per_step)
+        ahead = self.pipeline.take(self.step)
+        if ahead is None:
+            self._tell_rewards(self.step)
+            with self.learner.sampling(self.engine):
+                batch, metrics = self.pipeline.collect_now(B, self.step)
+            collect_s = None
+        else:
+            batch, metrics, collect_s = ahead
+        if self._prefetch_next():
+            self._tell_rewards(self.step + 1)
+            self.pipeline.start(B, self.step + 1)
         t1 = time.perf_counter()
         train_batch, plan_metrics = plan_batch(
             batch,
@@ -329,6 +359,7 @@ class Trainer:
         )
         t2 = time.perf_counter()
         train_stats = self.learner.update(train_batch, step=self.step)
+        waited = self.pipeline.wait()  # the engine is idle before its weights change
         try:
             self.learner.publish_weights(self.engine, self.step + 1)
         except RolloutEngineError as exc:
@@ -341,6 +372,12 @@ class Trainer:
         metrics.update(completion_metrics(batch))
         metrics.update(train_stats)
         metrics.update(timing_metrics(batch, t1 - t0, t2 - t1, t3 - t2))
+        if self.pipeline.overlaps:
+            # staleness: updates between the batch's sampling weights and this update's
+            metrics["async/staleness"] = 0.0 if collect_s is None else 1.0
+            metrics["async/wait"] = waited  # seconds the update waited for the next batch
+            if collect_s is not None:
+                metrics["time/collect_background"] = collect_s
         return metrics
 
     def evaluate(self) -> dict[str, float]:
@@ -441,7 +478,7 @@ class Trainer:
             if requested:
                 self.interrupted = requested
                 return False
-            self._step_start = (self.collector.sampler.state_dict(), rng_state())
+            self._step_start = (self.pipeline.cursor(), rng_state())
             try:
                 metrics = self.train_step()
             except SystemExit as exc:  # user code asked to exit: keep what is done
