@@ -341,6 +341,43 @@ def test_two_trainer_processes_share_one_server(server, tmp_path, strategy):
         assert abs(m["mismatch/ratio_max"] - 1) < 1e-3 and abs(m["mismatch/ratio_min"] - 1) < 1e-3
 
 
+def test_async_one_step_samples_from_the_server_while_the_trainer_updates(server, tmp_path):
+    """train.async one_step with a vLLM server: the batch of step k+1 is sampled (over HTTP,
+    in the trainer's background thread) from the weights before step k's update, so after
+    the first step the measured mismatch is the staleness, not vLLM's rounding."""
+    import json
+
+    from grouprl.training.trainer import Trainer
+
+    url, _, model_dir = server
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10, 30) for b in (3, 4)]
+    cfg = {
+        "model": {"name_or_path": str(model_dir)},
+        "rollout": {
+            "engine": "vllm",
+            "num_generations": 4,
+            "max_new_tokens": 6,
+            "temperature": 1.0,
+            "vllm": {"mode": "server", "server_url": url},
+        },
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 4,
+            "prompts_per_step": 4,
+            "learning_rate": 5e-2,
+            "save_every": 0,
+            "progress": False,
+            "async": "one_step",
+        },
+    }
+    with Trainer(cfg, train_dataset=rows, reward_funcs=[sevens]) as tr:
+        tr.train()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["async/staleness"] for m in lines] == [0.0, 1.0, 1.0, 1.0]
+    assert abs(lines[0]["mismatch/kl"]) < 1e-4  # fresh: vLLM's log-probs are the trainer's
+    assert max(m["mismatch/kl"] for m in lines[1:]) > 1e-4  # stale by one large update
+
+
 def test_a_server_that_is_not_up_is_reported_at_once():
     model, tok = tiny()
     cfg = RolloutConfig(
