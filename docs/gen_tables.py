@@ -102,6 +102,9 @@ REGISTRY_TABLES = [
     RegistryTable("mismatch", "grouprl.algorithms.mismatch:MISMATCH_CORRECTIONS"),
     RegistryTable("strategies", "grouprl.training.parallel:STRATEGIES"),
     RegistryTable("trackers", "grouprl.monitor.trackers:TRACKERS"),
+    RegistryTable("environments", "grouprl.envs.base:ENVIRONMENTS"),
+    RegistryTable("tools", "grouprl.envs.base:TOOLS"),
+    RegistryTable("tool_parsers", "grouprl.envs.parsing:TOOL_PARSERS"),
     RegistryTable("inputs", "grouprl.inputs:INPUTS"),
 ]
 

@@ -84,6 +84,61 @@ def test_logprobs_equal_the_trainer_forward_after_a_weight_update(colocated):
     assert (trainer_logp(stale, ro, 0.8) - ref).abs().max().item() > 1e-2
 
 
+def test_multi_turn_with_vllm_trains_its_own_tokens_with_their_logprobs(colocated):
+    """Token in, token out with vLLM: a 2-turn trajectory [turn 1; obs; turn 2] sampled by
+    vLLM (turn 2 continues the token ids of [prompt; turn 1; obs]) carries vLLM's log-probs,
+    which equal the trainer's forward over the whole trajectory on every sampled token."""
+    from grouprl.envs.base import StepResult
+    from grouprl.rollout.multiturn import ObservationRenderer, run_trajectories
+
+    model, tok, engine = colocated
+    engine.update_weights(model, step=2)
+
+    class Digits(ObservationRenderer):  # this tokenizer knows digits and +-= only
+        def ids(self, messages):
+            return tok("".join(m["content"] for m in messages), add_special_tokens=False)[
+                "input_ids"
+            ]
+
+    class Env:
+        tools: list = []
+
+        def reset(self, row):
+            self.n = 0
+
+        def step(self, message):
+            self.n += 1
+            if self.n == 1:
+                return StepResult([{"role": "tool", "content": "=7"}])
+            return StepResult(None, done=True)
+
+    torch.manual_seed(5)
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    ro = run_trajectories(
+        engine,
+        tok,
+        prompt_ids,
+        [{"prompt": p} for p in PROMPTS],
+        Env,
+        SamplingParams(num_generations=4, temperature=1.0, max_new_tokens=6),
+        renderer=Digits(tok, use_template=False, tools=None),
+        eos_ids=engine.eos_ids(),
+        max_turns=2,
+        max_total_tokens=16,
+        reports_logp=True,
+    )
+    two = [n for n, m in enumerate(ro.meta) if m["num_turns"] == 2]
+    assert two, "no trajectory reached a second turn"
+    for n in two:
+        o = ro.meta[n]["turns"][1]
+        assert ro.completion_ids_NT[n, o["start"] : o["end"]].tolist() == Digits(
+            tok, use_template=False, tools=None
+        ).ids([{"content": "=7"}])
+        assert ro.loss_mask_NT[n, o["start"] : o["end"]].sum() == 0
+    ref = trainer_logp(model, ro, 1.0)
+    assert ((ro.sampling_logp_NT - ref).abs() * ro.loss_mask_NT).max().item() <= 1e-4
+
+
 def test_sampling_is_one_to_one(colocated):
     model, tok, engine = colocated
     params = SamplingParams(num_generations=6, temperature=1.0, max_new_tokens=10)

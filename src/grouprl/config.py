@@ -150,6 +150,9 @@ class DataConfig:
     # a step may hold the same prompt twice only when train.prompts_per_step > dataset size
     # is asked for explicitly
     allow_repeats: bool = False
+    # multi-turn rollouts: {name: tools, tools: [calculator, "my_tools.py:search"], ...}, an
+    # ENVIRONMENTS entry and its parameters (grouprl/envs, docs/environments.md)
+    environment: dict[str, Any] | None = None
 
 
 @dataclass
@@ -172,6 +175,10 @@ class RolloutConfig:
     # engine vllm: {mode: colocate | server, server_url, gpu_memory_utilization, ...}; the
     # keys and their defaults: grouprl.rollout.vllm_common.VLLMSettings, docs/scaling.md
     vllm: dict[str, Any] = field(default_factory=dict)
+    # with data.environment: model turns per trajectory, and completion tokens per trajectory
+    # (its turns and observations; 0 = max_turns x max_new_tokens)
+    max_turns: int = 4
+    max_total_tokens: int = 0
 
 
 @dataclass
@@ -492,6 +499,8 @@ _INT_MIN: dict[str, int] = {
     "rollout.num_generations": 1,
     "rollout.top_k": 0,  # 0 = no top-k filtering
     "rollout.max_new_tokens": 1,
+    "rollout.max_turns": 1,
+    "rollout.max_total_tokens": 0,  # 0 = max_turns x max_new_tokens
     "train.max_steps": 0,
     "train.prompts_per_step": 1,
     "train.micro_batch_size": 1,
@@ -614,6 +623,8 @@ def validate(cfg: Config) -> Config:
     if cfg.token_mask is not None:
         _check_component("token_mask", cfg.token_mask)
     _check_component("rollout.mismatch_correction", r.mismatch_correction)
+    if cfg.data.environment is not None:
+        _check_component("data.environment", cfg.data.environment)
     return cfg
 
 

@@ -124,8 +124,13 @@ def load_prompts(
     split: str = "train",
     system_prompt: str | None = None,
     completion_from_messages: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> PromptDataset:
     """Read `source` into a PromptDataset, validating every row.
+
+    `tools` (JSON schemas, an environment's tools) go to the chat template
+    (`apply_chat_template(tools=...)`), which describes them to the model; without a
+    template they are not shown (a model trained to call them knows them).
 
     `completion_from_messages` (SFT on TRL's conversational format, e.g. a `messages`
     prompt column): a chat prompt that ends with an assistant message is cut there; that
@@ -159,6 +164,7 @@ def load_prompts(
         mode=chat_template,
         system_prompt=system_prompt,
         completion_from_messages=completion_from_messages,
+        tools=tools,
     )
     out = PromptDataset(source=name)
     n_rows = 0
@@ -388,6 +394,7 @@ class _RowReader:
     mode: str  # "auto" or "never"
     system_prompt: str | None
     completion_from_messages: str | None = None  # SFT: cut a final assistant message
+    tools: list[dict[str, Any]] | None = None  # JSON schemas for the chat template
 
     def example(self, record: Any, row: int) -> PromptExample:
         col = self.prompt_column
@@ -433,7 +440,7 @@ class _RowReader:
         if self.use_template:
             try:
                 return self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
+                    messages, tokenize=False, add_generation_prompt=True, tools=self.tools
                 )
             except Exception as e:  # a template may reject some roles or orderings
                 raise _BadRow(

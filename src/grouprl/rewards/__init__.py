@@ -4,6 +4,7 @@ from grouprl.rewards import (
     builtins,  # noqa: F401  (registers the built-ins in REWARDS)
     clinical,  # noqa: F401  (registers clinical_* / mcq_* objectives)
     majority,  # noqa: F401  (registers majority_vote)
+    tools,  # noqa: F401  (registers tool_efficiency, tool_call_format)
 )
 from grouprl.rewards.base import (
     DEFAULT_TIMEOUT,

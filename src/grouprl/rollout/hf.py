@@ -181,6 +181,61 @@ class HFEngine:
         device = next(self.model.parameters()).device
         G = params.num_generations
         ids_BP, mask_BP = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        comp, logp_NT = self._sample(ids_BP, mask_BP, params)
+        ids = ids_BP.repeat_interleave(G, dim=0)
+        mask = mask_BP.repeat_interleave(G, dim=0)
+        comp_mask, truncated = completion_mask_from_eos(comp, self.eos_ids())
+        comp = torch.where(comp_mask.bool(), comp, torch.full_like(comp, tok.pad_token_id))
+        texts = tok.batch_decode(comp, skip_special_tokens=True)
+        return Rollouts(
+            prompt_ids_NP=ids,
+            prompt_mask_NP=mask.float(),
+            completion_ids_NT=comp,
+            attention_mask_NT=comp_mask,
+            loss_mask_NT=comp_mask.clone(),
+            truncated_N=truncated,
+            completions=texts,
+            group_size=G,
+            sampling_logp_NT=None
+            if logp_NT is None
+            else torch.where(comp_mask.bool(), logp_NT[:, : comp.shape[1]], 0.0),
+        )
+
+    multi_turn = True  # `sample_token_ids`: continues token-id contexts (rollout/multiturn.py)
+
+    @torch.no_grad()
+    def sample_token_ids(
+        self, contexts: list[list[int]], params: SamplingParams
+    ) -> list[tuple[list[int], list[float] | None]]:
+        """`params.num_generations` continuations of each token-id context (rows of a context
+        contiguous), each through its first EOS (kept) or `max_new_tokens`: the sampled ids
+        exactly, never re-tokenized, with the sampler's log-probs when it reports them."""
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        P = max(len(c) for c in contexts)
+        ids_BP = torch.full((len(contexts), P), pad, dtype=torch.long, device=device)
+        mask_BP = torch.zeros((len(contexts), P), dtype=torch.long, device=device)
+        for b, c in enumerate(contexts):  # left-padded, as generate pads prompts
+            if c:
+                ids_BP[b, P - len(c) :] = torch.tensor(c, device=device)
+                mask_BP[b, P - len(c) :] = 1
+        comp, logp_NT = self._sample(ids_BP, mask_BP, params)
+        real, _ = completion_mask_from_eos(comp, self.eos_ids())
+        out = []
+        for n in range(comp.shape[0]):
+            k = int(real[n].sum())
+            lp = None if logp_NT is None else logp_NT[n, :k].tolist()
+            out.append((comp[n, :k].tolist(), lp))
+        return out
+
+    def _sample(
+        self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, params: SamplingParams
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Completion ids [B*G, T] (pad after EOS not applied yet) and, when this engine
+        reports them, the sampler's log-probs [B*G, >= T]."""
+        tok = self.tokenizer
+        device = ids_BP.device
+        G = params.num_generations
         ids = ids_BP.repeat_interleave(G, dim=0)
         mask = mask_BP.repeat_interleave(G, dim=0)
         greedy = params.temperature == 0
@@ -220,7 +275,6 @@ class HFEngine:
                     generator=gen,
                     logp_out_NT=logp_NT,
                 )
-                out = torch.cat([ids, comp], dim=1)
             else:
                 if params.seed is not None:
                     raise ValueError("SamplingParams.seed needs rollout.decoder shared")
@@ -241,25 +295,9 @@ class HFEngine:
                     )
                 finally:
                     self.model.generation_config = own
+                comp = out[:, ids.shape[1] :]
         finally:
             self.model.train(was_training)
-        P = ids.shape[1]
-        comp = out[:, P:]
         if comp.shape[1] == 0:  # nothing generated at all: keep one pad column
             comp = torch.full((ids.shape[0], 1), tok.pad_token_id, dtype=ids.dtype, device=device)
-        comp_mask, truncated = completion_mask_from_eos(comp, self.eos_ids())
-        comp = torch.where(comp_mask.bool(), comp, torch.full_like(comp, tok.pad_token_id))
-        texts = tok.batch_decode(comp, skip_special_tokens=True)
-        return Rollouts(
-            prompt_ids_NP=ids,
-            prompt_mask_NP=mask.float(),
-            completion_ids_NT=comp,
-            attention_mask_NT=comp_mask,
-            loss_mask_NT=comp_mask.clone(),
-            truncated_N=truncated,
-            completions=texts,
-            group_size=G,
-            sampling_logp_NT=None
-            if logp_NT is None
-            else torch.where(comp_mask.bool(), logp_NT[:, : comp.shape[1]], 0.0),
-        )
+        return comp, logp_NT

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from grouprl.rollout.base import RolloutEngineError, Rollouts, SamplingParams
+from grouprl.rollout.base import RolloutEngineError, SamplingParams
 from grouprl.rollout.vllm_common import (
     LOGPROBS_MODE,
     VLLM_MODES,
@@ -126,13 +126,15 @@ class ColocatedVLLM(VLLMEngine):
                 self._push(self.policy, step=self._step)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
+    def _sample(
+        self, prompt_ids: list[list[int]], params: SamplingParams
+    ) -> list[list[tuple[list[int], list[float]]]]:
         if self._broken:
             raise RolloutEngineError(
                 f"step {self._step + 1}: the colocated vLLM failed earlier ({self._broken}) "
                 "and cannot sample again in this process; resume the run (train.resume=true)"
             )
-        prompt_ids, seeds = self._requests(prompts, params)
+        seeds = self._seeds(len(prompt_ids), params)
         sp = [
             self._vllm.SamplingParams(
                 n=samples_per_request(params),
@@ -174,7 +176,7 @@ class ColocatedVLLM(VLLMEngine):
             )
             for out in outs
         ]
-        return self._rollouts(prompt_ids, samples)
+        return samples
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

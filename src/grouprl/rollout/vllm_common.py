@@ -372,23 +372,44 @@ class VLLMEngine:
         self.device = next(model.parameters()).device
         self._step = 0
 
-    def _requests(
-        self, prompts: list[str], params: SamplingParams
-    ) -> tuple[list[list[int]], list[int]]:
-        """Prompt token ids (checked against the context and vocabulary) and one seed per
-        prompt: what both modes send."""
-        warn_truncated_sampling(params)
+    def _prompt_ids(self, prompts: list[str], params: SamplingParams) -> list[list[int]]:
+        """Prompt token ids, checked against the context and vocabulary."""
         prompt_ids = tokenize_prompts(self.tokenizer, prompts)
         check_prompts(prompt_ids, params.max_new_tokens, self.max_model_len, self.vocab_size)
-        return prompt_ids, request_seeds(len(prompts), params.num_generations, params.seed)
+        return prompt_ids
+
+    def _seeds(self, n: int, params: SamplingParams) -> list[int]:
+        warn_truncated_sampling(params)
+        return request_seeds(n, params.num_generations, params.seed)
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
+        prompt_ids = self._prompt_ids(prompts, params)
+        return self._rollouts(prompt_ids, self._sample(prompt_ids, params))
+
+    multi_turn = True  # `sample_token_ids`: continues token-id contexts (rollout/multiturn.py)
+
+    def sample_token_ids(
+        self, contexts: list[list[int]], params: SamplingParams
+    ) -> list[tuple[list[int], list[float] | None]]:
+        """`params.num_generations` continuations of each token-id context (rows of a context
+        contiguous), vLLM's own ids (through EOS, kept) and their log-probs."""
+        check_prompts(contexts, params.max_new_tokens, self.max_model_len, self.vocab_size)
+        groups = self._sample(contexts, params)
+        return [(list(ids), list(lps)) for group in groups for ids, lps in group]
+
+    def eos_ids(self) -> list[int]:
+        return list(self.eos)
+
+    def _sample(
+        self, prompt_ids: list[list[int]], params: SamplingParams
+    ) -> list[list[tuple[list[int], list[float]]]]:
+        """Per prompt, G (token ids, sampled-token log-probs): what each mode implements."""
+        raise NotImplementedError
 
     def _rollouts(self, prompt_ids: list[list[int]], samples: list[Any]) -> Rollouts:
         return build_rollouts(
             prompt_ids, samples, tokenizer=self.tokenizer, eos=self.eos, device=self.device
         )
-
-    def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
-        raise NotImplementedError
 
     def update_weights(self, model: torch.nn.Module, *, step: int) -> None:
         raise NotImplementedError

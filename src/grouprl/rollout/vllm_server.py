@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from grouprl.config import ConfigError
-from grouprl.rollout.base import RolloutEngineError, Rollouts, SamplingParams
+from grouprl.rollout.base import RolloutEngineError, SamplingParams
 from grouprl.rollout.vllm_common import (
     INSTALL_HINT,
     LOGPROBS_MODE,
@@ -218,8 +218,10 @@ class ServerVLLM(VLLMEngine):
             hint=" (rollout.vllm.request_timeout)",
         )
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
-        prompt_ids, seeds = self._requests(prompts, params)
+    def _sample(
+        self, prompt_ids: list[list[int]], params: SamplingParams
+    ) -> list[list[tuple[list[int], list[float]]]]:
+        seeds = self._seeds(len(prompt_ids), params)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="grouprl-vllm")
         replies = list(self._pool.map(self._complete, prompt_ids, seeds, [params] * len(seeds)))
@@ -242,7 +244,7 @@ class ServerVLLM(VLLMEngine):
                     f"samples for prompt {i}, expected {want}"
                 )
             samples.append(expand_greedy(group, params))
-        return self._rollouts(prompt_ids, samples)
+        return samples
 
     def close(self) -> None:
         if self._pool is not None:

@@ -181,6 +181,7 @@ class Collector:
         dist: Dist | None = None,
         device: torch.device | str = "cpu",
         missing_rewards: str = "skip",
+        multi_turn: Any = None,
     ) -> None:
         self.engine, self.rewards, self.dataset = engine, rewards, dataset
         self.sampler, self.sampling = sampler, sampling
@@ -191,6 +192,7 @@ class Collector:
         self.dist = dist or Dist()
         self.device = device  # where a gathered batch's rollouts go (the policy's device)
         self.missing_rewards = missing_rewards  # combine_rewards' rule (train.missing_rewards)
+        self.multi_turn = multi_turn  # data.environment: rollout/multiturn.py's MultiTurn
         self._seed: int | None = None
         self._calls = 0
 
@@ -239,7 +241,12 @@ class Collector:
 
     def _sample_these(self, indices: list[int]) -> ScoredBatch:
         examples = [self.dataset[i] for i in indices]
-        ro = self.engine.generate([ex.text for ex in examples], self._params(self.sampling))
+        texts, params = [ex.text for ex in examples], self._params(self.sampling)
+        if self.multi_turn is not None:
+            rows = [{"prompt": ex.prompt, **ex.columns} for ex in examples]
+            ro = self.multi_turn.generate(self.engine, texts, rows, params).to(self.device)
+        else:
+            ro = self.engine.generate(texts, params)
         rewards_N, res = self._score(examples, ro)
         return ScoredBatch(
             examples=examples,

@@ -28,12 +28,19 @@ def reward_metrics(batch: ScoredBatch, names: list[str]) -> dict[str, float]:
 def completion_metrics(batch: ScoredBatch) -> dict[str, float]:
     ro = batch.rollouts
     lengths = ro.lengths_N
-    return {
+    out = {
         "completions/mean_length": float(lengths.mean()),
         "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
         "completions/clipped_ratio": float(ro.truncated_N.float().mean()),
     }
+    if ro.meta is not None and all("turns" in m for m in ro.meta):  # multi-turn rollouts
+        n = max(len(ro.meta), 1)
+        out["turns/mean"] = sum(m["num_turns"] for m in ro.meta) / n
+        out["tools/calls_mean"] = sum(m["tool_calls"] for m in ro.meta) / n
+        out["tools/errors_mean"] = sum(m["tool_errors"] for m in ro.meta) / n
+        out["completions/trained_tokens_mean"] = float(ro.loss_mask_NT.sum()) / n
+    return out
 
 
 def timing_metrics(batch: ScoredBatch, t_collect: float, t_plan: float, t_train: float) -> dict:

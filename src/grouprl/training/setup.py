@@ -52,6 +52,7 @@ def load_dataset_from_config(
     split: str = "train",
     source: Any = None,
     completion_from_messages: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> PromptDataset:
     """The prompts of `split` (train: data.path or data.task; eval: data.eval_path or the
     task's held-out split), or of `source` (a path or a list of dicts) when given;
@@ -79,6 +80,7 @@ def load_dataset_from_config(
         split=d.split,
         system_prompt=d.system_prompt,
         completion_from_messages=completion_from_messages,
+        tools=tools,
     )
 
 
@@ -91,11 +93,34 @@ def resolve_rewards(cfg: Config, reward_funcs: Sequence[Any] | None) -> None:
         cfg.rewards = list(task_of(cfg).rewards)
 
 
-def training_prompts(cfg: Config, tokenizer: Any, given: Any) -> PromptDataset:
-    """The training prompts (`given` replaces the config's), with skipped rows reported."""
+def build_multi_turn(cfg: Config, tokenizer: Any) -> Any:
+    """`data.environment` as the collector runs it (rollout/multiturn.py), or None."""
+    if cfg.data.environment is None:
+        return None
+    from grouprl.envs.base import build_environment
+    from grouprl.rollout.multiturn import MultiTurn, ObservationRenderer
+
+    factory = build_environment(cfg.data.environment)
+    tools = [t.schema for t in getattr(factory(), "tools", [])]
+    renderer = ObservationRenderer(
+        tokenizer, use_template=cfg.data.chat_template == "auto", tools=tools
+    )
+    return MultiTurn(factory, renderer, cfg.rollout.max_turns, cfg.rollout.max_total_tokens)
+
+
+def environment_tools(multi_turn: Any) -> list[dict[str, Any]] | None:
+    """The JSON schemas of the environment's tools, for the prompts' chat template."""
+    return None if multi_turn is None else multi_turn.renderer.tools
+
+
+def training_prompts(
+    cfg: Config, tokenizer: Any, given: Any, tools: list[dict[str, Any]] | None = None
+) -> PromptDataset:
+    """The training prompts (`given` replaces the config's), with skipped rows reported;
+    `tools` (an environment's tool schemas) go to the chat template."""
     if isinstance(given, PromptDataset):
         return given
-    data = load_dataset_from_config(cfg, tokenizer, source=given)
+    data = load_dataset_from_config(cfg, tokenizer, source=given, tools=tools)
     if data.skipped:
         log.warning(
             "%s: skipped %d bad rows (data.on_bad_row=skip); first: %s",

@@ -50,8 +50,10 @@ from grouprl.training.plan import plan_batch
 from grouprl.training.resume import resume_run
 from grouprl.training.rundir import RunLock, check_run_dir, move_aside
 from grouprl.training.setup import (
+    build_multi_turn,
     check_dataset_size,
     decide_shared_prefix,
+    environment_tools,
     load_dataset_from_config,
     resolve_mismatch,
     resolve_rewards,
@@ -137,7 +139,10 @@ class Trainer:
             self.device = next(model.parameters()).device
         model = adapt(model, cfg.model)
         self.tokenizer = tokenizer
-        self.dataset = training_prompts(cfg, tokenizer, train_dataset)
+        self.multi_turn = build_multi_turn(cfg, tokenizer)  # data.environment, or None
+        self.dataset = training_prompts(
+            cfg, tokenizer, train_dataset, environment_tools(self.multi_turn)
+        )
         check_dataset_size(cfg, len(self.dataset))
         self._eval_set: Any = None
         self.sampling = sampling_params(cfg.rollout)
@@ -149,6 +154,11 @@ class Trainer:
             max_prompt_length=cfg.data.max_prompt_length,
             overlap=overlap,
         )
+        if self.multi_turn is not None and not getattr(self.engine, "multi_turn", False):
+            raise ConfigError(
+                f"data.environment: rollout.engine {cfg.rollout.engine!r} cannot run "
+                "multi-turn rollouts yet (it does not declare multi_turn); use rollout.engine hf"
+            )
         resolve_mismatch(cfg, self.components, self.engine)
         self.learner = Learner(
             model,
@@ -174,6 +184,7 @@ class Trainer:
             dist=self.dist.split() if overlap else self.dist,
             device=self.device,
             missing_rewards=cfg.train.missing_rewards,
+            multi_turn=self.multi_turn,
         )
         self.pipeline = Pipeline(self.collector, mode=cfg.train.async_, seed=cfg.train.seed)
         self.step = 0
