@@ -253,3 +253,24 @@ def test_sft_on_chat_conversations(capsys, tmp_path, tiny_model_dir):
     )
     assert ds[0].text.strip() == f"user: {rows[0]['messages'][0]['content']}"
     assert ds[0].columns["completion"] == rows[0]["messages"][1]["content"]
+
+
+@pytest.mark.slow
+def test_quick_tools_demo_runs_multi_turn_with_the_calculator(capsys, tmp_path):
+    code, out, err = run(
+        capsys,
+        "demo",
+        "--task",
+        "tools",
+        "--quick",
+        "--output-dir",
+        str(tmp_path / "demo"),
+        "--no-progress",
+    )
+    assert code == 0, err
+    d = tmp_path / "demo"
+    summary = json.loads((d / "summary.json").read_text())["summary"]
+    assert "heldout_tool_calls_per_correct_after_grpo" in summary
+    assert "tool calls per correct answer" in out
+    lines = [json.loads(x) for x in (d / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert "tools/calls_mean" in lines[-1] and "turns/mean" in lines[-1]

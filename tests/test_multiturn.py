@@ -349,3 +349,69 @@ def test_training_with_an_environment(tmp_path, tiny_model_dir):
         assert ro.attention_mask_NT[n, o["start"] : o["end"]].eq(1).all()
     assert len(seen["trajectory"]) == ro.num_rollouts
     assert lines[-1]["rewards/turns/mean"] > 1.0
+
+
+# ------------------------------------------------------------------ the tools task, SFT traces
+def test_tools_task_traces_call_the_calculator_and_mask_the_response():
+    from grouprl.data.tasks import get_task
+    from grouprl.training.sft import encode_traces
+
+    task = get_task("tools")
+    kinds = {r["kind"] for r in task.train_rows}
+    assert kinds == {"hard", "easy"} and task.environment["name"] == "tools"
+    held = {r["prompt"] for r in task.eval_rows}
+    assert not held & {r["prompt"] for r in task.train_rows}
+    prompts, traces = task.sft_data(0)
+    env = build_environment(task.environment)()
+    direct = 0
+    for p, tr, row in zip(prompts, traces, task.train_rows, strict=True):
+        assert p == row["prompt"]
+        if isinstance(tr, str):  # an easy problem answered without the tool
+            assert row["kind"] == "easy" and tr == row["answer"]
+            direct += 1
+            continue
+        call, response, answer = tr
+        env.reset(row)
+        obs = env.step(call[0].removesuffix("<eos>")).observation
+        assert obs[0]["content"] == row["answer"] == answer[0]  # the call computes the answer
+        assert (call[1], response[1], answer[1]) == (True, False, True)
+    assert 0 < direct < sum(r["kind"] == "easy" for r in task.train_rows)
+    tok = task.build_tokenizer()
+    _, _, ids, attn, loss = encode_traces(tok, prompts[:1], [traces[0]])
+    text = tok.decode(ids[0][attn[0].bool()])
+    resp = tok(traces[0][1][0], add_special_tokens=False)["input_ids"]
+    start = len(tok(traces[0][0][0], add_special_tokens=False)["input_ids"])
+    assert ids[0, start : start + len(resp)].tolist() == resp and "<tool_response>" in text
+    assert loss[0, start : start + len(resp)].sum() == 0
+    assert (
+        loss[0, :start].eq(1).all()
+        and loss[0, start + len(resp) :][attn[0, start + len(resp) :].bool()].eq(1).all()
+    )
+
+
+def test_one_long_trajectory_does_not_shorten_the_others_turns(tiny_engine):
+    """Budgets are per trajectory: a trajectory near max_total_tokens is cut at its own
+    room, while the others still get max_new_tokens for their turn."""
+    engine, model, tok = tiny_engine
+
+    class LongFirst:
+        tools: list = []
+
+        def reset(self, row):
+            self.row, self.n = row, 0
+
+        def step(self, message):
+            self.n += 1
+            if self.n > 1:
+                return StepResult(None, done=True)
+            size = 24 if self.row["prompt"] == "12+5=" else 2  # a long observation for one
+            return StepResult([{"role": "tool", "content": "7" * size}])
+
+    ro = _run(engine, tok, env=LongFirst, total=64, max_new=6)
+    short = [m for n, m in enumerate(ro.meta) if n >= 2]  # the "3*4=" trajectories
+    long = [m for n, m in enumerate(ro.meta) if n < 2]
+    for m in short:  # ForcedEOS gives 4-token turns: the second one was not cut to 1 token
+        assert [t["end"] - t["start"] for t in m["turns"] if t["kind"] == "model"] == [4, 4]
+    for n, m in enumerate(long):  # 4 + 58 observation tokens: 2 left for its second turn
+        assert [t["end"] - t["start"] for t in m["turns"]] == [4, 58, 2]
+        assert ro.truncated_N[n]

@@ -293,6 +293,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"({summary['gain_points']:+.1f} points) in {summary['total_seconds']:.0f} s; "
         f"see {args.output_dir}/summary.md and curves.png"
     )
+    if "heldout_tool_calls_per_correct_after_sft" in summary:
+        print(
+            "tool calls per correct answer: "
+            f"{summary['heldout_tool_calls_per_correct_after_sft']:.2f} after SFT -> "
+            f"{summary['heldout_tool_calls_per_correct_after_grpo']:.2f} after GRPO"
+        )
     return 0
 
 
@@ -456,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="offline demo: tiny model, SFT, GRPO, before/after accuracy")
     d.add_argument("--output-dir", default="runs/demo")
-    d.add_argument("--task", default="arith")
+    d.add_argument("--task", default="arith", help="arith, clinical or tools (multi-turn, OTC)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a seconds-long smoke version")
     d.add_argument("--no-progress", action="store_true")

@@ -49,6 +49,7 @@ class DemoSettings:
     extra: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False  # an earlier run in the output folder is moved aside, not refused
     engine: str = "hf"  # rollout engine of the GRPO stage (hf or vllm); held-out eval uses hf
+    max_turns: int = 2  # model turns per trajectory, for a task with an environment (tools)
 
     @staticmethod
     def for_task(task: str, **overrides: Any) -> DemoSettings:
@@ -72,7 +73,31 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "eval_every": 50,
         "recipe": "crpo",
     },
+    # tools: a turn is a ~80-character tool call, then the answer after the tool's response;
+    # the RL stage is GRPO on OTC's tool_efficiency (correct answers with the fewest calls)
+    "tools": {
+        "sft_steps": 600,
+        "grpo_steps": 120,
+        "prompts_per_step": 8,
+        "num_generations": 8,
+        "grpo_lr": 1e-4,
+        "max_new_tokens": 90,
+        "eval_problems": 100,
+        "eval_samples": 2,
+        "eval_every": 0,
+    },
 }
+
+
+def multi_turn_of(task: Any, tok: Any, s: DemoSettings) -> Any:
+    """The task's environment as evaluation samples it (None for a single-turn task)."""
+    if task.environment is None:
+        return None
+    from grouprl.envs.base import build_environment
+    from grouprl.rollout.multiturn import MultiTurn, ObservationRenderer
+
+    renderer = ObservationRenderer(tok, use_template=False, tools=None)
+    return MultiTurn(build_environment(task.environment), renderer, s.max_turns, 0)
 
 
 def warm_start(task: Any, s: DemoSettings, out: Path, *, progress: bool = False):
@@ -118,6 +143,7 @@ def held_out_eval(
         temperature=s.temperature,
         max_new_tokens=s.max_new_tokens,
         seed=s.seed,
+        multi_turn=multi_turn_of(task, tok, s),
     )
 
 
@@ -128,11 +154,13 @@ def rl_config(
     `model_path`, with the demo's rollout and training settings. Benchmarks start from it."""
     return {
         "model": {"name_or_path": str(model_path)},
+        **({"data": {"environment": task.environment}} if task.environment else {}),
         "rollout": {
             "engine": s.engine,
             "num_generations": s.num_generations,
             "temperature": s.temperature,
             "max_new_tokens": s.max_new_tokens,
+            "max_turns": s.max_turns,
         },
         **(
             {"recipe": s.recipe}
@@ -226,6 +254,11 @@ def run_demo(
             for name in rewards.names
             for when, res in (("after_sft", before), ("after_grpo", after))
             if name != task.correct_reward
+        },
+        **{
+            f"heldout_tool_calls_per_correct_{when}": res["tools/calls_per_correct"]
+            for when, res in (("after_sft", before), ("after_grpo", after))
+            if "tools/calls_per_correct" in res
         },
         "sft_seconds": sft_time,
         "grpo_seconds": grpo_time,

@@ -34,6 +34,7 @@ def evaluate(
     progress: bool = False,
     engine: RolloutEngine | RolloutConfig | str | None = None,
     max_prompt_length: int | None = None,
+    multi_turn: Any = None,
 ) -> dict[str, float]:
     """Sample `n` completions for each example and summarize.
 
@@ -47,7 +48,10 @@ def evaluate(
     keeps its weights in sync), or the registered name of one (`rollout.engine`; default
     "hf") or a `rollout` config section (engine settings such as `vllm`), which is built on
     `model` for this call and closed at the end; `max_prompt_length` sizes a vLLM engine's
-    context (prompt budget + max_new_tokens).
+    context (prompt budget + max_new_tokens). `multi_turn` (rollout/multiturn.py's
+    `MultiTurn`, from `data.environment`): samples are trajectories; answers are their final
+    model messages, and `tools/calls_mean` (tool calls per sample) and
+    `tools/calls_per_correct` (tool calls of correct samples, per correct sample) are added.
     """
     name = correct_reward or rewards.names[0]
     if name not in rewards.names:
@@ -75,6 +79,7 @@ def evaluate(
     correct: list[list[bool]] = []
     answers: list[list[str | None]] = []
     per_reward: dict[str, list[float]] = {r: [] for r in rewards.names}
+    calls: list[tuple[int, bool]] = []  # (tool calls, correct) per multi-turn sample
     try:
         with (
             torch.random.fork_rng(devices=[]),
@@ -83,12 +88,21 @@ def evaluate(
             torch.manual_seed(seed)
             for s in range(0, len(examples), batch_prompts):
                 chunk = list(examples[s : s + batch_prompts])
-                ro = eng.generate([ex.text for ex in chunk], params)
+                texts = [ex.text for ex in chunk]
+                if multi_turn is not None:
+                    rows_of = [{"prompt": ex.prompt, **ex.columns} for ex in chunk]
+                    ro = multi_turn.generate(eng, texts, rows_of, params)
+                else:
+                    ro = eng.generate(texts, params)
                 vals = score_rollouts(rewards, chunk, ro, max_new_tokens).rewards_NK
                 for i in range(len(chunk)):
                     rows = range(i * n, (i + 1) * n)
                     correct.append([bool(vals[r, kcol] >= correct_threshold) for r in rows])
-                    answers.append([_answer(ro.completions[r]) for r in rows])
+                    answers.append([_answer(_final_text(ro, r)) for r in rows])
+                    if multi_turn is not None:
+                        calls.extend(
+                            (ro.meta[r]["tool_calls"], correct[-1][j]) for j, r in enumerate(rows)
+                        )
                 for k, r in enumerate(rewards.names):
                     per_reward[r].extend(vals[:, k].tolist())
                 bar.update(min(s + batch_prompts, len(examples)), {})
@@ -101,7 +115,21 @@ def evaluate(
         out[f"rewards/{r}/mean"] = mean
         out[f"rewards/{r}/ci_low"] = lo
         out[f"rewards/{r}/ci_high"] = hi
+    if calls:
+        out["tools/calls_mean"] = sum(c for c, _ in calls) / len(calls)
+        right = [c for c, ok in calls if ok]
+        out["tools/calls_per_correct"] = sum(right) / len(right) if right else float("nan")
     return out
+
+
+def _final_text(ro: Any, r: int) -> str:
+    """A sample's answer text: its completion, or a trajectory's final model message."""
+    if ro.meta is not None and "messages" in ro.meta[r]:
+        said = [
+            m.get("content") or "" for m in ro.meta[r]["messages"] if m.get("role") == "assistant"
+        ]
+        return said[-1] if said else ""
+    return ro.completions[r]
 
 
 def _answer(completion: str) -> str | None:

@@ -141,7 +141,9 @@ class RolloutEngine(Protocol):
     step=, weights=)` process 0 alone calls with the gathered weights; `overlaps_training`
     (default False), whether `generate` may run in a background thread while the learner
     updates the policy (train.async), after an optional `prepare_overlap()` that
-    `build_engine(..., overlap=True)` calls once.
+    `build_engine(..., overlap=True)` calls once; `multi_turn` (default False), whether it
+    has `sample_token_ids(contexts, params)` and `eos_ids()`, which multi-turn rollouts
+    (`data.environment`, rollout/multiturn.py) need.
     """
 
     reports_sampling_logp: bool

@@ -44,13 +44,15 @@ class HFEngine:
     Prompts are left-padded so that every completion starts at the same column; sampling
     uses the global torch RNG, so a seeded run (and a resumed one) draws the same samples.
     It samples with the policy's own forward, so there is no sampler/trainer mismatch to
-    correct and it reports no separate sampling log-probs.
+    correct and it reports no separate sampling log-probs, except under train.async
+    (`prepare_overlap`), where it samples from a copy a step behind and reports them.
     """
 
     reports_sampling_logp = False
     samples_from_policy = True  # the learner's live module: gathered under fsdp2
     default_mismatch_correction = "none"
     overlaps_training = True  # train.async: after prepare_overlap, from its own copy
+    multi_turn = True  # `sample_token_ids`: continues token-id contexts (rollout/multiturn.py)
 
     def __init__(
         self,
@@ -200,8 +202,6 @@ class HFEngine:
             if logp_NT is None
             else torch.where(comp_mask.bool(), logp_NT[:, : comp.shape[1]], 0.0),
         )
-
-    multi_turn = True  # `sample_token_ids`: continues token-id contexts (rollout/multiturn.py)
 
     @torch.no_grad()
     def sample_token_ids(

@@ -129,7 +129,9 @@ def run_trajectories(
         live = [t for t in trajs if not t.done]
         if not live:
             break
-        budget = max_total_tokens - max(len(t.ids) for t in live)
+        # as many new tokens as the trajectory with the most room left may take; each is then
+        # cut to its own room (a trajectory cut there is truncated)
+        budget = max_total_tokens - min(len(t.ids) for t in live)
         step = replace(params, max_new_tokens=max(1, min(params.max_new_tokens, budget)))
         if turn == 0:  # the G trajectories of a prompt share its prefix: sample them together
             samples = sampler.sample_token_ids(prompt_ids, step)

@@ -326,6 +326,7 @@ class VLLMEngine:
     # train.async: the server samples over HTTP while the trainer updates; colocate (vLLM
     # in the trainer's process) sets False: not built or tested yet
     overlaps_training = True
+    multi_turn = True  # `sample_token_ids`: continues token-id contexts (rollout/multiturn.py)
 
     @classmethod
     def from_config(
@@ -385,8 +386,6 @@ class VLLMEngine:
     def generate(self, prompts: list[str], params: SamplingParams) -> Rollouts:
         prompt_ids = self._prompt_ids(prompts, params)
         return self._rollouts(prompt_ids, self._sample(prompt_ids, params))
-
-    multi_turn = True  # `sample_token_ids`: continues token-id contexts (rollout/multiturn.py)
 
     def sample_token_ids(
         self, contexts: list[list[int]], params: SamplingParams

@@ -94,13 +94,17 @@ def resolve_rewards(cfg: Config, reward_funcs: Sequence[Any] | None) -> None:
 
 
 def build_multi_turn(cfg: Config, tokenizer: Any) -> Any:
-    """`data.environment` as the collector runs it (rollout/multiturn.py), or None."""
-    if cfg.data.environment is None:
+    """`data.environment` (or, when unset, the environment `data.task` is meant for) as the
+    collector runs it (rollout/multiturn.py), or None."""
+    spec = cfg.data.environment
+    if spec is None and cfg.data.task:
+        spec = task_of(cfg).environment
+    if spec is None:
         return None
     from grouprl.envs.base import build_environment
     from grouprl.rollout.multiturn import MultiTurn, ObservationRenderer
 
-    factory = build_environment(cfg.data.environment)
+    factory = build_environment(spec)
     tools = [t.schema for t in getattr(factory(), "tools", [])]
     renderer = ObservationRenderer(
         tokenizer, use_template=cfg.data.chat_template == "auto", tools=tools

@@ -29,8 +29,22 @@ class SFTResult:
     history: list[dict[str, float]]
 
 
-def encode_pairs(tokenizer, prompts: Sequence[str], completions: Sequence[str]):
+# A completion: a string, or a multi-turn trace of (text, trained) segments, e.g. a tool
+# call (trained), its tool response (context only: read, not fitted), the final answer
+Completion = str | Sequence[tuple[str, bool]]
+
+
+def _segments(c: Completion) -> list[tuple[str, bool]]:
+    return [(c, True)] if isinstance(c, str) else [(str(t), bool(k)) for t, k in c]
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], completions: Sequence[Completion]):
     """Left-padded prompt ids/mask and right-padded completion ids (+EOS)/mask."""
+    return encode_traces(tokenizer, prompts, completions)[:4]
+
+
+def encode_traces(tokenizer, prompts: Sequence[str], completions: Sequence[Completion]):
+    """`encode_pairs`, and the loss mask (0 on the untrained segments of a trace)."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -38,21 +52,32 @@ def encode_pairs(tokenizer, prompts: Sequence[str], completions: Sequence[str]):
     finally:
         tokenizer.padding_side = side
     eos = tokenizer.eos_token_id
-    comp = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
+    comp, trained = [], []
+    for c in completions:
+        ids_c: list[int] = []
+        keep: list[int] = []
+        for text, fit in _segments(c):
+            seg = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids_c += seg
+            keep += [int(fit)] * len(seg)
+        comp.append(ids_c + [eos])
+        trained.append(keep + [1])
     T = max(len(c) for c in comp)
     ids = torch.full((len(comp), T), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(comp), T))
+    loss = torch.zeros((len(comp), T))
     for i, c in enumerate(comp):
         ids[i, : len(c)] = torch.tensor(c)
         mask[i, : len(c)] = 1.0
-    return p["input_ids"], p["attention_mask"].float(), ids, mask
+        loss[i, : len(c)] = torch.tensor(trained[i], dtype=torch.float32)
+    return p["input_ids"], p["attention_mask"].float(), ids, mask, loss
 
 
 def sft(
     model: torch.nn.Module,
     tokenizer,
     prompts: Sequence[str],
-    completions: Sequence[str],
+    completions: Sequence[Completion],
     *,
     steps: int,
     batch_size: int = 32,
@@ -69,6 +94,8 @@ def sft(
     resume: bool = False,
 ) -> SFTResult:
     """Fit `completions` given `prompts` for `steps` AdamW steps on random mini-batches.
+    A completion may be a multi-turn trace of (text, trained) segments: the untrained ones
+    (tool responses) are read as context and get no loss.
 
     With `output_dir`: metrics.jsonl, and a checkpoint every `save_every` steps and at the
     end (weights, optimizer, RNG and the batch sampler's state), from which `resume`
@@ -121,9 +148,11 @@ def sft(
 
 def _loss(model, tokenizer, prompts, completions, device) -> torch.Tensor:
     """-mean log π(completion token | prompt, past) over the batch's completion tokens."""
-    pid, pmask, cid, cmask = (t.to(device) for t in encode_pairs(tokenizer, prompts, completions))
+    pid, pmask, cid, cmask, lmask = (
+        t.to(device) for t in encode_traces(tokenizer, prompts, completions)
+    )
     logp, _ = completion_logprobs(model, pid, pmask, cid, cmask)
-    return -(logp * cmask).sum() / cmask.sum()
+    return -(logp * lmask).sum() / lmask.sum()
 
 
 @torch.no_grad()
@@ -134,10 +163,10 @@ def held_out_loss(model, tokenizer, prompts, completions, batch_size, device) ->
     total, tokens = 0.0, 0.0
     for i in range(0, len(prompts), batch_size):
         P, C = list(prompts[i : i + batch_size]), list(completions[i : i + batch_size])
-        pid, pmask, cid, cmask = (t.to(device) for t in encode_pairs(tokenizer, P, C))
+        pid, pmask, cid, cmask, lmask = (t.to(device) for t in encode_traces(tokenizer, P, C))
         logp, _ = completion_logprobs(model, pid, pmask, cid, cmask)
-        total += float(-(logp * cmask).sum())
-        tokens += float(cmask.sum())
+        total += float(-(logp * lmask).sum())
+        tokens += float(lmask.sum())
     model.train(was)
     return total / max(tokens, 1.0)
 

@@ -413,6 +413,7 @@ class Trainer:
                 max_new_tokens=self.sampling.max_new_tokens,
                 seed=self.cfg.train.seed,
                 engine=self.engine,
+                multi_turn=self.multi_turn,
             )
         return {f"eval/{k}": v for k, v in res.items()}
 

@@ -29,8 +29,10 @@ class Task:
     eval_rewards: list[Any] = field(
         default_factory=list
     )  # what evaluation reports (default: rewards)
+    # the `data.environment` its problems are meant for (multi-turn: tools), or None
+    environment: dict[str, Any] | None = None
 
-    def sft_data(self, seed: int) -> tuple[list[str], list[str]]:
+    def sft_data(self, seed: int) -> tuple[list[str], list[Any]]:
         if self.sft_pairs is not None:
             return self.sft_pairs(seed)
         return [r["prompt"] for r in self.train_rows], [str(r["answer"]) for r in self.train_rows]
