@@ -415,3 +415,19 @@ def test_one_long_trajectory_does_not_shorten_the_others_turns(tiny_engine):
     for n, m in enumerate(long):  # 4 + 58 observation tokens: 2 left for its second turn
         assert [t["end"] - t["start"] for t in m["turns"]] == [4, 58, 2]
         assert ro.truncated_N[n]
+
+
+# ------------------------------------------------------------------ Flow-GRPO
+def test_flow_grpo_normalizes_over_turns_on_a_hand_computed_example():
+    from grouprl.algorithms.advantages import flow_grpo, grpo
+
+    r = torch.tensor([[1.0, 0.0, 0.0]])
+    k = torch.tensor([[2.0, 1.0, 1.0]])
+    # turn samples: 1, 1, 0, 0 -> mu = 0.5, sigma^2 = (4 * 0.25) / 3 = 1/3
+    sigma = math.sqrt(1 / 3)
+    want = torch.tensor([[0.5 / sigma, -0.5 / sigma, -0.5 / sigma]])
+    assert torch.allclose(flow_grpo(r, k, eps=0.0), want.double().float(), atol=1e-6)
+    rr = torch.tensor([[0.2, 0.9, float("nan"), 0.4], [1.0, 1.0, 1.0, 1.0]])
+    ones = torch.ones_like(rr)
+    assert torch.allclose(flow_grpo(rr, ones), grpo(rr), atol=1e-6)  # K = 1: GRPO
+    assert flow_grpo(rr, ones)[1].eq(0).all() and flow_grpo(rr, ones)[0, 2] == 0

@@ -114,6 +114,15 @@ declare(
     probe=lambda: torch.tensor([[2.0, 3.0], [1.0, 2.0]]),
 )
 declare(
+    "turns_BG",
+    "[B, G] float",
+    "model turns per trajectory (1 for a single-turn rollout)",
+    stage="collect",
+    reduce="groups",
+    consumers=(_ADV,),
+    probe=lambda: torch.tensor([[1.0, 2.0], [1.0, 3.0]]),
+)
+declare(
     "truncated_BG",
     "[B, G] bool",
     "completions cut at the maximum length (no EOS)",

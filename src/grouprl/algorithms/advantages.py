@@ -183,6 +183,40 @@ def group_reward_stats(rewards_BG: Tensor) -> dict[str, float]:
     }
 
 
+@ADVANTAGES.register("flow_grpo", min_group_size=2)
+def flow_grpo(rewards_BG: Tensor, turns_BG: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """Flow-GRPO: every model turn is a sample carrying its trajectory's outcome.
+
+    "In-the-Flow Agentic System Optimization for Effective Planning and Tool Use"
+    (AgentFlow, arXiv 2510.05592): the trajectory's final reward r_i is broadcast to each of
+    its K_i turns, and GRPO's normalization runs over all turns of the prompt's G
+    trajectories, so a trajectory counts K_i times in the baseline and the std:
+
+        mu = sum_i K_i r_i / sum_i K_i
+        sigma^2 = sum_i K_i (r_i - mu)^2 / (sum_i K_i - 1)
+        A_i = (r_i - mu) / (sigma + eps)    for every token of every turn of trajectory i
+
+    With token-mean aggregation a turn trained as its own sample (prompt = the trajectory
+    so far) has the same loss as its tokens inside the trajectory (observations masked,
+    tests/test_multiturn.py), so this estimator is the whole method. K_i = 1 everywhere is
+    GRPO. NaN rewards get A = 0 and count nowhere; groups without signal get 0.
+    """
+    if eps < 0:
+        raise ValueError(f"flow_grpo: eps must be >= 0, got {eps}")
+    out_dtype = _check_BG(rewards_BG).dtype
+    rewards_BG = _scorable(rewards_BG)
+    valid_BG = ~torch.isnan(rewards_BG)
+    k_BG = torch.where(valid_BG, turns_BG.to(torch.float64).clamp(min=1), 0.0)
+    r_BG = torch.where(valid_BG, rewards_BG, 0.0)
+    n_B = k_BG.sum(dim=-1)
+    mu_B = (k_BG * r_BG).sum(dim=-1) / n_B.clamp(min=1)
+    centered_BG = torch.where(valid_BG, rewards_BG - mu_B[:, None], 0.0)
+    var_B = (k_BG * centered_BG**2).sum(dim=-1) / (n_B - 1).clamp(min=1)
+    adv_BG = centered_BG / (var_B.sqrt()[:, None] + eps)
+    keep_BG = valid_BG & ~_no_signal(rewards_BG, valid_BG, valid_BG.sum(dim=-1))[:, None]
+    return torch.where(keep_BG, adv_BG, 0.0).to(out_dtype)
+
+
 # ---------------------------------------------------------------------------------------
 # The catalog (ALGORITHMS.md §1). Shared helpers first.
 

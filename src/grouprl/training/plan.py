@@ -142,6 +142,14 @@ def _ro(s: StepInputs) -> Rollouts:
     return s.batch.rollouts
 
 
+def _turns_BG(s: StepInputs) -> Tensor:
+    """Model turns per trajectory, from the multi-turn rollout's meta; 1 for single-turn."""
+    meta = _ro(s).meta
+    if meta is None or not all("num_turns" in m for m in meta):
+        return torch.ones(s.B, s.G)
+    return torch.tensor([float(m["num_turns"]) for m in meta]).view(s.B, s.G)
+
+
 # One provider per name declared in grouprl.inputs (tests/test_inputs.py checks the match).
 PROVIDERS: dict[str, Callable[[StepInputs], Any]] = {
     "rewards_BG": lambda s: s.batch.rewards_N.view(s.B, s.G),
@@ -149,6 +157,7 @@ PROVIDERS: dict[str, Callable[[StepInputs], Any]] = {
     "weights_K": lambda s: s.weights_K,
     "lengths_BG": lambda s: _ro(s).lengths_N.view(s.B, s.G),
     "truncated_BG": lambda s: _ro(s).truncated_N.view(s.B, s.G),
+    "turns_BG": lambda s: _turns_BG(s),
     "prompt_keys_B": lambda s: [str(i) for i in s.batch.indices],
     "baseline_B": lambda s: s.batch.baseline_B,
     "answers_BG": _answers_BG,
