@@ -77,7 +77,10 @@ NOTES: dict[str, list[tuple[str, str]]] = {
         ("clip_cov/candidate_frac", "candidates"),
     ],
     "llds": [("llds/penalized_mean", "penalized tokens")],
-    "reg_grpo": [("reg_grpo/mse", "regression MSE"), ("reg_grpo/log_ratio", "Σ log π/π_ref")],
+    "reg_grpo": [
+        ("reg_grpo/mse", "regression MSE"),
+        ("reg_grpo/log_ratio", "ρ (log-ratio to the sampler)"),
+    ],
 }
 
 

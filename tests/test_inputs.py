@@ -60,7 +60,8 @@ def test_capabilities_are_declared_at_registration():
     reg = Registry("thing")
     with pytest.raises(RegistryError, match="unknown capabilities"):
         reg.register("x", needs_reff=True)
-    assert LOSSES.capabilities("reg_grpo").needs_ref
+    assert LOSSES.capabilities("reg_grpo").whole_groups
+    assert REGULARIZERS.capabilities("kl").needs_ref
     assert REGULARIZERS.capabilities("entropy_band").calibrates
     assert SAMPLE_FILTERS.capabilities("dynamic_sampling").refills
     assert REWARDS.capabilities("majority_vote").collapse_risk

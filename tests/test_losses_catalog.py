@@ -63,7 +63,8 @@ def test_registered_with_attributes() -> None:
         assert LOSSES.get(name) is fn
     caps = {name: LOSSES.capabilities(name) for name in LOSSES}
     assert [n for n, c in caps.items() if c.whole_groups] == ["disco", "drpo", "reg_grpo"]
-    assert [n for n, c in caps.items() if c.needs_ref] == ["reg_grpo"]
+    # reg_grpo's ratio is to pi_old by default; ratio_to="ref" uses a reference a kl loads
+    assert [n for n, c in caps.items() if c.needs_ref] == []
     LOSSES.check_params("disco", {"tau": 5.0, "score": "Lratio", "kl_scope": "group"})
     LOSSES.check_params("dhpo", {"w": 0.3, "seq_eps_high": 1e-3})
 
@@ -572,46 +573,55 @@ def reg_inputs(scale_rewards=None):
 
 
 def test_reg_grpo_hand_computed() -> None:
-    # y = 0.04·x = [0, 0.04, 0.08], mean 0.04.
-    # scale "none": z = [-0.04, 0, 0.04]; loss = (1.04² + 1² + 0.04²)/3 = 2.0832/3 = 0.6944
-    #   dL/dy_i = (2/3)·[−(A_i − z_i) + mean_j(A_j − z_j)] with Σ(A − z) = 0
-    #   = (2/3)·[−1.04, 1, 0.04]; dy/dlogp = 0.04 -> [−0.0277333, 0.0266667, 0.0010667]
+    # to pi_old at step start: rho = 0 for every row, z = 0, loss = sum A^2 / 3 = 2/3, and
+    # the gradient is the unclipped policy gradient -2*beta/N * A_i (no collapse, no 1/eps)
     inp, logp = reg_inputs()
-    out = reg_grpo(inp, scale="none")
+    out = reg_grpo(inp)
+    assert out.aggregated.item() == pytest.approx(2 / 3)
+    torch.testing.assert_close(grad_of(out.aggregated, logp), t([[-2 / 3], [2 / 3], [0.0]]))
+    inp, logp = reg_inputs()
+    torch.testing.assert_close(
+        grad_of(reg_grpo(inp, beta=0.5).aggregated, logp), t([[-1 / 3], [1 / 3], [0.0]])
+    )
+    # to pi_ref, beta 0.04, scale none: x = [0, 1, 2], z = 0.04*(x - 1) = [-0.04, 0, 0.04];
+    # loss = (1.04^2 + 1^2 + 0.04^2)/3 = 2.0832/3; dL/dx = (2*0.04/3)*[-(A - z) + mean(A - z)]
+    inp, logp = reg_inputs()
+    out = reg_grpo(inp, beta=0.04, ratio_to="ref")
     assert out.aggregated.item() == pytest.approx(0.6944)
     torch.testing.assert_close(
         grad_of(out.aggregated, logp), t([[-0.0832 / 3], [0.08 / 3], [0.0032 / 3]])
     )
-    # scale "group": unbiased std of y = sqrt((0.04² + 0 + 0.04²)/2) = 0.04 -> z = ±0.04/(0.04+1e-6)
-    inp, logp = reg_inputs()
-    out = reg_grpo(inp)
-    z = 0.04 / (0.04 + 1e-6)
-    assert out.aggregated.item() == pytest.approx(((1 + z) ** 2 + 1 + z**2) / 3)
     assert out.stats["reg_grpo/log_ratio"] == pytest.approx(1.0)  # mean of x = [0, 1, 2]
-    # β cancels in the z-score: the same loss with β = 1
-    assert reg_grpo(reg_inputs()[0], beta=1.0).aggregated.item() == pytest.approx(
-        out.aggregated.item(), rel=1e-4
-    )
+    # scale group (to pi_ref): std of x = 1 (detached) -> z = [-1, 0, 1]; loss = (4 + 1 + 1)/3;
+    # dL/dx = (2/3)*[(z - A) - mean(z - A)] = (2/3)*[-2, 1, 1]
+    inp, logp = reg_inputs()
+    out = reg_grpo(inp, scale="group", ratio_to="ref")
+    assert out.aggregated.item() == pytest.approx(2.0)
+    torch.testing.assert_close(grad_of(out.aggregated, logp), t([[-4 / 3], [2 / 3], [2 / 3]]))
+    # scale group at step start (to pi_old): std 0 < sigma_min -> z = 0, a finite zero gradient
+    inp, logp = reg_inputs()
+    g = grad_of(reg_grpo(inp, scale="group").aggregated, logp)
+    assert torch.equal(g, torch.zeros(3, 1, dtype=F64))
 
 
 def test_reg_grpo_edge_cases() -> None:
     # a NaN reward drops row 2 from the statistics and the loss: group = rows 0, 1,
-    # y = [0, 0.04] -> centered [−0.02, 0.02], std = 0.0282843, z = [−0.7071, 0.7071]
+    # x = [0, 1] to pi_ref -> centered [-0.5, 0.5], beta 1: z = [-0.5, 0.5]
     inp, _ = reg_inputs(scale_rewards=t([1.0, 0.0, NAN]))
-    z = 0.02 / (math.sqrt(0.0008) + 1e-6)
-    assert reg_grpo(inp).aggregated.item() == pytest.approx(((1 + z) ** 2 + (-1 - z) ** 2) / 3)
-    # singleton groups: z = 0, loss = ΣA²/N = 2/3, no gradient and no NaN
+    assert reg_grpo(inp, ratio_to="ref").aggregated.item() == pytest.approx(
+        ((1 + 0.5) ** 2 + (-1 - 0.5) ** 2) / 3
+    )
+    # singleton groups: z = 0, loss = sum A^2 / N = 2/3, no gradient and no NaN
     inp, logp = reg_inputs()
     inp.group_N = torch.tensor([0, 1, 2])
-    out = reg_grpo(inp)
+    out = reg_grpo(inp, ratio_to="ref")
     assert out.aggregated.item() == pytest.approx(2 / 3)
     assert torch.equal(grad_of(out.aggregated, logp), torch.zeros(3, 1, dtype=F64))
-    # equal log-ratios in a group (zero variance): finite gradient
-    inp, logp = reg_inputs()
-    inp.ref_logp_NT = logp.detach() - 1.0
-    assert torch.isfinite(grad_of(reg_grpo(inp).aggregated, logp)).all()
-    with pytest.raises(ValueError, match="ref_logp_NT"):
-        reg_grpo(replace(inp, ref_logp_NT=None, rewards_N=None))
+    with pytest.raises(ValueError, match="ratio_to='ref' needs ref_logp_NT"):
+        reg_grpo(replace(inp, ref_logp_NT=None, rewards_N=None), ratio_to="ref")
+    for bad in ({"scale": "z"}, {"ratio_to": "new"}, {"beta": 0.0}, {"sigma_min": 0.0}):
+        with pytest.raises(ValueError, match="reg_grpo"):
+            reg_grpo(inp, **bad)
     with pytest.raises(ValueError, match=r"shape \[N\]"):
         inp.adv_N = torch.zeros(3, 1, dtype=F64)
         reg_grpo(inp)

@@ -615,40 +615,64 @@ def drpo(
     )
 
 
-REG_GRPO_SCALES = ("group", "none")
+REG_GRPO_SCALES = ("none", "group")
+REG_GRPO_RATIOS = ("old", "ref")
 
 
-@LOSSES.register("reg_grpo", whole_groups=True, needs_ref=True)
+@LOSSES.register("reg_grpo", whole_groups=True)
 def reg_grpo(
-    inp: PolicyInputs, *, beta: float = 0.04, scale: str = "group", eps: float = 1e-6
+    inp: PolicyInputs,
+    *,
+    beta: float = 1.0,
+    scale: str = "none",
+    ratio_to: str = "old",
+    sigma_min: float = 1e-3,
 ) -> TermOutput:
-    """Reg-GRPO, reading: regress the group-normalized implied reward onto the GRPO advantage.
+    """Reg-GRPO, reading: regress the group-centered implied reward onto the GRPO advantage.
 
     "DeepVideo-R1: Video Reinforcement Fine-Tuning via Difficulty-aware Regressive GRPO"
-    (arXiv 2506.07464). Only "regression onto the group advantage, no clip/min" is verified;
-    the form is the notes' reading, implemented as written in ALGORITHMS.md §2:
+    (arXiv 2506.07464, §3.2 and App. A): the KL in its derivation is to the OLD policy, so
+    the implied reward is the sequence log-ratio to π_old, regressed onto the advantage by
+    squared error, with no clip and no min:
 
-        y_i  = β·log(π_θ(o_i)/π_ref(o_i)) = β·Σ_t m_{i,t}·(logπ_θ − logπ_ref)
-        z_i  = (y_i − mean_G y)/(std_G y + eps)   (scale="group"; unbiased std, as `grpo`)
-               y_i − mean_G y                        (scale="none")
+        ρ_i  = Σ_t m_{i,t}·(logπ_θ − logπ_old)         (ratio_to="old"; "ref": to π_ref)
+        z_i  = β·(ρ_i − mean_G ρ)                        (scale="none", the default)
+               (ρ_i − mean_G ρ) / max(sg(std_G ρ), σ_min)  (scale="group"; a group whose
+               std < σ_min gets z = 0: the paper's literal form, 0/0 when π_θ = π_old)
         loss = Σ_i (A_i − z_i)² / N_batch,   A_i = inp.adv_N (the configured advantage)
 
-    With scale="group" β cancels (except against eps). Rows with a NaN reward are left out
-    of the group statistics and of the loss; a group with < 2 such rows gets z = 0. Token
-    weights multiply each token's log-ratio. N_batch = inp.norm.num_seqs. Needs whole
-    groups and the reference log-probs; advantages must be per completion ([N]).
+    Changed from the first build (which took ρ to π_ref, β = 0.04, scale group, and
+    collapsed: at step start every ρ_i is equal, std 0, and the gradient ∝ 1/ε): with
+    scale "none" at ρ = 0 the gradient is −2β/N·Σ_i A_i·∇ρ_i, an unclipped on-policy policy
+    gradient, and later inner steps (num_iterations > 1) are braked by the regression (the
+    OPMD/REBEL family). scale "none" and the std floor are ours (catalog2.md §6.1); the
+    paper's norm of the regression is not decoded (squared error assumed). Rows with a NaN
+    reward are left out of the group statistics and of the loss; a group with < 2 such rows
+    gets z = 0. Token weights multiply each token's log-ratio. N_batch =
+    inp.norm.num_seqs. Needs whole groups; ratio_to="ref" needs the reference log-probs
+    (a `kl` regularizer loads the reference).
 
     Returns `aggregated` (per_token_NT is zero). stats: reg_grpo/mse (mean squared error
-    over the rows seen), reg_grpo/log_ratio (mean Σ_t log π_θ/π_ref over the rows seen).
+    over the rows seen), reg_grpo/log_ratio (mean ρ over the rows seen).
     """
     if scale not in REG_GRPO_SCALES:
         raise ValueError(
             f"reg_grpo: scale must be one of {', '.join(REG_GRPO_SCALES)}; got {scale!r}"
         )
-    if not math.isfinite(beta) or beta <= 0 or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"reg_grpo: need beta > 0 and eps >= 0, got beta={beta}, eps={eps}")
-    if inp.ref_logp_NT is None:
-        raise ValueError("reg_grpo: needs ref_logp_NT (reference log-probs), got None")
+    if ratio_to not in REG_GRPO_RATIOS:
+        raise ValueError(
+            f"reg_grpo: ratio_to must be one of {', '.join(REG_GRPO_RATIOS)}; got {ratio_to!r}"
+        )
+    if not math.isfinite(beta) or beta <= 0 or not math.isfinite(sigma_min) or sigma_min <= 0:
+        raise ValueError(
+            f"reg_grpo: need beta > 0 and sigma_min > 0, got beta={beta}, sigma_min={sigma_min}"
+        )
+    base = inp.old_logp_NT if ratio_to == "old" else inp.ref_logp_NT
+    if base is None:
+        raise ValueError(
+            "reg_grpo: ratio_to='ref' needs ref_logp_NT (reference log-probs): add a kl "
+            "regularizer, which loads the reference, or use ratio_to='old'"
+        )
     if inp.adv_N.shape != inp.logp_NT.shape[:1]:
         raise ValueError(
             f"reg_grpo: advantages must be per completion, shape [N] = {inp.logp_NT.shape[0]}; "
@@ -658,25 +682,25 @@ def reg_grpo(
     gid_N, B = _group_index(inp, "reg_grpo")
     mask_NT, valid_NT, logp_NT, _ = _valid_logps(inp)
     dtype = logp_NT.dtype
-    ref_NT = inp.ref_logp_NT.detach().to(dtype).where(valid_NT, 0.0)
-    log_ratio_N = (_token_weighted(logp_NT - ref_NT, inp) * mask_NT).sum(dim=-1)
-    y_N = beta * log_ratio_N
+    base_NT = base.detach().to(dtype).where(valid_NT, 0.0)
+    log_ratio_N = (_token_weighted(logp_NT - base_NT, inp) * mask_NT).sum(dim=-1)
 
     if inp.rewards_N is None:
-        used_N = torch.ones_like(y_N, dtype=torch.bool)
+        used_N = torch.ones_like(log_ratio_N, dtype=torch.bool)
     else:
-        used_N = ~torch.isnan(inp.rewards_N.to(y_N.device))
+        used_N = ~torch.isnan(inp.rewards_N.to(log_ratio_N.device))
     used = used_N.to(dtype)
     n_B = _group_sum(used, gid_N, B)
-    mean_B = _group_sum(y_N * used, gid_N, B) / n_B.clamp(min=1.0)
-    centered_N = (y_N - mean_B[gid_N]) * used
+    mean_B = _group_sum(log_ratio_N * used, gid_N, B) / n_B.clamp(min=1.0)
+    centered_N = (log_ratio_N - mean_B[gid_N]) * used
     if scale == "group":
-        var_B = _group_sum(centered_N**2, gid_N, B) / (n_B - 1.0).clamp(min=1.0)
-        # sqrt has an infinite derivative at 0: keep a zero-variance group off that branch.
-        std_B = var_B.where(var_B > 0, 1.0).sqrt().where(var_B > 0, 0.0)
-        z_N = centered_N / (std_B[gid_N] + eps)
+        var_B = _group_sum(centered_N.detach() ** 2, gid_N, B) / (n_B - 1.0).clamp(min=1.0)
+        std_B = var_B.sqrt()
+        z_N = (centered_N / std_B.clamp(min=sigma_min)[gid_N]).where(
+            (std_B >= sigma_min)[gid_N], 0.0
+        )
     else:
-        z_N = centered_N
+        z_N = beta * centered_N
     z_N = z_N.where(n_B[gid_N] >= 2, 0.0)
     adv_N = inp.adv_N.detach().to(dtype)
     sq_err_N = ((adv_N - z_N) ** 2).where(used_N, 0.0)
