@@ -490,11 +490,27 @@ def test_seed_edges() -> None:
 def test_xrpo_novelty_hand_computed() -> None:
     # ℓ = [−10, −5, −2]/10 = [−1, −.5, −.2]; mean −.5666667
     # novelty = max(0, 1 − exp(ℓ − mean)) = [1 − e^−.4333333, 0, 0] = [.3516557, 0, 0]
-    # A > 0 and novel: 1 + .1·.3516557 = 1.0351656; A < 0 untouched; A = .5 has novelty 0
+    # defaults λ = 2.5, κ = .5: bonus = min(2.5·.3516557, .5·1) = .5 -> 1.5 (capped);
+    # A < 0 untouched; A = .5 has novelty 0
     adv = xrpo_novelty(
         T([[1.0, -1, 0.5]]), T([[1.0, 0, 1]]), T([[-10.0, -5, -2]]), T([[10.0, 10, 10]])
     )
+    close(adv, [[1.5, -1, 0.5]])
+    # λ = .1 and no cap (the first build): 1 + .1·.3516557 = 1.0351656
+    adv = xrpo_novelty(
+        T([[1.0, -1, 0.5]]),
+        T([[1.0, 0, 1]]),
+        T([[-10.0, -5, -2]]),
+        T([[10.0, 10, 10]]),
+        lam=0.1,
+        kappa=float("inf"),
+    )
     close(adv, [[1.0351656, -1, 0.5]])
+    # under the cap: λ = 1, κ = .5 -> min(.3516557, .5) -> 1.3516557
+    adv = xrpo_novelty(
+        T([[1.0, -1, 0.5]]), T([[1.0, 0, 1]]), T([[-10.0, -5, -2]]), T([[10.0, 10, 10]]), lam=1.0
+    )
+    close(adv, [[1.3516557, -1, 0.5]])
     # correct_threshold = 2: no completion qualifies -> unchanged
     adv = xrpo_novelty(
         T([[1.0, -1, 0.5]]),
@@ -519,11 +535,15 @@ def test_xrpo_novelty_edges() -> None:
         torch.zeros(1, 2), T([[1.0, 1.0]]), T([[-9.0, -1.0]]), T([[1.0, 1.0]]), lam=1.0
     )
     assert torch.equal(zero, torch.zeros(1, 2))
-    # G = 2: ℓ = [−3, −1], mean −2 -> novelty [1 − e⁻¹, 0] = [.6321206, 0]; λ = 1 -> 1.6321206
+    # G = 2: ℓ = [−3, −1], mean −2 -> novelty [1 − e⁻¹, 0] = [.6321206, 0]; λ = 1, κ = 1
     adv = xrpo_novelty(
-        T([[1.0, -1.0]]), T([[1.0, 0.0]]), T([[-3.0, -1.0]]), T([[1.0, 1.0]]), lam=1.0
+        T([[1.0, -1.0]]), T([[1.0, 0.0]]), T([[-3.0, -1.0]]), T([[1.0, 1.0]]), lam=1.0, kappa=1.0
     )
     close(adv, [[1.6321206, -1.0]])
+    with pytest.raises(ValueError, match="kappa"):
+        xrpo_novelty(
+            torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), kappa=-1.0
+        )
     with pytest.raises(ValueError, match="lam"):
         xrpo_novelty(
             torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), lam=-1.0

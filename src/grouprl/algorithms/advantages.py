@@ -803,25 +803,27 @@ def xrpo_novelty(
     seq_logp_BG: Tensor,
     lengths_BG: Tensor,
     *,
-    lam: float = 0.1,
+    lam: float = 2.5,
+    kappa: float = 0.5,
     correct_threshold: float | None = None,
 ) -> Tensor:
     """Novelty bonus for unlikely correct completions (XRPO advantage sharpening, reading).
 
     "XRPO: Pushing the limits of GRPO with Targeted Exploration and Exploitation"
-    (arXiv 2510.06672). The paper's exact novelty form and λ were not retrieved; this is
-    ALGORITHMS.md's reading ("correct completions with low sequence likelihood relative to
-    the group get A + λ·novelty, bounded"), made concrete as:
+    (arXiv 2510.06672), Eq. 6 as a review quotes it (η_i = e^{s(y_i) − s̄}, λ = 2.5,
+    κ = 0.5; catalog2.md §6.4):
 
-        ℓ_i = seq_logp_i / max(L_i, 1),   ℓ̄ = mean of ℓ over the group's valid completions
-        novelty_i = max(0, 1 − exp(ℓ_i − ℓ̄)) ∈ [0, 1)
-        A_i ← A_i + λ · novelty_i   for eligible completions
+        s_i = seq_logp_i / max(L_i, 1),   s̄ = mean of s over the group's valid completions
+        A_i ← A_i + min(max(λ·(1 − e^{s_i − s̄}), 0), κ·A_i)   for eligible completions
 
-    so the bonus is bounded by λ. Eligible: valid reward, A_i > 0 (better than its group)
+    so the bonus is at most κ·A_i. Eligible: valid reward, A_i > 0 (better than its group)
     and, if `correct_threshold` is set, r_i ≥ correct_threshold. Zero advantages (NaN
     rewards, all-equal groups) therefore stay exactly zero.
+    Changed: the first build had λ = 0.1 and no κ cap (kappa = inf restores it).
     """
     _check_positive(lam, "lam", "xrpo_novelty", allow_zero=True)
+    if not kappa >= 0:  # NaN fails too; inf is allowed (no cap)
+        raise ValueError(f"xrpo_novelty: kappa must be >= 0, got {kappa}")
     if correct_threshold is not None and not math.isfinite(correct_threshold):
         raise ValueError(f"xrpo_novelty: correct_threshold must be finite, got {correct_threshold}")
     if not isinstance(adv_BG, Tensor) or adv_BG.dim() != 2:
@@ -838,4 +840,5 @@ def xrpo_novelty(
     eligible_BG = valid_BG & (a_BG > 0)
     if correct_threshold is not None:
         eligible_BG &= r_BG >= correct_threshold
-    return torch.where(eligible_BG, a_BG + lam * novelty_BG, a_BG).float()
+    bonus_BG = torch.minimum(lam * novelty_BG, kappa * a_BG.clamp(min=0.0))
+    return torch.where(eligible_BG, a_BG + bonus_BG, a_BG).float()
