@@ -391,7 +391,15 @@ def test_riskpo_rejects_bad_params() -> None:
 
 
 def test_single_stream_hand_computed_and_round_trip() -> None:
-    est = SingleStream(eps=0.0)
+    # the authors' prior with no offline rollouts: Beta(.5, .5): v̂ = .5; after R = 1 with
+    # ρ = .9: α = .9·.5 + 1 = 1.45, β = .9·.5 = .45
+    default = SingleStream(normalize=False)
+    close(default(T([[1.0]]), ["a"]), [[0.5]])
+    assert default.state_dict() == {
+        "alpha": {"a": pytest.approx(1.45)},
+        "beta": {"a": pytest.approx(0.45)},
+    }
+    est = SingleStream(eps=0.0, prior_alpha=1.0, prior_beta=1.0)
     # call 1: unseen prompts start at Beta(1, 1): v̂ = .5 -> raw A = [.5, −.5];
     #   mean 0, std sqrt(.5/1) = 0.7071068 -> A = ±0.7071068
     close(est(T([[1.0], [0.0]]), ["a", "b"]), [[math.sqrt(0.5)], [-math.sqrt(0.5)]])
@@ -401,7 +409,7 @@ def test_single_stream_hand_computed_and_round_trip() -> None:
         "alpha": pytest.approx({"a": 1.9, "b": 0.9}),
         "beta": pytest.approx({"a": 0.9, "b": 1.9}),
     }
-    resumed = SingleStream(eps=0.0)
+    resumed = SingleStream(eps=0.0, prior_alpha=1.0, prior_beta=1.0)
     resumed.load_state_dict(copy.deepcopy(state))
     # call 2: v̂_a = 1.9/2.8 = 0.6785714, v̂_b = .9/2.8 = 0.3214286, v̂_c = .5
     #   raw A = [1 − .6785714, 1 − .3214286, 0 − .5] = [.3214286, .6785714, −.5]
@@ -414,7 +422,7 @@ def test_single_stream_hand_computed_and_round_trip() -> None:
 
 
 def test_single_stream_unnormalized_nan_and_g2() -> None:
-    est = SingleStream(normalize=False)
+    est = SingleStream(normalize=False, prior_alpha=1.0, prior_beta=1.0)
     # raw A = R − v̂ = [1 − .5, NaN -> 0]; the NaN row does not update the tracker
     close(est(T([[1.0], [NAN]]), ["a", "b"]), [[0.5], [0.0]])
     assert set(est.state_dict()["alpha"]) == {"a"}

@@ -634,18 +634,21 @@ class RiskPO:
 
 @ADVANTAGES.register("single_stream", max_group_size=1)
 class SingleStream:
-    """Per-prompt value tracker baseline of Single-stream Policy Optimization (reading).
+    """Per-prompt value tracker baseline of Single-stream Policy Optimization.
 
-    "Single-stream Policy Optimization" (arXiv 2509.13232). The tracker form is a reading
-    (notes tag it [memory]); implemented as ALGORITHMS.md writes it:
+    "Single-stream Policy Optimization" (arXiv 2509.13232). The tracker, its update order
+    and the batch normalization match the authors' code (verl `recipe/spo`, catalog2.md
+    §6.5):
 
         v̂(x) = α_x / (α_x + β_x)                 (before this batch's update)
         A = R − v̂(x),  then  A ← (A − mean_batch A) / (std_batch A + eps) if normalize
         α_x ← ρ·α_x + R,  β_x ← ρ·β_x + (1 − R)  (after computing A)
 
-    with a fixed forgetting factor ρ (the paper adapts it from a KL, not implemented) and
-    unseen prompts starting from Beta(prior_alpha, prior_beta) (the paper initializes from
-    offline rollouts of the base model). The paper samples one completion per prompt
+    with a fixed forgetting factor ρ (the authors' code can adapt it from the drift of a
+    prompt's stored log-probs; not implemented) and unseen prompts starting from
+    Beta(prior_alpha, prior_beta) = Beta(0.5, 0.5), the authors' value with no offline
+    rollouts (they can initialize from the base model's). Changed: the first build's prior
+    was Beta(1, 1). The paper samples one completion per prompt
     (G = 1); with G > 1 every completion uses the prompt's pre-batch v̂ and the tracker
     takes one step with the row's summed R and Σ(1 − R). A prompt key repeated within a
     batch is updated row by row. Rewards must lie in [0, 1] (success probabilities). NaN
@@ -658,8 +661,8 @@ class SingleStream:
         self,
         *,
         rho: float = 0.9,
-        prior_alpha: float = 1.0,
-        prior_beta: float = 1.0,
+        prior_alpha: float = 0.5,
+        prior_beta: float = 0.5,
         normalize: bool = True,
         eps: float = 1e-6,
     ) -> None:
