@@ -618,3 +618,35 @@ def test_infinite_rewards_are_unscorable_like_nan(inf: float) -> None:
     est = SingleStream(normalize=False)
     close(est(T([[inf]]), ["p"]), [[0.0]])
     assert est.state_dict() == {"alpha": {}, "beta": {}}
+
+
+# ------------------------------------------------------------------------ dgpo
+def test_dgpo_hand_computed() -> None:
+    from grouprl.algorithms.advantages import dgpo
+
+    # group 0: r = [1, 0, 0, 0, 0, 0, 0, 0], mean 1/8, MAD = (7/8 + 7·1/8)/8 = 7/32
+    #   A = [(7/8)/(7/32), −(1/8)/(7/32)] = [4, −4/7]: Σ|A| = 4 + 7·4/7 = 8 = G (GRPO: 4.95)
+    # group 1: mean 7/8 (easier); group 2: all equal (invalid, A = 0, not in the softmax)
+    # λ = 2·softmax([−1/16, −7/16]) = [2/(1 + e^−.375), 2/(1 + e^.375)] = [1.185310, .814690]
+    r = T([[1.0] + [0.0] * 7, [1.0] * 7 + [0.0], [1.0] * 8])
+    a = dgpo(r, eps=0.0)
+    lam0, lam1 = 2 / (1 + math.exp(-0.375)), 2 / (1 + math.exp(0.375))
+    close(a[0:1], [[lam0 * 4] + [lam0 * -4 / 7] * 7])
+    close(a[1:2], [[lam1 * 4 / 7] * 7 + [lam1 * -4]])
+    assert torch.equal(a[2], torch.zeros(8))
+    assert float(a[0].abs().sum() / lam0) == pytest.approx(8.0, rel=1e-6)
+    assert lam0 > lam1 and lam0 + lam1 == pytest.approx(2.0)
+    # NaN rewards: left out of mean and MAD, A = 0 there
+    b = dgpo(T([[1.0, 0.0, NAN]]), eps=0.0)
+    close(b, [[1.0, -1.0, 0.0]])  # one valid group: λ = 1; MAD = .5 -> ±1
+    with pytest.raises(ValueError, match="temperature"):
+        dgpo(r, temperature=0.0)
+
+
+def test_valid_groups_filter_drops_groups_without_signal_from_the_loss() -> None:
+    from grouprl.algorithms.selection import valid_groups
+
+    out = valid_groups(T([[1.0, 0.0], [1.0, 1.0], [1.0, NAN], [float("inf"), 0.0]]))
+    assert out.keep_BG.tolist() == [[True, True], [False, False], [False, False], [False, False]]
+    assert not out.drop_groups_B.any() and out.max_tries == 0
+    assert out.stats["valid_groups/kept_frac"] == pytest.approx(0.25)

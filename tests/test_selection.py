@@ -36,7 +36,12 @@ def close(actual: torch.Tensor, expected: list) -> None:
 
 def test_registered_names_and_inputs() -> None:
     assert TOKEN_MASKS.names() == ["d3s_tokens", "forking_tokens", "gtpo_conflict"]
-    assert SAMPLE_FILTERS.names() == ["d3s_samples", "dynamic_sampling", "mask_truncated"]
+    assert SAMPLE_FILTERS.names() == [
+        "d3s_samples",
+        "dynamic_sampling",
+        "mask_truncated",
+        "valid_groups",
+    ]
     for name in TOKEN_MASKS:
         assert set(input_params(TOKEN_MASKS.get(name))) <= set(allowed_inputs("token_mask")), name
     for name in SAMPLE_FILTERS:

@@ -217,6 +217,44 @@ def flow_grpo(rewards_BG: Tensor, turns_BG: Tensor, *, eps: float = 1e-6) -> Ten
     return torch.where(keep_BG, adv_BG, 0.0).to(out_dtype)
 
 
+@ADVANTAGES.register("dgpo", min_group_size=2)
+def dgpo(rewards_BG: Tensor, *, temperature: float = 2.0, eps: float = 1e-6) -> Tensor:
+    """MathForge's DGPO: difficulty-balanced advantages with difficulty-aware prompt weights.
+
+    "Harder is Better: Boosting Mathematical Reasoning via Difficulty-Aware GRPO and
+    Multi-Aspect Question Reformulation" (MathForge, arXiv 2601.20614, §3.1, Eq. 3-6):
+
+        A_i = (r_i − mean_G r) / MAD_G(r),   MAD_G(r) = (1/G) Σ_i |r_i − mean_G r|
+              (so Σ_i |A_i| = G in every group with signal: no group outweighs another
+              by its spread, where GRPO's z-score gives 2G·sqrt(p(1 − p)))
+        D_s = −mean_G r_s,   λ_s = B_v · softmax_s(D_s / T) over the B_v valid prompts
+        A_{s,i} ← λ_s · A_{s,i}    (harder prompts weigh more; Σ_valid λ_s = B_v)
+
+    Valid: ≥ 2 scorable rewards, not all equal; the others get A = 0 (the recipe's
+    `valid_groups` filter also drops their tokens from the normalizer, as the paper's
+    "valid token-level loss averaging"). NaN rewards are left out of the statistics and get
+    A = 0. Computed in float64.
+    """
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"dgpo: temperature must be > 0, got {temperature}")
+    if eps < 0:
+        raise ValueError(f"dgpo: eps must be >= 0, got {eps}")
+    out_dtype = _check_BG(rewards_BG).dtype
+    r_BG = _scorable(rewards_BG)
+    valid_BG, n_B, centered_BG = _centered(r_BG)
+    mad_B = centered_BG.abs().sum(dim=-1) / n_B.clamp(min=1)
+    ok_B = ~_no_signal(r_BG, valid_BG, n_B)
+    adv_BG = centered_BG / (mad_B[:, None] + eps)
+    mean_B = torch.where(valid_BG, r_BG, 0.0).sum(dim=-1) / n_B.clamp(min=1)
+    logits_B = torch.where(ok_B, -mean_B / temperature, -torch.inf)
+    if bool(ok_B.any()):
+        lam_B = ok_B.sum() * torch.softmax(logits_B, dim=0)
+    else:
+        lam_B = torch.zeros_like(mean_B)
+    keep_BG = valid_BG & ok_B[:, None]
+    return torch.where(keep_BG, lam_B[:, None] * adv_BG, 0.0).to(out_dtype)
+
+
 # ---------------------------------------------------------------------------------------
 # The catalog (ALGORITHMS.md §1). Shared helpers first.
 

@@ -520,6 +520,27 @@ def d3s_samples(
     return FilterOutput(keep_BG, drop_B, 0, _prefixed("d3s_samples", stats))
 
 
+@SAMPLE_FILTERS.register("valid_groups")
+def valid_groups(rewards_BG: Tensor) -> FilterOutput:
+    """Give the completions of groups without signal zero loss weight.
+
+    A group whose scorable rewards are all equal (or that has fewer than 2) has advantage 0;
+    its tokens still count in a token-mean's denominator unless they leave the loss mask.
+    DGPO (MathForge, arXiv 2601.20614, Eq. 3) averages over the valid prompts' tokens only.
+    keep_BG = the group has ≥ 2 scorable rewards, not all equal. Stats: valid_groups/kept_frac.
+    """
+    r_BG = _check_BG("rewards_BG", rewards_BG).to(torch.float64)
+    r_BG = torch.where(torch.isinf(r_BG), torch.nan, r_BG)
+    valid_BG = ~torch.isnan(r_BG)
+    hi_B = torch.where(valid_BG, r_BG, -torch.inf).amax(dim=-1)
+    lo_B = torch.where(valid_BG, r_BG, torch.inf).amin(dim=-1)
+    ok_B = (valid_BG.sum(dim=-1) >= 2) & (hi_B > lo_B)
+    keep_BG = ok_B[:, None].expand_as(valid_BG).clone()
+    stats = {"kept_frac": float(keep_BG.float().mean()) if keep_BG.numel() else 1.0}
+    drop_B = torch.zeros(r_BG.shape[0], dtype=torch.bool, device=r_BG.device)
+    return FilterOutput(keep_BG, drop_B, 0, _prefixed("valid_groups", stats))
+
+
 @SAMPLE_FILTERS.register("mask_truncated")
 def mask_truncated(truncated_BG: Tensor) -> FilterOutput:
     """Give completions cut at the max completion length zero loss weight.
