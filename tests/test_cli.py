@@ -274,3 +274,31 @@ def test_quick_tools_demo_runs_multi_turn_with_the_calculator(capsys, tmp_path):
     assert "tool calls per correct answer" in out
     lines = [json.loads(x) for x in (d / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert "tools/calls_mean" in lines[-1] and "turns/mean" in lines[-1]
+
+
+def test_eval_samples_trajectories_with_an_environment(capsys, tmp_path):
+    """`grouprl eval --task tools` takes the task's calculator environment: the results
+    report tool calls; `--environment` names one for a data file; a bad one is one line."""
+    from grouprl.data.tasks import get_task
+    from grouprl.models.tiny import build_tiny_model, save_model
+
+    task = get_task("tools")
+    tok = task.build_tokenizer()
+    model_dir = save_model(
+        build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2), tok, tmp_path / "m"
+    )
+    base = ["eval", "--model", str(model_dir), "-n", "2", "--limit", "3", "--max-new-tokens", "6"]
+    code, out, err = run(capsys, *base, "--task", "tools", "--output", str(tmp_path / "a.json"))
+    assert code == 0, err
+    res = json.loads((tmp_path / "a.json").read_text())
+    assert "tools/calls_mean" in res and res["num_problems"] == 3
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "12*34=", "answer": "408"}))
+    env = '{"name": "tools", "tools": ["calculator"]}'
+    code, out, err = run(
+        capsys, *base, "--data", str(data), "--reward", "exact_match", "--environment", env
+    )
+    assert code == 0, err
+    assert "tools/calls_mean" in out
+    code, out, err = run(capsys, *base, "--task", "tools", "--environment", "nope")
+    assert code != 0 and "unknown environment 'nope'" in err

@@ -201,11 +201,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     reward_specs: list[Any] = list(args.reward or [])
     correct = args.correct_reward
+    environment = _environment_arg(args.environment)
     if args.task:
         task = get_task(args.task)
         rows: Any = task.rows("eval")
         reward_specs = reward_specs or task.eval_rewards or task.rewards
         correct = correct or task.correct_reward
+        environment = environment or task.environment
     elif args.data and args.benchmark:
         from grouprl.data.benchmarks import load_benchmark
 
@@ -221,8 +223,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "eval: give at least one --reward (e.g. math_accuracy, choice_accuracy, exact_match, or file.py:fn)"
         )
     specs = [{"path": r} if ":" in r and not isinstance(r, dict) else r for r in reward_specs]
+    multi_turn = None
+    if environment is not None:  # trajectories: the model and the environment take turns
+        from grouprl.envs.base import build_environment
+        from grouprl.rollout.multiturn import MultiTurn, ObservationRenderer
+
+        factory = build_environment(environment)  # a bad one: a ConfigError naming the key
+        tools = [t.schema for t in getattr(factory(), "tools", [])] or None
+        multi_turn = MultiTurn(
+            factory, ObservationRenderer(tok, use_template=True, tools=tools), args.max_turns, 0
+        )
     data = load_prompts(
-        rows, tokenizer=tok, max_prompt_length=args.max_prompt_length, on_bad_row=args.on_bad_row
+        rows,
+        tokenizer=tok,
+        max_prompt_length=args.max_prompt_length,
+        on_bad_row=args.on_bad_row,
+        tools=None if multi_turn is None else multi_turn.renderer.tools,
     )
     if args.limit:
         data = [data[i] for i in range(min(args.limit, len(data)))]
@@ -241,11 +257,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=True,
         engine=_eval_rollout(args),
         max_prompt_length=args.max_prompt_length,
+        multi_turn=multi_turn,
     )
     print(json.dumps(res, indent=1))
     if args.output:
         Path(args.output).write_text(json.dumps(res, indent=1))
     return 0
+
+
+def _environment_arg(text: str | None) -> dict[str, Any] | None:
+    """--environment: an ENVIRONMENTS name, or a JSON mapping with its parameters."""
+    if not text:
+        return None
+    if text.lstrip().startswith("{"):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"eval --environment: not valid JSON ({exc})") from None
+        if not isinstance(spec, dict):
+            raise UserError("eval --environment: expected a JSON object with a name")
+        return spec
+    return {"name": text}
 
 
 def _eval_rollout(args: argparse.Namespace) -> Any:
@@ -430,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", help="also write the results to this JSON file")
     e.add_argument("--engine", default="hf", help="rollout engine: hf (default) or vllm")
+    e.add_argument(
+        "--environment",
+        help="multi-turn: an environment name, or JSON such as "
+        '\'{"name": "tools", "tools": ["calculator"]}\' (a --task with one uses it)',
+    )
+    e.add_argument("--max-turns", type=int, default=4, help="model turns per trajectory")
     e.add_argument(
         "--vllm-server",
         metavar="URL",
