@@ -306,17 +306,19 @@ def test_otc_reward_on_hand_computed_values():
 
 
 # ------------------------------------------------------------------ the trainer
-def test_training_with_an_environment(tmp_path, tiny_model_dir):
+def test_training_with_an_environment(tmp_path, tiny_model_dir, monkeypatch):
     """A run with data.environment: every first turn gets an observation (a registered test
     environment), which the model reads and is not trained on; the trajectory metrics and the
     `trajectory` reward column are there."""
     from conftest import arith_rows, base_config
 
     from grouprl.envs.base import ENVIRONMENTS
+    from grouprl.registry import Capabilities
     from grouprl.training.trainer import Trainer
 
-    if "test_scripted" not in ENVIRONMENTS:
-        ENVIRONMENTS.register("test_scripted")(Scripted)
+    # registered for this test only: the registry is global (docs tables read it)
+    monkeypatch.setitem(ENVIRONMENTS._items, "test_scripted", Scripted)
+    monkeypatch.setitem(ENVIRONMENTS._caps, "test_scripted", Capabilities())
     seen = {}
 
     def turns(completions, trajectory, **kw):

@@ -225,14 +225,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     specs = [{"path": r} if ":" in r and not isinstance(r, dict) else r for r in reward_specs]
     multi_turn = None
     if environment is not None:  # trajectories: the model and the environment take turns
-        from grouprl.envs.base import build_environment
-        from grouprl.rollout.multiturn import MultiTurn, ObservationRenderer
+        from grouprl.training.setup import multi_turn_from_spec
 
-        factory = build_environment(environment)  # a bad one: a ConfigError naming the key
-        tools = [t.schema for t in getattr(factory(), "tools", [])] or None
-        multi_turn = MultiTurn(
-            factory, ObservationRenderer(tok, use_template=True, tools=tools), args.max_turns, 0
-        )
+        # a bad spec: a ConfigError naming the key, printed as one line
+        multi_turn = multi_turn_from_spec(environment, tok, max_turns=args.max_turns)
     data = load_prompts(
         rows,
         tokenizer=tok,

@@ -21,7 +21,7 @@ from grouprl.models.tiny import build_tiny_model, save_model
 from grouprl.monitor.report import plot_curves, write_model_card, write_summary
 from grouprl.rewards import RewardSet
 from grouprl.training.rundir import holds_a_run
-from grouprl.training.setup import seed_everything
+from grouprl.training.setup import multi_turn_from_spec, seed_everything
 from grouprl.training.sft import sft
 from grouprl.training.trainer import Trainer
 
@@ -93,11 +93,7 @@ def multi_turn_of(task: Any, tok: Any, s: DemoSettings) -> Any:
     """The task's environment as evaluation samples it (None for a single-turn task)."""
     if task.environment is None:
         return None
-    from grouprl.envs.base import build_environment
-    from grouprl.rollout.multiturn import MultiTurn, ObservationRenderer
-
-    renderer = ObservationRenderer(tok, use_template=False, tools=None)
-    return MultiTurn(build_environment(task.environment), renderer, s.max_turns, 0)
+    return multi_turn_from_spec(task.environment, tok, max_turns=s.max_turns)
 
 
 def warm_start(task: Any, s: DemoSettings, out: Path, *, progress: bool = False):

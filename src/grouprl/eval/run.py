@@ -12,6 +12,7 @@ from grouprl.config import RolloutConfig
 from grouprl.eval.metrics import mean_ci95, summarize_samples
 from grouprl.monitor.progress import ProgressBar
 from grouprl.rewards.answers import extract_answer, normalize_answer
+from grouprl.rewards.base import last_assistant_text
 from grouprl.rewards.scoring import score_rollouts
 from grouprl.rollout.base import RolloutEngine, SamplingParams, build_engine
 
@@ -88,12 +89,10 @@ def evaluate(
             torch.manual_seed(seed)
             for s in range(0, len(examples), batch_prompts):
                 chunk = list(examples[s : s + batch_prompts])
-                texts = [ex.text for ex in chunk]
                 if multi_turn is not None:
-                    rows_of = [{"prompt": ex.prompt, **ex.columns} for ex in chunk]
-                    ro = multi_turn.generate(eng, texts, rows_of, params)
+                    ro = multi_turn.generate(eng, chunk, params)
                 else:
-                    ro = eng.generate(texts, params)
+                    ro = eng.generate([ex.text for ex in chunk], params)
                 vals = score_rollouts(rewards, chunk, ro, max_new_tokens).rewards_NK
                 for i in range(len(chunk)):
                     rows = range(i * n, (i + 1) * n)
@@ -125,10 +124,7 @@ def evaluate(
 def _final_text(ro: Any, r: int) -> str:
     """A sample's answer text: its completion, or a trajectory's final model message."""
     if ro.meta is not None and "messages" in ro.meta[r]:
-        said = [
-            m.get("content") or "" for m in ro.meta[r]["messages"] if m.get("role") == "assistant"
-        ]
-        return said[-1] if said else ""
+        return last_assistant_text(ro.meta[r]["messages"])
     return ro.completions[r]
 
 

@@ -35,6 +35,12 @@ logger = logging.getLogger("grouprl.rewards")
 DEFAULT_TIMEOUT = 30.0  # seconds per call of one reward function (RewardSpec.timeout)
 
 
+def last_assistant_text(messages: list[dict[str, Any]]) -> str:
+    """The content of the last assistant message (a multi-turn trajectory's answer)."""
+    said = [m.get("content") or "" for m in messages if m.get("role") == "assistant"]
+    return said[-1] if said else ""
+
+
 def completion_text(c: Any) -> str:
     """The text of one completion: a string, or the assistant contents of a message list.
 

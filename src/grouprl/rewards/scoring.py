@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from grouprl.data.datasets import PromptExample
-from grouprl.rewards.base import RewardResult, RewardSet
+from grouprl.rewards.base import RewardResult, RewardSet, last_assistant_text
 from grouprl.rollout.base import Rollouts
 
 
@@ -26,7 +26,7 @@ def reward_inputs(
     prompts = [ex.prompt for ex in examples for _ in range(group_size)]
     if meta is not None and all("messages" in m for m in meta):
         comps: list[Any] = [
-            m["messages"] if isinstance(p, list) else _last_model_message(m["messages"])
+            m["messages"] if isinstance(p, list) else last_assistant_text(m["messages"])
             for p, m in zip(prompts, meta, strict=True)
         ]
     else:
@@ -39,11 +39,6 @@ def reward_inputs(
         keys.update(dict.fromkeys(ex.columns))
     columns = {k: [ex.columns.get(k) for ex in examples for _ in range(group_size)] for k in keys}
     return prompts, comps, columns
-
-
-def _last_model_message(messages: list[dict[str, Any]]) -> str:
-    said = [m.get("content") or "" for m in messages if m.get("role") == "assistant"]
-    return said[-1] if said else ""
 
 
 def rollout_columns(ro: Rollouts, max_new_tokens: int) -> dict[str, list[Any]]:

@@ -10,20 +10,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from grouprl.rewards.base import REWARDS
-
-
-def _final_answer(traj: dict[str, Any]) -> str:
-    said = [
-        m.get("content") or "" for m in traj.get("messages", []) if m.get("role") == "assistant"
-    ]
-    return said[-1] if said else ""
+from grouprl.rewards.base import REWARDS, last_assistant_text
 
 
 def _correct(traj: dict[str, Any], gold: Any) -> bool:
     if gold is None:
         return False
-    norm = " ".join(_final_answer(traj).casefold().split())
+    norm = " ".join(last_assistant_text(traj.get("messages", [])).casefold().split())
     return norm == " ".join(str(gold).casefold().split())
 
 

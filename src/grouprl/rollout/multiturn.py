@@ -53,31 +53,34 @@ class ObservationRenderer:
     template: `<tool_response>\\n...\\n</tool_response>\\n` per message.
     """
 
+    _BASE = ({"role": "user", "content": "q"}, {"role": "assistant", "content": "a"})
+
     def __init__(self, tokenizer: Any, *, use_template: bool, tools: list[dict] | None) -> None:
         self.tokenizer = tokenizer
         self.use_template = use_template and bool(getattr(tokenizer, "chat_template", None))
         self.tools = tools or None
+        self._before = self._between = ""
+        if self.use_template:  # the stand-in conversation, rendered once
+            self._before = tokenizer.apply_chat_template(
+                list(self._BASE), tools=self.tools, tokenize=False
+            )
+            end = self._before.rindex("a") + 1  # the stand-in assistant content ends here
+            between = self._before[end:]  # e.g. "<|im_end|>\n": the EOS, then what follows
+            eos = tokenizer.eos_token or ""
+            self._between = between[len(eos) :] if eos and between.startswith(eos) else between
 
     def text(self, messages: list[dict[str, Any]]) -> str:
         if not self.use_template:
             return "".join(f"<tool_response>\n{m['content']}\n</tool_response>\n" for m in messages)
-        tok = self.tokenizer
-        base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-        before = tok.apply_chat_template(base, tools=self.tools, tokenize=False)
-        after = tok.apply_chat_template(
-            base + messages, tools=self.tools, tokenize=False, add_generation_prompt=True
+        after = self.tokenizer.apply_chat_template(
+            [*self._BASE, *messages], tools=self.tools, tokenize=False, add_generation_prompt=True
         )
-        if not after.startswith(before):
+        if not after.startswith(self._before):
             raise ValueError(
                 "the chat template renders a conversation differently once tool messages "
                 "follow it; cannot find the observation's text"
             )
-        end = before.rindex("a") + 1  # the stand-in assistant content ends here
-        between = before[end:]  # e.g. "<|im_end|>\n": the model's EOS, then what follows it
-        eos = tok.eos_token or ""
-        if eos and between.startswith(eos):
-            between = between[len(eos) :]
-        return between + after[len(before) :]
+        return self._between + after[len(self._before) :]
 
     def ids(self, messages: list[dict[str, Any]]) -> list[int]:
         return list(self.tokenizer(self.text(messages), add_special_tokens=False)["input_ids"])
@@ -229,10 +232,12 @@ class MultiTurn:
     max_turns: int
     max_total_tokens: int
 
-    def generate(
-        self, engine: Any, texts: list[str], rows: list[dict[str, Any]], params: SamplingParams
-    ) -> Rollouts:
+    def generate(self, engine: Any, examples: list[Any], params: SamplingParams) -> Rollouts:
+        """Trajectories for prompt examples (`.text`, the model's prompt; `.prompt` and
+        `.columns`, the row each environment is reset with)."""
         tok = engine.tokenizer
+        texts = [ex.text for ex in examples]
+        rows = [{"prompt": ex.prompt, **ex.columns} for ex in examples]
         prompt_ids = [list(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
         return run_trajectories(
             engine,

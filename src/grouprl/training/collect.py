@@ -241,12 +241,11 @@ class Collector:
 
     def _sample_these(self, indices: list[int]) -> ScoredBatch:
         examples = [self.dataset[i] for i in indices]
-        texts, params = [ex.text for ex in examples], self._params(self.sampling)
+        params = self._params(self.sampling)
         if self.multi_turn is not None:
-            rows = [{"prompt": ex.prompt, **ex.columns} for ex in examples]
-            ro = self.multi_turn.generate(self.engine, texts, rows, params).to(self.device)
+            ro = self.multi_turn.generate(self.engine, examples, params).to(self.device)
         else:
-            ro = self.engine.generate(texts, params)
+            ro = self.engine.generate([ex.text for ex in examples], params)
         rewards_N, res = self._score(examples, ro)
         return ScoredBatch(
             examples=examples,

@@ -101,15 +101,32 @@ def build_multi_turn(cfg: Config, tokenizer: Any) -> Any:
         spec = task_of(cfg).environment
     if spec is None:
         return None
+    return multi_turn_from_spec(
+        spec,
+        tokenizer,
+        use_template=cfg.data.chat_template == "auto",
+        max_turns=cfg.rollout.max_turns,
+        max_total_tokens=cfg.rollout.max_total_tokens,
+    )
+
+
+def multi_turn_from_spec(
+    spec: dict[str, Any] | str,
+    tokenizer: Any,
+    *,
+    use_template: bool = True,
+    max_turns: int,
+    max_total_tokens: int = 0,
+) -> Any:
+    """An environment spec ({name, ...params}) as multi-turn sampling runs it: the training
+    collector, `grouprl eval --environment` and the demo all build it here."""
     from grouprl.envs.base import build_environment
     from grouprl.rollout.multiturn import MultiTurn, ObservationRenderer
 
     factory = build_environment(spec)
     tools = [t.schema for t in getattr(factory(), "tools", [])]
-    renderer = ObservationRenderer(
-        tokenizer, use_template=cfg.data.chat_template == "auto", tools=tools
-    )
-    return MultiTurn(factory, renderer, cfg.rollout.max_turns, cfg.rollout.max_total_tokens)
+    renderer = ObservationRenderer(tokenizer, use_template=use_template, tools=tools)
+    return MultiTurn(factory, renderer, max_turns, max_total_tokens)
 
 
 def environment_tools(multi_turn: Any) -> list[dict[str, Any]] | None:
