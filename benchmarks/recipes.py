@@ -103,6 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "took 35x longer than with 1 thread at load 7), and on lightly loaded cores 1 thread "
         "ran about as fast as 2",
     )
+    p.add_argument(
+        "--train-prompts",
+        type=int,
+        default=0,
+        help="train on the first N training problems only (default 0: all 6480, about half "
+        "an epoch in 200 steps); a small N makes prompts come back, which is what the "
+        "prompt samplers (vas, cures, vade, spo_priority, hard_mining) need",
+    )
     p.add_argument("--json", default="", help="also write the raw results to this JSON file")
     p.add_argument("--keep-dir", default="", help="keep the SFT model and the run directories here")
     args = p.parse_args(argv)
@@ -113,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(known)}")
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.train_prompts < 0:
+        p.error("--train-prompts must be >= 0")
     # By default, recipes that bring their own rewards are left out: label-free test-time
     # RL (ttrl, spine: majority votes over 64 samples) and task-specific ones (crpo: clinical
     # multiple-choice rewards) measure something else than the arith reward.
@@ -191,13 +201,20 @@ def _mean(history: list[dict[str, float]], key: str, last: int | None = LAST) ->
 
 
 def run_recipe(
-    name: str, model_dir: Path, task: Any, s: DemoSettings, steps: int, where: Path
+    name: str,
+    model_dir: Path,
+    task: Any,
+    s: DemoSettings,
+    steps: int,
+    where: Path,
+    train_prompts: int = 0,
 ) -> dict:
     out: dict[str, Any] = {"recipe": name, "confidence": recipe_info(name)["confidence"]}
     t0 = time.perf_counter()
     try:
         cfg = recipe_config(name, model_dir, where / "runs" / name, steps, s)
-        trainer = Trainer(cfg)
+        rows = task.train_rows[:train_prompts] if train_prompts else None
+        trainer = Trainer(cfg, train_dataset=rows)
         res = trainer.train()
         train_s = time.perf_counter() - t0
         ev = heldout(trainer.model, trainer.tokenizer, task, s)
@@ -238,6 +255,12 @@ def _pct(x: float) -> str:
 
 
 def render(results: list[dict], start: dict, meta: dict) -> str:
+    subset = (
+        f"Training prompts: the first {meta['train_prompts']} of the task's training problems "
+        "(prompts come back every few steps). "
+        if meta.get("train_prompts")
+        else ""
+    )
     lines = [
         f"Command: `{meta['command']}`  ",
         f"Date: {meta['date']}; commit {meta['commit']}; wall time {meta['wall_s'] / 60:.1f} min; {meta['machine']}; "
@@ -248,7 +271,7 @@ def render(results: list[dict], start: dict, meta: dict) -> str:
         f"{meta['sft_s']:.0f} s), held-out pass@1 **{_pct(start['pass@1'])}%** "
         f"(95% CI {_pct(start['pass@1_ci_low'])}–{_pct(start['pass@1_ci_high'])}), "
         f"maj@{meta['eval_samples']} {_pct(start.get('maj@' + str(meta['eval_samples']), math.nan))}%. "
-        f"Every recipe then ran {meta['steps']} steps of {meta['prompts']} prompts × "
+        f"{subset}Every recipe then ran {meta['steps']} steps of {meta['prompts']} prompts × "
         f"{meta['G']} samples (1 for single_stream), lr {meta['lr']}, max_grad_norm "
         f"{meta['max_grad_norm']}, temperature {meta['temperature']}, max_new_tokens "
         f"{meta['max_new_tokens']}, num_iterations 1, reward exact_match (plus the recipe's own "
@@ -367,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         for i, name in enumerate(args.recipe_list, 1):
-            r = run_recipe(name, model_dir, task, s, args.steps, where)
+            r = run_recipe(name, model_dir, task, s, args.steps, where, args.train_prompts)
             results.append(r)
             if r["status"] == "ok":
                 print(
@@ -408,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_problems": s.eval_problems,
         "eval_samples": s.eval_samples,
         "skipped": args.skipped,
+        "train_prompts": args.train_prompts,
     }
     block = render(results, start, meta)
     write_between_markers(Path(args.out), block)

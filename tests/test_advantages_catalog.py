@@ -650,3 +650,31 @@ def test_valid_groups_filter_drops_groups_without_signal_from_the_loss() -> None
     assert out.keep_BG.tolist() == [[True, True], [False, False], [False, False], [False, False]]
     assert not out.drop_groups_B.any() and out.max_tries == 0
     assert out.stats["valid_groups/kept_frac"] == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------------------------------
+# DCPO (token-level)
+# ---------------------------------------------------------------------------------------
+
+
+def test_dcpo_by_hand():
+    """Rewards [1, 0]: GRPO gives ±0.7071 (unbiased std). Entropy 0.3 <= 0.5: hot (T' = 1.2);
+    gap min(0.2, 0.1) = 0.1 over p_correct 0.5: a = 0.2, α = 1/6; w = e^(−0.8 + 1) = e^0.2.
+    Correct row: (5/6)·0.7071 + (1/6)·e^0.2; wrong row: (5/6)·(−0.7071). At H = H*: GRPO."""
+    from grouprl.algorithms.advantages import dcpo
+
+    r = torch.tensor([[1.0, 0.0]])
+    m = torch.ones(2, 2)
+    H = torch.full((2, 2), 0.3)
+    old, hot, cold = torch.full((2, 2), -1.0), torch.full((2, 2), -0.8), torch.full((2, 2), -1.3)
+    out = dcpo(r, H, old, hot, cold, m)
+    a = 0.5**0.5
+    want = [[5 / 6 * a + math.exp(0.2) / 6] * 2, [-5 / 6 * a] * 2]
+    torch.testing.assert_close(out, torch.tensor(want))
+    # above the target: cold (T' = 0.8): w = e^(−1.3 + 1)
+    out = dcpo(r, torch.full((2, 2), 0.7), old, hot, cold, m)
+    torch.testing.assert_close(out[0], torch.full((2,), 5 / 6 * a + math.exp(-0.3) / 6))
+    # at the target the extra term vanishes; padding gets 0
+    m[1, 1] = 0
+    out = dcpo(r, torch.full((2, 2), 0.5), old, hot, cold, m)
+    torch.testing.assert_close(out, torch.tensor([[a, a], [-a, 0.0]]))

@@ -302,3 +302,30 @@ def test_eval_samples_trajectories_with_an_environment(capsys, tmp_path):
     assert "tools/calls_mean" in out
     code, out, err = run(capsys, *base, "--task", "tools", "--environment", "nope")
     assert code != 0 and "unknown environment 'nope'" in err
+
+
+def test_sft_command_takes_row_transforms(capsys, tmp_path, tiny_model_dir):
+    """--transform thought_dropout:ratio=1.0 runs (no row has a think block here, so the
+    pairs are unchanged); an unknown transform or parameter is refused before loading."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) for r in arith_rows(4)
+        )
+    )
+    cfg = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"path": str(data)},
+        "train": {"output_dir": str(tmp_path / "sft"), "max_steps": 2, "progress": False},
+    }
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = run(
+        capsys, "sft", str(tmp_path / "sft.yaml"), "--transform", "thought_dropout:ratio=1.0"
+    )
+    assert code == 0, err
+    code, out, err = run(capsys, "sft", str(tmp_path / "sft.yaml"), "--transform", "nope")
+    assert code != 0 and "--transform" in err and "nope" in err
+    code, out, err = run(
+        capsys, "sft", str(tmp_path / "sft.yaml"), "--transform", "thought_dropout:rate=0.5"
+    )
+    assert code != 0 and "rate" in err

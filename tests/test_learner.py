@@ -73,3 +73,25 @@ def test_context_tokens_carry_no_gradient_of_their_own(tmp_path, tiny_model_dir,
     (-(adv[:, None] * a * _naive_logp(tr.model, ro)).sum() / a.sum()).backward()
     diff = max(float((got[n] - p.grad).abs().max()) for n, p in tr.model.named_parameters())
     assert diff > 1e-6
+
+
+def test_prepass_rescores_tokens_at_another_temperature(tmp_path, tiny_model_dir):
+    """DCPO's inputs: the same tokens scored at 1.2x the sampling temperature equal the
+    model's own logits divided by 1.2 (log-softmax), and differ from the plain pass."""
+    cfg = base_config(tmp_path / "t", tiny_model_dir)
+    tr = Trainer(cfg, train_dataset=arith_rows())
+    ro = _rollouts(tr.tokenizer)
+    with torch.no_grad():
+        hot = tr.learner.prepass(ro, False, temperature_scale=1.2)["old_logp_NT"]
+        plain = tr.learner.prepass(ro, False)["old_logp_NT"]
+        ids = torch.cat([ro.prompt_ids_NP, ro.completion_ids_NT], 1)
+        mask = torch.cat([ro.prompt_mask_NP, ro.attention_mask_NT], 1)
+        pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+        logits = tr.model(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits
+        P, T = ro.prompt_ids_NP.shape[1], ro.completion_ids_NT.shape[1]
+        want = torch.log_softmax(logits[:, P - 1 : P - 1 + T].float() / 1.2, -1)
+        want = want.gather(-1, ro.completion_ids_NT[..., None]).squeeze(-1)
+    real = ro.attention_mask_NT.bool()
+    torch.testing.assert_close(hot[real], want[real], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(hot[real], plain[real])
+    tr.close()

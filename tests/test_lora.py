@@ -242,7 +242,7 @@ def test_export_merges_the_adapter_into_a_plain_model(tmp_path, tiny_model_dir, 
     assert state["r"] == 4
 
 
-OWN_TASK = {"crpo", "crpo_gdpo", "ttrl"}  # their own data / rewards: run by test_recipes
+OWN_TASK = {"crpo", "crpo_gdpo", "ttrl", "rank_grpo"}  # own data / rewards: tested elsewhere
 
 
 @pytest.mark.parametrize("name", [n for n in recipe_names() if n not in OWN_TASK] + ["crpo"])

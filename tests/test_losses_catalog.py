@@ -62,9 +62,18 @@ def test_registered_with_attributes() -> None:
     }.items():
         assert LOSSES.get(name) is fn
     caps = {name: LOSSES.capabilities(name) for name in LOSSES}
-    assert [n for n, c in caps.items() if c.whole_groups] == ["disco", "drpo", "reg_grpo"]
-    # reg_grpo's ratio is to pi_old by default; ratio_to="ref" uses a reference a kl loads
-    assert [n for n, c in caps.items() if c.needs_ref] == []
+    assert [n for n, c in caps.items() if c.whole_groups] == [
+        "dagrpo_pairs",
+        "disco",
+        "drpo",
+        "etr",
+        "p3o",
+        "reg_grpo",
+        "trpa",
+    ]
+    # reg_grpo's ratio is to pi_old by default; ratio_to="ref" uses a reference a kl loads;
+    # TRPA's scores are relative to the reference policy
+    assert [n for n, c in caps.items() if c.needs_ref] == ["trpa"]
     LOSSES.check_params("disco", {"tau": 5.0, "score": "Lratio", "kl_scope": "group"})
     LOSSES.check_params("dhpo", {"w": 0.3, "seq_eps_high": 1e-3})
 
@@ -288,7 +297,7 @@ def test_dhpo_mixed_ratio_hand_computed() -> None:
     #           token 1 = 0 (both ratios clipped).
     logp = t([[0.1, 0.3]]).requires_grad_(True)
     inp = PolicyInputs(logp, torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64), t([1.0]))
-    out = dhpo(inp)
+    out = dhpo(inp, mix="ratio")
     torch.testing.assert_close(out.per_token_NT, t([[-1.0527854590378238, -1.1002]]))
     torch.testing.assert_close(
         grad_of(out.per_token_NT.sum(), logp), t([[-0.5525854590378239, 0.0]])
@@ -296,11 +305,61 @@ def test_dhpo_mixed_ratio_hand_computed() -> None:
     assert out.stats_NT["clip_ratio/high_mean"].tolist() == [[1.0, 1.0]]
 
 
+def test_dhpo_objective_mix_differs_from_the_ratio_mix() -> None:
+    # log ρ = [−0.3, 0.5]: ρ = [0.7408182, 1.6487213]; s = e^0.1 = 1.1051709; A = +1, w = 0.5
+    # J_tok = min(ρ, clip(ρ, .8, 1.2)) = [0.7408182, 1.2]; J_seq = min(s, 1.0004) = 1.0004
+    # objective mix: 0.5·J_tok + 0.5·J_seq = [0.8706091, 1.1002]
+    # ratio mix (the old build) takes min(ρ̄, ρ̂) = [0.9002, 1.1002] at token 0: they differ
+    # gradient (objective): token 0 = 0.5·ρ_0 = 0.3704091 (s clipped -> 0); token 1 = 0
+    logp = t([[-0.3, 0.5]]).requires_grad_(True)
+    inp = PolicyInputs(logp, torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64), t([1.0]))
+    out = dhpo(inp, mix="objective")
+    rho0 = math.exp(-0.3)
+    torch.testing.assert_close(out.per_token_NT, t([[-(0.5 * rho0 + 0.5 * 1.0004), -1.1002]]))
+    torch.testing.assert_close(grad_of(out.per_token_NT.sum(), logp), t([[-0.5 * rho0, 0.0]]))
+    default = dhpo(inp)  # mix: ratio, the abstract's single clipped surrogate
+    torch.testing.assert_close(default.per_token_NT.detach(), t([[-0.9002, -1.1002]]))
+    assert out.stats_NT["dhpo/seq_clipped"].tolist() == [[1.0, 1.0]]
+
+
+def test_dhpo_entropy_weight_is_row_local() -> None:
+    # row entropies [0.5, 1, 2]: 80th percentile 1 + 0.6·(2 − 1) = 1.6, w_t = H/1.6 capped
+    # at 1 = [0.3125, 0.625, 1]. log ρ = [0.5, 0, 0], A = 1: J_tok = [min(1.6487, 1.2), 1, 1]
+    # = [1.2, 1, 1]; s = e^(0.5/3) = 1.18 -> J_seq = 1.0004 (clipped) at every token
+    # J = w·J_tok + (1 − w)·J_seq = [0.375 + 0.687775, 0.625 + 0.37515, 1]
+    logp = t([[0.5, 0.0, 0.0]]).requires_grad_(True)
+    H = t([[0.5, 1.0, 2.0]])
+    inp = PolicyInputs(
+        logp, torch.zeros(1, 3, dtype=F64), torch.ones(1, 3, dtype=F64), t([1.0]), entropy_NT=H
+    )
+    out = dhpo(inp, w_mode="entropy", mix="objective")
+    torch.testing.assert_close(out.per_token_NT, t([[-1.062775, -1.00015, -1.0]]))
+    # rows are independent: the same row beside another gives the same term
+    two = PolicyInputs(
+        torch.cat([logp.detach(), torch.zeros(1, 3, dtype=F64)]),
+        torch.zeros(2, 3, dtype=F64),
+        torch.ones(2, 3, dtype=F64),
+        t([1.0, 1.0]),
+        entropy_NT=torch.cat([H, t([[9.0, 0.1, 0.2]])]),
+    )
+    torch.testing.assert_close(
+        dhpo(two, w_mode="entropy", mix="objective").per_token_NT[0], out.per_token_NT[0].detach()
+    )
+    with pytest.raises(ValueError, match="needs entropy_NT"):
+        dhpo(
+            PolicyInputs(logp, logp.detach(), torch.ones(1, 3, dtype=F64), t([1.0])),
+            w_mode="entropy",
+        )
+    with pytest.raises(ValueError, match="mix must be"):
+        dhpo(inp, mix="both")
+
+
+@pytest.mark.parametrize("mix", ["objective", "ratio"])
 @pytest.mark.parametrize("w", [0.0, 1.0])
-def test_dhpo_end_points_are_gspo_and_ppo(w: float) -> None:
+def test_dhpo_end_points_are_gspo_and_ppo(w: float, mix: str) -> None:
     toy = Toy(dtype=F64, seed=3)
     inp = toy.inputs()
-    mixed = dhpo(inp, w=w, eps_low=0.1, eps_high=0.3, seq_eps_low=0.05, seq_eps_high=0.02)
+    mixed = dhpo(inp, w=w, eps_low=0.1, eps_high=0.3, seq_eps_low=0.05, seq_eps_high=0.02, mix=mix)
     if w == 1.0:
         ref = ppo_clip(inp, eps_low=0.1, eps_high=0.3)
     else:
@@ -311,8 +370,9 @@ def test_dhpo_end_points_are_gspo_and_ppo(w: float) -> None:
     (g_ref,) = torch.autograd.grad((ref.per_token_NT * m).sum(), toy.W)
     assert g_ref.abs().max() > 1e-3
     torch.testing.assert_close(g_mixed, g_ref)
-    for key in ref.stats_NT:
-        torch.testing.assert_close(mixed.stats_NT[key] * m, ref.stats_NT[key] * m)
+    if mix == "ratio" or w == 1.0:  # objective mode reports the token branch's clipping
+        for key in ref.stats_NT:
+            torch.testing.assert_close(mixed.stats_NT[key] * m, ref.stats_NT[key] * m)
 
 
 # ---------------------------------------------------------------------------------------

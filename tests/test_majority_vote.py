@@ -260,3 +260,17 @@ def test_large_group_is_fast_and_calls_verify_per_class(monkeypatch):
     assert rewards == [1.0, 1.0, 1.0, 0.0] * 16
     # "0.5" vs "1/2"; "\frac{1}{2}" vs "1/2"; "3/4" vs "1/2" and vs nothing else -> 3 calls
     assert len(calls) == 3
+
+
+def test_leave_one_out_compares_each_sample_with_the_others_majority():
+    """[A, A, B, B, C]: the plain vote's tie goes to A (seen first): [1, 1, 0, 0, 0]. Leave
+    one out: an A sample sees A 1, B 2 -> B; a B sample sees A 2, B 1 -> A; the C sample
+    sees A 2, B 2 -> A: every reward 0. [A, A, B]: an A sample sees A 1, B 1 -> A (first):
+    1; the B sample sees A 2 -> 0. A lone answer among no-answers has no one to agree with."""
+    plain = MajorityVote(mode="math", timeout_seconds=None)
+    loo = MajorityVote(mode="math", timeout_seconds=None, leave_one_out=True)
+    group = [box(x) for x in "11223"]
+    assert plain(["q"] * 5, group) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert loo(["q"] * 5, group) == [0.0] * 5
+    assert loo(["q"] * 3, [box("1"), box("1"), box("2")]) == [1.0, 1.0, 0.0]
+    assert loo(["q"] * 3, [box("7"), "no answer here", "none"]) == [0.0, 0.0, 0.0]

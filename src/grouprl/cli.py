@@ -132,7 +132,14 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from grouprl.models.tiny import save_model
     from grouprl.training.setup import load_dataset_from_config, seed_everything
     from grouprl.training.sft import sft
+    from grouprl.training.sft_transforms import build_sft_transform, parse_sft_transform
 
+    try:  # checked before the model loads
+        transforms = [parse_sft_transform(t) for t in args.transform]
+        for spec in transforms:
+            build_sft_transform(spec)
+    except ValueError as exc:
+        raise UserError(f"--transform: {exc}") from None
     cfg = load_config(args.config, args.overrides)
     if cfg.model.lora:
         raise UserError(
@@ -177,6 +184,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         save_every=cfg.train.save_every,
         keep_checkpoints=cfg.train.keep_checkpoints,
         resume=cfg.train.resume,
+        transforms=transforms,
     )
     path = save_model(model, tok, Path(cfg.train.output_dir) / "final")
     print(f"sft: {res.steps} steps, final loss {res.final_loss:.4f}; model saved to {path}")
@@ -429,6 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="YAML config (model, data with prompt+completion columns, train)")
     s.add_argument("overrides", nargs="*")
     s.add_argument("--completion-column", default="completion")
+    s.add_argument(
+        "--transform",
+        action="append",
+        default=[],
+        metavar="NAME[:key=value,...]",
+        help="an SFT row transform applied to the training pairs, e.g. "
+        "thought_dropout:ratio=0.5 (TON's thought dropout); repeatable",
+    )
     s.set_defaults(func=cmd_sft)
 
     e = sub.add_parser("eval", help="pass@1, pass@k (unbiased) and maj@k of a model")

@@ -221,6 +221,7 @@ def _probe_policy_inputs() -> Any:
         rewards_N=inputs["rewards_BG"].reshape(-1),
         group_N=inputs["group_N"],
         norm=BatchNorm.of(mask, 3, 2),
+        item_index_NT=inputs["item_index_NT"],
     )
 
 
@@ -275,6 +276,12 @@ def check_compatible(comps: Components, cfg: Config) -> None:
         raise ConfigError(
             f"{MISMATCH_KEY}: loss {comps.loss_name!r} normalizes itself over whole groups, so "
             f"per-token importance weights ({comps.mismatch.name}) cannot be applied to it"
+        )
+    if comps.advantage.caps.token_level and (comps.modifiers or comps.token_mask is not None):
+        other = "advantage.modifiers" if comps.modifiers else "token_mask"
+        raise ConfigError(
+            f"{other}: advantage {comps.advantage.name!r} gives per-token advantages [N, T], "
+            "which advantage modifiers and token masks (built for [B, G]) cannot take"
         )
     refills = [f.name for f in comps.sample_filters if f.caps.refills]
     if len(refills) > 1:

@@ -153,6 +153,9 @@ class DataConfig:
     # multi-turn rollouts: {name: tools, tools: [calculator, "my_tools.py:search"], ...}, an
     # ENVIRONMENTS entry and its parameters (grouprl/envs, docs/environments.md)
     environment: dict[str, Any] | None = None
+    # which prompts a step draws: {name: uniform | vas | cures | vade | spo_priority |
+    # hard_mining, params...} (data/samplers.py; per-prompt state saved in checkpoints)
+    sampler: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"})
 
 
 @dataclass
@@ -179,6 +182,9 @@ class RolloutConfig:
     # (its turns and observations; 0 = max_turns x max_new_tokens)
     max_turns: int = 4
     max_total_tokens: int = 0
+    # what happens between sampling and planning: {name: plain | scaf_hints | sage_hints,
+    # params...} (training/rollout_strategies.py: e.g. hinted re-sampling of failed groups)
+    strategy: dict[str, Any] = field(default_factory=lambda: {"name": "plain"})
 
 
 @dataclass
@@ -625,6 +631,13 @@ def validate(cfg: Config) -> Config:
     _check_component("rollout.mismatch_correction", r.mismatch_correction)
     if cfg.data.environment is not None:
         _check_component("data.environment", cfg.data.environment)
+    _check_component("data.sampler", cfg.data.sampler)
+    _check_component("rollout.strategy", r.strategy)
+    if r.strategy["name"] != "plain" and cfg.data.environment is not None:
+        raise ConfigError(
+            f"rollout.strategy: {r.strategy['name']!r} samples single-turn completions; it "
+            "cannot be combined with data.environment (multi-turn rollouts)"
+        )
     return cfg
 
 

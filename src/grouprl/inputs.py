@@ -159,6 +159,25 @@ declare(
     probe=lambda: [["1", "2"], ["1", "1"]],
 )
 declare(
+    "item_rel_BGK",
+    "[B, G, K] float",
+    "relevance of each line (item) of each completion, from a reward that logs it as the "
+    "`item_rel` column (rank_relevance); NaN past a list's end",
+    stage="collect",
+    reduce="groups",
+    consumers=(_ADV,),
+    probe=lambda: torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, float("nan")]]]),
+)
+declare(
+    "item_index_NT",
+    "[N, T] long",
+    "the item (line) of the completion each token belongs to, −1 for none",
+    stage="plan",
+    reduce="rows",
+    consumers=(_ADV, _MASK),
+    probe=lambda: torch.tensor([[0, 0, -1], [0, 1, 1], [0, -1, -1], [0, 1, -1]]),
+)
+declare(
     "seq_logp_BG",
     "[B, G] float",
     "sum of the sampling policy's log-probs over each completion's action tokens",
@@ -173,10 +192,30 @@ declare(
     "the sampling policy's entropy at each completion position (no grad)",
     stage="prepass",
     reduce="rows",
-    consumers=(_MASK,),
+    consumers=(_ADV, _MASK),
     probe=lambda: torch.tensor(
         [[0.5, 1.0, 0.0], [0.2, 0.1, 0.9], [0.3, 0.0, 0.0], [0.7, 0.4, 0.0]]
     ),
+)
+declare(
+    "logp_hot_NT",
+    "[N, T] float",
+    "log-prob of each sampled token re-scored at 1.2x the sampling temperature (no grad; "
+    "an extra no-grad forward)",
+    stage="prepass",
+    reduce="rows",
+    consumers=(_ADV,),
+    probe=lambda: torch.full((4, 3), -1.1),
+)
+declare(
+    "logp_cold_NT",
+    "[N, T] float",
+    "log-prob of each sampled token re-scored at 0.8x the sampling temperature (no grad; "
+    "an extra no-grad forward)",
+    stage="prepass",
+    reduce="rows",
+    consumers=(_ADV,),
+    probe=lambda: torch.full((4, 3), -0.9),
 )
 declare(
     "old_logp_NT",
@@ -184,7 +223,7 @@ declare(
     "the sampling policy's log-prob of each completion token (no grad)",
     stage="prepass",
     reduce="rows",
-    consumers=(_MASK,),
+    consumers=(_ADV, _MASK),
     probe=lambda: torch.full((4, 3), -1.0),
 )
 declare(
@@ -220,7 +259,7 @@ declare(
     "loss mask: 1 on the policy's own tokens, 0 on padding and on context tokens",
     stage="plan",
     reduce="rows",
-    consumers=(_MASK,),
+    consumers=(_ADV, _MASK),
     probe=lambda: torch.tensor(_PROBE_MASK),
 )
 declare(

@@ -42,6 +42,10 @@ class Capabilities:
     collapse_risk:       a reward whose optimum can be reached by collapse (a majority vote):
                          `train.collapse_monitor: auto` watches such runs.
     min_group_size / max_group_size: completions per prompt the component works with.
+    token_level:         an advantage estimator that returns per-token advantages [N, T]
+                         instead of [B, G] (Rank-GRPO: one advantage per list item).
+    needs_items:         a loss that reads each token's item (`item_index_NT`: the line of
+                         the completion it belongs to; Rank-GRPO's per-item ratio).
     """
 
     needs_ref: bool = False
@@ -52,6 +56,8 @@ class Capabilities:
     collapse_risk: bool = False
     min_group_size: int = 1
     max_group_size: int | None = None
+    token_level: bool = False
+    needs_items: bool = False
 
 
 CAPABILITY_NAMES = tuple(f.name for f in fields(Capabilities))

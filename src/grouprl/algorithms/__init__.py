@@ -4,7 +4,7 @@ token masks, sample filters and sampler/trainer mismatch corrections.
 Each kind of component lives in a registry and is looked up by its config name.
 """
 
-from grouprl.algorithms import entropy_band  # noqa: F401  (registers entropy_band)
+from grouprl.algorithms import entropy_band, pairwise, segments  # noqa: F401  (they register themselves)
 from grouprl.algorithms.advantages import ADVANTAGE_MODIFIERS, ADVANTAGES
 from grouprl.algorithms.aggregation import AGGREGATIONS
 from grouprl.algorithms.losses import LOSSES

@@ -883,3 +883,55 @@ def xrpo_novelty(
         eligible_BG &= r_BG >= correct_threshold
     bonus_BG = torch.minimum(lam * novelty_BG, kappa * a_BG.clamp(min=0.0))
     return torch.where(eligible_BG, a_BG + bonus_BG, a_BG).float()
+
+
+@ADVANTAGES.register("dcpo", min_group_size=2, token_level=True)
+def dcpo(
+    rewards_BG: Tensor,
+    entropy_NT: Tensor,
+    old_logp_NT: Tensor,
+    logp_hot_NT: Tensor,
+    logp_cold_NT: Tensor,
+    mask_NT: Tensor,
+    *,
+    target_entropy: float = 0.5,
+    cap: float = 0.1,
+    correct_at: float = 0.05,
+    eps: float = 1e-6,
+) -> Tensor:
+    """DCPO: GRPO's advantage mixed with a temperature-reweighting term that steers the
+    entropy toward a target (per-token advantages [N, T]).
+
+    "Distribution-Centric Policy Optimization Dominates Exploration-Exploitation Trade-off"
+    (DCPO), arXiv 2601.12730; the form of the
+    authors' code (597358816/DCPO `ray_trainer.py`, read for the project's notes):
+
+        H  = mean token entropy of the batch (sampling temperature, mask)
+        T' = 1.2 (hot) if H <= H* else 0.8 (cold), times the sampling temperature
+        w_t = π_T'(o_t) / π(o_t)            the sampled token re-scored at T' (no grad)
+        a  = min(|H* − H|, cap) / p_correct,  p_correct = share of rows with R > correct_at
+        α  = a / (1 + a)
+        A'_{i,t} = (1 − α)·A_i + α·1[R_i > correct_at]·w_t,   A_i = GRPO's z-score
+
+    Defaults H* = 0.5, cap 0.1, threshold 0.05 (the code's). At H = H*, A' = A. No batch
+    row correct: α = 0. Needs two extra no-grad forwards (`logp_hot_NT`, `logp_cold_NT`).
+    """
+    if cap < 0 or target_entropy < 0:
+        raise ValueError(f"dcpo: cap and target_entropy must be >= 0, got {cap}, {target_entropy}")
+    adv_BG = grpo(rewards_BG, eps=eps).double()
+    B, G = adv_BG.shape
+    mask = mask_NT.double()
+    if mask.shape[0] != B * G:
+        raise ValueError(f"dcpo: {mask.shape[0]} rows for {B}x{G} rewards")
+    H = float((entropy_NT.double() * mask).sum() / mask.sum().clamp(min=1.0))
+    logp_alt = logp_hot_NT if H <= target_entropy else logp_cold_NT
+    w_NT = (logp_alt.double() - old_logp_NT.double()).clamp(max=20.0).exp() * mask
+    r_N = rewards_BG.double().reshape(-1)
+    correct_N = (r_N > correct_at).double()  # NaN compares False
+    p_correct = (
+        float(correct_N[~torch.isnan(r_N)].mean()) if bool((~torch.isnan(r_N)).any()) else 0.0
+    )
+    a = min(abs(target_entropy - H), cap) / p_correct if p_correct > 0 else 0.0
+    alpha = a / (1.0 + a)
+    adv_NT = (1.0 - alpha) * adv_BG.reshape(-1, 1) * mask + alpha * correct_N[:, None] * w_NT
+    return adv_NT.float()

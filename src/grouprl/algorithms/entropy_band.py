@@ -9,26 +9,35 @@ import torch
 from torch import Tensor
 
 from grouprl.algorithms.regularizers import REGULARIZERS, Regularizer, _check_finite
-from grouprl.algorithms.selection import quantile_linear
+from grouprl.algorithms.selection import quantile_linear, row_quantiles
 from grouprl.algorithms.types import PolicyInputs, TermOutput
 
 __all__ = ["EntropyBand"]
 
 SCOPES = ("selected", "all")
+BOUNDS = ("per_sample_quantile", "calibrated", "fixed")
+PENALTIES = ("hinge", "squared")
 
 
 @REGULARIZERS.register("entropy_band", needs_entropy_grad=True, calibrates=True)
 class EntropyBand(Regularizer):
-    """Entropy band on selected tokens, SPINE-style: proposal (only the abstract is known).
+    """Entropy band on selected tokens, SPINE-style (a reading: no code is public).
 
-    SPINE (Wu et al., arXiv 2511.17938) says only that it adds an entropy-band regularizer
-    at forking tokens that keeps exploration going when entropy is too low and damps noisy
-    supervision when it is too high. The form here is grouprl's own proposal (a squared
-    hinge outside a band calibrated from the batch's entropy percentiles), not the authors'
-    code:
+    SPINE (Wu et al., "SPINE: Token-Selective Test-Time Reinforcement Learning with
+    Entropy-Band Regularization", arXiv 2511.17938) adds an entropy-band regularizer at
+    forking tokens that keeps exploration going when entropy is too low and damps noisy
+    supervision when it is too high. A detailed survey entry written from the paper gives
+    the form built by default (`bounds: per_sample_quantile`, `penalty: hinge`):
 
-        per_token = coef · [relu(h_lo − H)² + relu(H − h_hi)²]   on selected tokens,
-                    0                                           elsewhere,
+        per sample i, over its selected tokens: h_lo,i = 10% quantile of sg(H),
+                                                h_hi,i = 50% quantile (the median)
+        per_token = coef · [relu(h_lo,i − H) + relu(H − h_hi,i)]   on selected tokens,
+                    0                                             elsewhere,
+
+    recomputed every step from the detached entropies (no tuning, no state). The earlier
+    build's form stays available: `bounds: calibrated` (batch percentiles low_pct /
+    high_pct = 10 / 90 of the first batch, then frozen), `bounds: fixed` (`low`, `high`),
+    and `penalty: squared` (relu(·)²).
 
     with H the policy's entropy at that position WITH gradient (needs_entropy_grad makes
     the trainer pass it undetached), so the term pushes H back into [h_lo, h_hi].
@@ -36,7 +45,7 @@ class EntropyBand(Regularizer):
     weight is > 0 (the forking-token mask); with scope="all", or when the batch has no
     token weights, every completion token. Padding is always 0.
 
-    Bounds: `low` / `high` when given (fixed). A bound left None is set ONCE from the
+    Bounds with `calibrated`: `low` / `high` when given (fixed). A bound left None is set ONCE from the
     distribution of H over the selected tokens of the first batch, its `low_pct` / `high_pct`
     percentile (linear interpolation, as torch.quantile), and then frozen (a calibrated
     bound that would cross a fixed one is set equal to it). The trainer calls
@@ -66,9 +75,29 @@ class EntropyBand(Regularizer):
         low: float | None = None,
         high: float | None = None,
         low_pct: float = 10.0,
-        high_pct: float = 90.0,
+        high_pct: float | None = None,
         scope: str = "selected",
+        bounds: str = "per_sample_quantile",
+        penalty: str = "hinge",
     ) -> None:
+        if bounds not in BOUNDS:
+            raise ValueError(
+                f"entropy_band.bounds must be one of {', '.join(BOUNDS)}; got {bounds!r}"
+            )
+        if penalty not in PENALTIES:
+            raise ValueError(
+                f"entropy_band.penalty must be one of {', '.join(PENALTIES)}; got {penalty!r}"
+            )
+        if bounds == "per_sample_quantile" and (low is not None or high is not None):
+            raise ValueError(
+                "entropy_band.low/high: fixed bounds need bounds: fixed (or calibrated); "
+                "per_sample_quantile computes them per sample"
+            )
+        if bounds == "fixed" and (low is None or high is None):
+            raise ValueError("entropy_band.bounds: fixed needs both low and high")
+        self.bounds, self.penalty = bounds, penalty
+        if high_pct is None:  # the median per sample; the 90th percentile of a batch
+            high_pct = 50.0 if bounds == "per_sample_quantile" else 90.0
         self.coef = _check_finite("entropy_band.coef", coef)
         if self.coef < 0:
             raise ValueError(f"entropy_band.coef must be >= 0, got {coef}")
@@ -93,8 +122,10 @@ class EntropyBand(Regularizer):
 
     @property
     def calibrated(self) -> bool:
-        """Whether both bounds are known (fixed or calibrated)."""
-        return self.low is not None and self.high is not None
+        """Whether both bounds are known (fixed or calibrated); per-sample bounds always are."""
+        return self.bounds == "per_sample_quantile" or (
+            self.low is not None and self.high is not None
+        )
 
     @property
     def needs_calibration(self) -> bool:
@@ -146,15 +177,28 @@ class EntropyBand(Regularizer):
             stats["entropy_band/selected_entropy"] = float(H_NT.detach()[sel_NT].mean())
         if not self.calibrated:  # no selected token seen yet: nothing to penalize
             return TermOutput(per_token_NT=torch.zeros_like(H_NT), stats=stats)
-        low, high = float(self.low), float(self.high)  # type: ignore[arg-type]
-        stats["entropy_band/low"] = low
-        stats["entropy_band/high"] = high
+        if self.bounds == "per_sample_quantile":
+            H_det = H_NT.detach().where(sel_NT, 0.0)  # padding may hold any value
+            low_N, has_N = row_quantiles(H_det, sel_NT, self.low_pct / 100.0)
+            high_N, _ = row_quantiles(H_det, sel_NT, self.high_pct / 100.0)
+            low_NT, high_NT = low_N[:, None].expand_as(H_NT), high_N[:, None].expand_as(H_NT)
+            if bool(has_N.any()):
+                stats["entropy_band/low"] = float(low_N[has_N].mean())
+                stats["entropy_band/high"] = float(high_N[has_N].mean())
+        else:
+            low_NT = torch.full_like(H_NT, float(self.low))  # type: ignore[arg-type]
+            high_NT = torch.full_like(H_NT, float(self.high))  # type: ignore[arg-type]
+            stats["entropy_band/low"] = float(self.low)  # type: ignore[arg-type]
+            stats["entropy_band/high"] = float(self.high)  # type: ignore[arg-type]
         # Unselected positions (padding may hold any value) see H = low: zero penalty and
         # a zero, finite gradient.
-        H_sel_NT = H_NT.where(sel_NT, torch.full_like(H_NT, low))
-        below_NT = (low - H_sel_NT).clamp(min=0.0)
-        above_NT = (H_sel_NT - high).clamp(min=0.0)
-        per_token_NT = self.coef * (below_NT.square() + above_NT.square())
+        H_sel_NT = H_NT.where(sel_NT, low_NT.to(H_NT.dtype))
+        below_NT = (low_NT - H_sel_NT).relu()  # relu: zero (sub)gradient on the bound
+        above_NT = (H_sel_NT - high_NT).relu()
+        if self.penalty == "squared":
+            per_token_NT = self.coef * (below_NT.square() + above_NT.square())
+        else:
+            per_token_NT = self.coef * (below_NT + above_NT)
         dtype = H_NT.dtype
         return TermOutput(
             per_token_NT=per_token_NT * sel_NT.to(dtype),
@@ -181,5 +225,6 @@ class EntropyBand(Regularizer):
     def __repr__(self) -> str:
         return (
             f"EntropyBand(coef={self.coef}, low={self.low}, high={self.high}, "
-            f"low_pct={self.low_pct}, high_pct={self.high_pct}, scope={self.scope!r})"
+            f"low_pct={self.low_pct}, high_pct={self.high_pct}, scope={self.scope!r}, "
+            f"bounds={self.bounds!r}, penalty={self.penalty!r})"
         )

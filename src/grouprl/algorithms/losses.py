@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from grouprl.algorithms.selection import row_quantiles
 from grouprl.algorithms.types import PolicyInputs, TermOutput
 from grouprl.registry import Registry
 
@@ -227,6 +228,10 @@ def cispo(inp: PolicyInputs, *, eps_low: float = 10.0, eps_high: float = 0.2) ->
     )
 
 
+DHPO_MIX = ("objective", "ratio")
+DHPO_W = ("const", "entropy")
+
+
 @LOSSES.register("dhpo")
 def dhpo(
     inp: PolicyInputs,
@@ -236,26 +241,45 @@ def dhpo(
     eps_high: float = 0.2,
     seq_eps_low: float = 3e-4,
     seq_eps_high: float = 4e-4,
+    mix: str = "ratio",
+    w_mode: str = "const",
+    h_ref_pct: float = 80.0,
 ) -> TermOutput:
-    """DHPO, reading: a token/sequence ratio mix inside one clipped surrogate.
+    """DHPO, reading: token and sequence ratios, each clipped to its own trust region, mixed.
 
-    DHPO (Min et al., ACL Findings 2026, arXiv 2601.05607; only the abstract is known, no
-    code): the GRPO token ratio ρ_{i,t} and the GSPO sequence ratio s_i are each clipped to
-    their own trust region, then mixed. Implemented as written in ALGORITHMS.md §2:
+    "Orchestrating Tokens and Sequences: Dynamic Hybrid Policy Optimization for RLVR" (Min
+    et al., ACL Findings 2026, arXiv 2601.05607; abstract only, no code): the GRPO token
+    ratio ρ_{i,t} and the GSPO sequence ratio s_i are "constrained within separate trust
+    regions before mixing", "within a single clipped surrogate objective" (abstract):
 
-        ρ̄ = w·ρ_{i,t} + (1 − w)·s_i                                       (unclipped mix)
-        ρ̂ = w·clip(ρ_{i,t}, 1 − eps_low, 1 + eps_high)
-            + (1 − w)·clip(s_i, 1 − seq_eps_low, 1 + seq_eps_high)        (clipped mix)
-        J  = min(ρ̄·A, ρ̂·A)
+        ρ̄ = w_t·ρ + (1 − w_t)·s                                          (unclipped mix)
+        ρ̂ = w_t·clip(ρ, 1 − eps_low, 1 + eps_high)
+             + (1 − w_t)·clip(s, 1 − seq_eps_low, 1 + seq_eps_high)       (clipped mix)
+        J  = min(ρ̄·A, ρ̂·A)                                               (mix: ratio)
 
-    with s_i in GSPO-token form (see `_seq_ratio_NT`). w = 1 gives ppo_clip, w = 0 gives
-    gspo. The entropy-guided w of the paper is not implemented (its form is unknown); the
-    ε defaults are PPO's and GSPO's, not the paper's (unknown).
+    `mix: objective` (a reader's note on the paper: each branch clipped, then mixed) mixes
+    the two clipped objectives instead; the two differ whenever the branches disagree:
 
-    per_token = −J · token_weight; stats_NT: clip_ratio/* where the clipped mix was taken.
+        J = w_t·min(ρA, clip(ρ)A) + (1 − w_t)·min(sA, clip(s)A)
+
+    s_i is in GSPO-token form (`_seq_ratio_NT`); w = 1 gives ppo_clip, w = 0 gives gspo.
+    w_t: `const` = w (the abstract's "averaged mixing"). `entropy` (its "entropy-guided
+    mixing", form unknown; ours): w_t = clamp(sg(H_t)/H_ref,i, 0, 1) with H_ref,i the
+    `h_ref_pct` percentile of row i's token entropies (row-local, so micro-batches do not
+    change it): high-entropy tokens lean on token-level credit (direction not confirmed).
+    The ε defaults are PPO's and GSPO's (the paper's are unknown).
+
+    per_token = −J · token_weight; stats_NT: clip_ratio/* of the mix (ratio) or of the
+    token branch (objective), dhpo/seq_clipped where the sequence branch was clipped.
     """
     if not 0.0 <= w <= 1.0:
         raise ValueError(f"dhpo: w must be in [0, 1], got {w}")
+    if mix not in DHPO_MIX:
+        raise ValueError(f"dhpo: mix must be one of {', '.join(DHPO_MIX)}, got {mix!r}")
+    if w_mode not in DHPO_W:
+        raise ValueError(f"dhpo: w_mode must be one of {', '.join(DHPO_W)}, got {w_mode!r}")
+    if not 0.0 < h_ref_pct <= 100.0:
+        raise ValueError(f"dhpo: h_ref_pct must be in (0, 100], got {h_ref_pct}")
     _check_eps(
         "dhpo",
         eps_low=eps_low,
@@ -263,19 +287,33 @@ def dhpo(
         seq_eps_low=seq_eps_low,
         seq_eps_high=seq_eps_high,
     )
-    mask_NT, _, logp_NT, old_NT = _valid_logps(inp)
+    mask_NT, valid_NT, logp_NT, old_NT = _valid_logps(inp)
     adv_NT = broadcast_adv(inp.adv_N, logp_NT)
     ratio_NT = (logp_NT - old_NT).exp()
     s_NT = _seq_ratio_NT(logp_NT, old_NT, mask_NT)
-    mix_NT = w * ratio_NT + (1.0 - w) * s_NT
-    mix_clipped_NT = w * ratio_NT.clamp(1.0 - eps_low, 1.0 + eps_high) + (1.0 - w) * s_NT.clamp(
-        1.0 - seq_eps_low, 1.0 + seq_eps_high
-    )
-    objective_NT = (mix_NT * adv_NT).minimum(mix_clipped_NT * adv_NT)
-    return TermOutput(
-        per_token_NT=-_token_weighted(objective_NT, inp),
-        stats_NT=_clip_stats(mix_NT.detach(), mix_clipped_NT.detach(), adv_NT, logp_NT.dtype),
-    )
+    ratio_c_NT = ratio_NT.clamp(1.0 - eps_low, 1.0 + eps_high)
+    s_c_NT = s_NT.clamp(1.0 - seq_eps_low, 1.0 + seq_eps_high)
+    if w_mode == "entropy":
+        if inp.entropy_NT is None:
+            raise ValueError("dhpo: w_mode entropy needs entropy_NT, got None")
+        H_NT = inp.entropy_NT.detach().to(logp_NT.dtype).where(valid_NT, 0.0)
+        h_ref_N, _ = row_quantiles(H_NT, valid_NT, h_ref_pct / 100.0)
+        w_NT = (H_NT / h_ref_N[:, None].clamp(min=1e-8)).clamp(0.0, 1.0)
+    else:
+        w_NT = torch.full_like(logp_NT, w)
+    seq_clipped_NT = (s_c_NT * adv_NT < s_NT * adv_NT).detach().to(logp_NT.dtype)
+    if mix == "objective":
+        tok_NT = (ratio_NT * adv_NT).minimum(ratio_c_NT * adv_NT)
+        seq_NT = (s_NT * adv_NT).minimum(s_c_NT * adv_NT)
+        objective_NT = w_NT * tok_NT + (1.0 - w_NT) * seq_NT
+        stats = _clip_stats(ratio_NT.detach(), ratio_c_NT.detach(), adv_NT, logp_NT.dtype)
+    else:
+        mix_NT = w_NT * ratio_NT + (1.0 - w_NT) * s_NT
+        mix_c_NT = w_NT * ratio_c_NT + (1.0 - w_NT) * s_c_NT
+        objective_NT = (mix_NT * adv_NT).minimum(mix_c_NT * adv_NT)
+        stats = _clip_stats(mix_NT.detach(), mix_c_NT.detach(), adv_NT, logp_NT.dtype)
+    stats["dhpo/seq_clipped"] = seq_clipped_NT
+    return TermOutput(per_token_NT=-_token_weighted(objective_NT, inp), stats_NT=stats)
 
 
 # ---------------------------------------------------------------------------------------

@@ -88,9 +88,16 @@ class KL(Regularizer):
     GRPO ("DeepSeekMath", arXiv 2402.03300) adds β·k3 to the loss with β = 0.04; verl uses
     β = 0.001 with low_var_kl. With β = 0 the term is zero and inactive: no reference model
     is loaded. stats_NT: {"kl": unscaled estimate} when β > 0.
+
+    scope "selected": the term only on tokens a token mask keeps (token weight > 0; every
+    completion token when no mask is configured): SPINE's KL anchor on forking tokens
+    (arXiv 2511.17938). The normalizer stays the regularizers' (all completion tokens).
     """
 
-    def __init__(self, *, beta: float = 0.04, estimator: str = "k3") -> None:
+    def __init__(self, *, beta: float = 0.04, estimator: str = "k3", scope: str = "all") -> None:
+        if scope not in ("all", "selected"):
+            raise ValueError(f"kl.scope must be 'all' or 'selected'; got {scope!r}")
+        self.scope = scope
         self.beta = _check_finite("kl.beta", beta)
         if self.beta < 0:
             raise ValueError(f"kl.beta must be >= 0, got {beta}")
@@ -111,10 +118,13 @@ class KL(Regularizer):
             raise ValueError("kl: beta > 0 needs ref_logp_NT (reference log-probs), got None")
         # The reference is frozen: gradient flows only through logπ_θ.
         kl_NT = kl_estimate(inp.logp_NT, inp.ref_logp_NT.detach(), self.estimator)
-        return TermOutput(per_token_NT=self.beta * kl_NT, stats_NT={"kl": kl_NT.detach()})
+        term_NT = self.beta * kl_NT
+        if self.scope == "selected" and inp.token_weight_NT is not None:
+            term_NT = term_NT * (inp.token_weight_NT.detach() > 0).to(term_NT.dtype)
+        return TermOutput(per_token_NT=term_NT, stats_NT={"kl": kl_NT.detach()})
 
     def __repr__(self) -> str:
-        return f"KL(beta={self.beta}, estimator={self.estimator!r})"
+        return f"KL(beta={self.beta}, estimator={self.estimator!r}, scope={self.scope!r})"
 
 
 @REGULARIZERS.register("entropy_bonus", needs_entropy_grad=True)

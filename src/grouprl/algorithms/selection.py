@@ -142,6 +142,25 @@ def quantile_linear(values: Tensor, q: float) -> Tensor:
     return v_lo + frac * (v_hi - v_lo)
 
 
+def row_quantiles(values_NT: Tensor, sel_NT: Tensor, q: float) -> tuple[Tensor, Tensor]:
+    """The q-quantile (linear interpolation, as torch.quantile) of each row's selected values.
+
+    values_NT [N, T] (detached), sel_NT bool [N, T] -> (quantile_N, has_N): rows without a
+    selected value have has_N False and quantile 0.
+    """
+    k_N = sel_NT.sum(dim=1)
+    big = torch.finfo(values_NT.dtype).max
+    sorted_NT = values_NT.where(sel_NT, big).sort(dim=1).values
+    pos_N = q * (k_N - 1).clamp(min=0).to(values_NT.dtype)
+    lo_N = pos_N.floor().long()
+    hi_N = (lo_N + 1).minimum((k_N - 1).clamp(min=0))
+    v_lo = sorted_NT.gather(1, lo_N[:, None])[:, 0]
+    v_hi = sorted_NT.gather(1, hi_N[:, None])[:, 0]
+    out_N = v_lo + (pos_N - lo_N.to(values_NT.dtype)) * (v_hi - v_lo)
+    has_N = k_N > 0
+    return out_N.where(has_N, torch.zeros_like(out_N)), has_N
+
+
 def _top_k_flat(scores: Tensor, k: int) -> Tensor:
     """Indices of the k largest values; ties go to the lower index (stable sort)."""
     order = torch.sort(scores, descending=True, stable=True).indices

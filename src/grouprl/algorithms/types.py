@@ -29,6 +29,8 @@ class PolicyInputs:
                   0 = drop, 2 = upweight), or None for "all ones". Regularizers ignore it.
     norm:         the whole optimizer batch's normalizers (for terms that aggregate themselves).
     step:         the optimizer step index (0-based), for schedules inside a component.
+    item_index_NT: the item (line) of the completion each token belongs to, −1 for none,
+                  for a loss registered with `needs_items` (Rank-GRPO); else None.
     """
 
     logp_NT: Tensor
@@ -42,6 +44,7 @@ class PolicyInputs:
     token_weight_NT: Tensor | None = None
     norm: BatchNorm | None = None
     step: int = 0
+    item_index_NT: Tensor | None = None
 
 
 @dataclass
@@ -80,10 +83,13 @@ class BatchNorm:
     num_groups: float = 0.0  # prompt groups B in the optimizer batch (0 = unknown)
 
     @staticmethod
-    def of(mask_NT: Tensor, max_len: int, num_groups: int = 0) -> BatchNorm:
-        return BatchNorm(
-            float(mask_NT.sum().item()), float(mask_NT.shape[0]), float(max_len), float(num_groups)
-        )
+    def of(
+        mask_NT: Tensor, max_len: int, num_groups: int = 0, num_seqs: int | None = None
+    ) -> BatchNorm:
+        """`num_seqs` defaults to the rows of mask_NT (give the real rows when some are
+        padding: groups filled up to one size)."""
+        n = mask_NT.shape[0] if num_seqs is None else num_seqs
+        return BatchNorm(float(mask_NT.sum().item()), float(n), float(max_len), float(num_groups))
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,28 @@ def load_prompts(
             + "; ".join(out.skipped_reasons[:3])
         )
     return out
+
+
+def prompt_renderer(
+    tokenizer: Any,
+    *,
+    chat_template: str = "auto",
+    system_prompt: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> Callable[[str | list[dict]], str]:
+    """The function `load_prompts` turns a prompt (string or messages) into model text with,
+    for code that writes new prompts during training (rollout strategies adding a hint)."""
+    reader = _RowReader(
+        tokenizer=tokenizer,
+        prompt_column="prompt",
+        max_prompt_length=None,
+        use_template=chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None)),
+        mode=chat_template,
+        system_prompt=system_prompt,
+        completion_from_messages=None,
+        tools=tools,
+    )
+    return reader.render
 
 
 # ---------------------------------------------------------------- reading sources

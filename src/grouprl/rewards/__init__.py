@@ -3,7 +3,10 @@
 from grouprl.rewards import (
     builtins,  # noqa: F401  (registers the built-ins in REWARDS)
     clinical,  # noqa: F401  (registers clinical_* / mcq_* objectives)
+    length_control,  # noqa: F401  (registers format_length, budget_length, grpo_lambda_length)
     majority,  # noqa: F401  (registers majority_vote)
+    model_rewards,  # noqa: F401  (registers the model-based rewards: reward_model, ...)
+    ranking,  # noqa: F401  (registers rank_relevance)
     tools,  # noqa: F401  (registers tool_efficiency, tool_call_format)
 )
 from grouprl.rewards.base import (

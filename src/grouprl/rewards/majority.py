@@ -113,6 +113,9 @@ class MajorityVote:
          the majority is the largest class, ties to the class seen first;
       3. r_i = 1.0 if sample i is in the majority class, else 0.0 (no answer: 0.0; a group
          where nobody answered: all 0.0).
+    `leave_one_out: true` (SPINE's option, arXiv 2511.17938): sample i is compared with
+    the majority of the *other* samples, y*_{−i} (its own vote removed; ties again to the
+    class seen first), so a sample cannot make itself right.
 
     Modes (`mode`):
       math:   the answer of `grouprl.rewards.answers.extract_answer` (last ``\boxed{}``, else
@@ -144,11 +147,17 @@ class MajorityVote:
     """
 
     def __init__(
-        self, *, mode: str = "auto", label_column: str = "answer", timeout_seconds: int | None = 5
+        self,
+        *,
+        mode: str = "auto",
+        label_column: str = "answer",
+        timeout_seconds: int | None = 5,
+        leave_one_out: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"majority_vote.mode must be one of {', '.join(MODES)}; got {mode!r}")
         self.mode = mode
+        self.leave_one_out = bool(leave_one_out)
         self.label_column = label_column
         self.timeout_seconds = timeout_seconds
         self.last_metrics: dict[str, float] = {}
@@ -260,6 +269,19 @@ class MajorityVote:
         size = len(completions)
         for i, cid in enumerate(ids):
             rewards[offset + i] = 1.0 if cid is not None and cid == majority else 0.0
+        if self.leave_one_out:
+            counts: dict[int, int] = {}
+            for cid in ids:
+                if cid is not None:
+                    counts[cid] = counts.get(cid, 0) + 1
+            for i, cid in enumerate(ids):
+                if cid is None:
+                    continue
+                others = {c: n - (c == cid) for c, n in counts.items()}
+                best = max(others.values())
+                # ties to the lowest class id (the class seen first), as the plain vote
+                loo = min(c for c, n in others.items() if n == best) if best > 0 else None
+                rewards[offset + i] = 1.0 if loo == cid else 0.0
         answered = sum(cid is not None for cid in ids)
         majority_count = sum(cid == majority for cid in ids) if majority is not None else 0
         metrics = {

@@ -43,9 +43,10 @@ def reward_inputs(
 
 def rollout_columns(ro: Rollouts, max_new_tokens: int) -> dict[str, list[Any]]:
     """Extra reward kwargs from the rollouts: token ids (as TRL passes `completion_ids`) and
-    the max completion length (for length shaping such as DAPO's overlong penalty); for
-    multi-turn rollouts also `trajectory` (each row's `Rollouts.meta`: messages, turns,
-    tool calls and errors, the environment's reward pieces, its group)."""
+    the max completion length (for length shaping such as DAPO's overlong penalty), each
+    row's prompt group in this call (`group_index`: 0..B−1, for batch-aware rewards such as
+    GRPO-λ); for multi-turn rollouts also `trajectory` (each row's `Rollouts.meta`: messages,
+    turns, tool calls and errors, the environment's reward pieces, its group)."""
     extra: dict[str, list[Any]] = {}
     if ro.meta is not None and all("turns" in m for m in ro.meta):
         extra["trajectory"] = list(ro.meta)
@@ -55,6 +56,7 @@ def rollout_columns(ro: Rollouts, max_new_tokens: int) -> dict[str, list[Any]]:
             for row, mask in zip(ro.completion_ids_NT, ro.attention_mask_NT, strict=True)
         ],
         "max_completion_length": [max_new_tokens] * ro.num_rollouts,
+        "group_index": [i // ro.group_size for i in range(ro.num_rollouts)],
     }
 
 

@@ -57,6 +57,10 @@ class Rollouts:
     sampling_logp_NT:                the sampler's own log-probs of the completion tokens,
                                      when the engine reports them (mismatch correction).
     meta:                            per-row metadata (e.g. turn spans, tool calls), or None.
+    pad_N:                           True on padding rows (no completion, NaN reward) that
+                                     fill a group up to group_size when prompts get
+                                     different numbers of rollouts (a budget sampler:
+                                     data/samplers.py); None when every row is real.
     """
 
     prompt_ids_NP: Tensor
@@ -69,6 +73,7 @@ class Rollouts:
     group_size: int
     sampling_logp_NT: Tensor | None = None
     meta: list[dict[str, Any]] | None = None
+    pad_N: Tensor | None = None
 
     def __post_init__(self) -> None:
         N, T = self.completion_ids_NT.shape
@@ -80,10 +85,21 @@ class Rollouts:
             raise ValueError(f"Rollouts.completions: {len(self.completions)} texts for {N} rows")
         if self.meta is not None and len(self.meta) != N:
             raise ValueError(f"Rollouts.meta: {len(self.meta)} entries for {N} rows")
+        if self.pad_N is not None and tuple(self.pad_N.shape) != (N,):
+            raise ValueError(f"Rollouts.pad_N: shape {tuple(self.pad_N.shape)}, expected {(N,)}")
 
     @property
     def num_rollouts(self) -> int:
         return int(self.completion_ids_NT.shape[0])
+
+    @property
+    def real_N(self) -> Tensor:
+        """True on real rows (not padding), bool [N]."""
+        if self.pad_N is None:
+            return torch.ones(
+                self.num_rollouts, dtype=torch.bool, device=self.completion_ids_NT.device
+            )
+        return ~self.pad_N.to(self.completion_ids_NT.device)
 
     @property
     def lengths_N(self) -> Tensor:
@@ -105,6 +121,8 @@ class Rollouts:
         }
         if self.sampling_logp_NT is not None:
             moved["sampling_logp_NT"] = self.sampling_logp_NT.to(device)
+        if self.pad_N is not None:
+            moved["pad_N"] = self.pad_N.to(device)
         return replace(self, **moved)
 
     def select(self, idx: Tensor | slice) -> Rollouts:
@@ -121,6 +139,7 @@ class Rollouts:
             completions=[self.completions[i] for i in rows],
             sampling_logp_NT=None if self.sampling_logp_NT is None else self.sampling_logp_NT[idx],
             meta=None if self.meta is None else [self.meta[i] for i in rows],
+            pad_N=None if self.pad_N is None else self.pad_N[idx],
         )
 
 

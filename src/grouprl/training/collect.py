@@ -11,6 +11,7 @@ final: the planning stage never calls back into generation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,7 +20,6 @@ from torch import Tensor
 
 from grouprl.algorithms.advantages import combine_rewards
 from grouprl.data.datasets import PromptDataset, PromptExample
-from grouprl.data.sampler import PromptSampler
 from grouprl.registry import BoundComponent
 from grouprl.rewards.base import RewardSet
 from grouprl.rewards.scoring import score_rollouts
@@ -111,6 +111,16 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
         if any(x is None for x in sampled)
         else torch.cat([_pad_to(x, T, 0.0, False) for x in sampled]),  # type: ignore[arg-type]
         meta=None if any(r.meta is None for r in parts) else [m for r in parts for m in r.meta],  # type: ignore[union-attr]
+        pad_N=None
+        if all(r.pad_N is None for r in parts)
+        else torch.cat(
+            [
+                r.pad_N.cpu()
+                if r.pad_N is not None
+                else torch.zeros(r.num_rollouts, dtype=torch.bool)
+                for r in parts
+            ]
+        ),
     )
 
 
@@ -150,6 +160,50 @@ def concat_batches(parts: list[ScoredBatch], pad_token_id: int) -> ScoredBatch:
     )
 
 
+def pad_group(group: ScoredBatch, width: int, pad_token_id: int) -> ScoredBatch:
+    """One group's rows followed by padding rows up to `width`: the group's prompt, an empty
+    completion (masks 0), NaN rewards, `pad_N` True; `group_size` becomes `width`."""
+    ro, n = group.rollouts, group.rollouts.num_rollouts
+    k = width - n
+    if k < 0:
+        raise ValueError(f"pad_group: {n} rows do not fit in {width}")
+    pad_N = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(k, dtype=torch.bool)])
+    if k == 0:
+        return replace(group, rollouts=replace(ro, group_size=width, pad_N=pad_N))
+    first = torch.zeros(k, dtype=torch.long)
+    T = ro.completion_ids_NT.shape[1]
+    like = ro.completion_ids_NT
+    blank = Rollouts(
+        prompt_ids_NP=ro.prompt_ids_NP[first],
+        prompt_mask_NP=ro.prompt_mask_NP[first],
+        completion_ids_NT=torch.full((k, T), pad_token_id, dtype=like.dtype, device=like.device),
+        attention_mask_NT=ro.attention_mask_NT.new_zeros(k, T),
+        loss_mask_NT=ro.loss_mask_NT.new_zeros(k, T),
+        truncated_N=torch.zeros(k, dtype=torch.bool, device=ro.truncated_N.device),
+        completions=[""] * k,
+        group_size=width,
+        sampling_logp_NT=None
+        if ro.sampling_logp_NT is None
+        else ro.sampling_logp_NT.new_zeros(k, T),
+    )
+    both = concat_rollouts([replace(ro, pad_N=None), blank], pad_token_id)
+    nan_K = torch.full((k, group.rewards_NK.shape[1]), float("nan"), dtype=group.rewards_NK.dtype)
+    return replace(
+        group,
+        rollouts=replace(both, group_size=width, pad_N=pad_N),
+        rewards_NK=torch.cat([group.rewards_NK, nan_K.to(group.rewards_NK.device)]),
+        rewards_N=torch.cat(
+            [
+                group.rewards_N,
+                torch.full(
+                    (k,), float("nan"), dtype=group.rewards_N.dtype, device=group.rewards_N.device
+                ),
+            ]
+        ),
+        extra={key: list(v) + [None] * k for key, v in group.extra.items()},
+    )
+
+
 def collect_inputs(batch: ScoredBatch, weights_K: Tensor) -> dict[str, Any]:
     """The `collect`-stage inputs (grouprl.inputs) of a scored batch, for a refilling filter."""
     B, G = batch.num_groups, batch.rollouts.group_size
@@ -163,6 +217,18 @@ def collect_inputs(batch: ScoredBatch, weights_K: Tensor) -> dict[str, Any]:
     }
 
 
+@dataclass
+class StrategyContext:
+    """What a rollout strategy (training/rollout_strategies.py) may use: the step, more
+    sampling, prompt rendering."""
+
+    step: int
+    # (plain examples, generation texts, completions per text) -> scored batch of them
+    sample: Callable[[list[PromptExample], list[str], int], ScoredBatch]
+    render: Callable[[Any], str]  # prompt (string or messages) -> model text
+    pad_token_id: int
+
+
 class Collector:
     """Samples and scores the groups of one step (see the module docstring)."""
 
@@ -172,7 +238,7 @@ class Collector:
         engine: RolloutEngine,
         rewards: RewardSet,
         dataset: PromptDataset,
-        sampler: PromptSampler,
+        sampler: Any,  # data/samplers.py: next(n), update(indices, rewards_BG)
         sampling: SamplingParams,
         pad_token_id: int,
         refill: BoundComponent | None = None,
@@ -182,6 +248,8 @@ class Collector:
         device: torch.device | str = "cpu",
         missing_rewards: str = "skip",
         multi_turn: Any = None,
+        strategy: Any = None,
+        render: Any = None,
     ) -> None:
         self.engine, self.rewards, self.dataset = engine, rewards, dataset
         self.sampler, self.sampling = sampler, sampling
@@ -193,21 +261,49 @@ class Collector:
         self.device = device  # where a gathered batch's rollouts go (the policy's device)
         self.missing_rewards = missing_rewards  # combine_rewards' rule (train.missing_rewards)
         self.multi_turn = multi_turn  # data.environment: rollout/multiturn.py's MultiTurn
+        # rollout.strategy (training/rollout_strategies.py): None = sample once
+        self.strategy = strategy
+        self.render = render  # prompt -> model text, for prompts a strategy writes
+        if strategy is not None and hasattr(strategy, "write"):
+            strategy.write = self._write
         self._seed: int | None = None
         self._calls = 0
+        self._step = 0
+        self._strategy_metrics: dict[str, float] = {}
 
-    def collect(self, B: int, *, seed: int | None = None) -> tuple[ScoredBatch, dict[str, float]]:
+    def state_dict(self) -> dict[str, Any]:
+        """The data cursor a checkpoint keeps: the prompt sampler's state, plus the rollout
+        strategy's (`rollout_strategy`) when it has any (e.g. icl_seed's corpus)."""
+        state = dict(self.sampler.state_dict())
+        if self.strategy is not None and hasattr(self.strategy, "state_dict"):
+            state["rollout_strategy"] = self.strategy.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+        saved = state.get("rollout_strategy")
+        if (
+            saved is not None
+            and self.strategy is not None
+            and hasattr(self.strategy, "load_state_dict")
+        ):
+            self.strategy.load_state_dict(saved)
+
+    def collect(
+        self, B: int, *, seed: int | None = None, step: int = 0
+    ) -> tuple[ScoredBatch, dict[str, float]]:
         """B scored groups ready for planning, and the collector's metrics. With `seed`, every
         sampling call of this collection draws from a seed of (seed, call, rank) instead of
-        the global RNG (train.async: training/pipeline.py)."""
-        self._seed, self._calls = seed, 0
+        the global RNG (train.async: training/pipeline.py). `step`: the step it is for."""
+        self._seed, self._calls, self._step = seed, 0, step
+        self._strategy_metrics = {}
         batch, stats = self._fill(B) if self.refill is not None else (self._sample(B), {})
         if self.want_baseline:
             batch.baseline_B = self._greedy_baseline(batch)
         k = self.num_train_samples
         if 0 < k < batch.rollouts.group_size:
             batch = first_per_group(batch, k)
-        return batch, stats
+        return batch, {**stats, **self.sampler.metrics(), **self._strategy_metrics}
 
     def _params(self, params: SamplingParams) -> SamplingParams:
         """This call's sampling parameters: its own seed when the collection has one."""
@@ -229,18 +325,112 @@ class Collector:
         n prompts, samples and scores its share, and the shares are all-gathered: every rank
         returns the same global batch (training/distributed.py)."""
         indices = self.sampler.next(n_prompts)
+        # a budget sampler (knapsack) gives each prompt its own number of rollouts; groups
+        # are then padded to the largest (Rollouts.pad_N)
+        budget = getattr(self.sampler, "budget", None)
+        counts = budget(indices, self.sampling.num_generations) if budget is not None else None
+        width = max(counts) if counts else None
         if not self.dist.active:
-            return self._sample_these(indices)
-        mine = [indices[i] for i in self.dist.shard(len(indices))]
-        part = self._sample_these(mine) if mine else None
-        if part is not None:
-            part = replace(part, rollouts=part.rollouts.to("cpu"))
-        parts = [p for p in self.dist.gather(part) if p is not None]
-        batch = concat_batches(parts, self.pad_token_id)
-        return replace(batch, rollouts=batch.rollouts.to(self.device))
+            batch = self._sample_these(indices, counts, width)
+        else:
+            shard = list(self.dist.shard(len(indices)))
+            mine = [indices[i] for i in shard]
+            mine_counts = [counts[i] for i in shard] if counts is not None else None
+            part = self._sample_these(mine, mine_counts, width) if mine else None
+            if part is not None:
+                part = replace(part, rollouts=part.rollouts.to("cpu"))
+            parts = [p for p in self.dist.gather(part) if p is not None]
+            batch = concat_batches(parts, self.pad_token_id)
+            batch = replace(batch, rollouts=batch.rollouts.to(self.device))
+        # every process sees the whole batch, so every sampler's state stays the same
+        self.sampler.update(batch.indices, batch.rewards_N.view(batch.num_groups, -1))
+        if self.strategy is not None:
+            ctx = StrategyContext(
+                step=self._step,
+                sample=self._sample_texts,
+                render=self.render,
+                pad_token_id=self.pad_token_id,
+            )
+            batch, metrics = self.strategy(batch, ctx)
+            for k, v in metrics.items():  # summed over refill rounds
+                self._strategy_metrics[k] = self._strategy_metrics.get(k, 0.0) + v
+        return batch
 
-    def _sample_these(self, indices: list[int]) -> ScoredBatch:
+    def _generate(self, texts: list[str], params: SamplingParams) -> Rollouts:
+        """Completions of `texts` (params.num_generations each); with several processes each
+        samples its share and all get all of them, in order."""
+        if not self.dist.active:
+            return self.engine.generate(texts, params).to(self.device)
+        mine = [texts[i] for i in self.dist.shard(len(texts))]
+        part = self.engine.generate(mine, params).to("cpu") if mine else None
+        parts = [p for p in self.dist.gather(part) if p is not None]
+        return concat_rollouts(parts, self.pad_token_id).to(self.device)
+
+    def _sample_ragged(
+        self, indices: list[int], examples: list[PromptExample], counts: list[int], width: int
+    ) -> ScoredBatch:
+        """counts[b] rollouts of prompt b, each group padded to `width` rows (padding rows:
+        the group's prompt, no completion, NaN rewards, `pad_N` True). Prompts with the same
+        count are sampled (and scored) together."""
+        by_count: dict[int, list[int]] = {}
+        for b, n in enumerate(counts):
+            by_count.setdefault(n, []).append(b)
+        groups: dict[int, ScoredBatch] = {}
+        errors: dict[str, int] = {}
+        metrics: list[dict[str, float]] = []
+        for n, bs in sorted(by_count.items()):
+            part = self._sample_texts([examples[b] for b in bs], [examples[b].text for b in bs], n)
+            for key, v in part.errors.items():
+                errors[key] = errors.get(key, 0) + v
+            metrics.append(part.reward_metrics)
+            part = replace(part, errors={}, reward_metrics={})
+            for j, b in enumerate(bs):
+                rows = torch.arange(j * n, (j + 1) * n)
+                groups[b] = replace(
+                    part,
+                    examples=[examples[b]],
+                    rollouts=part.rollouts.select(rows),
+                    rewards_NK=part.rewards_NK[rows],
+                    rewards_N=part.rewards_N[rows],
+                    extra=_rows_of(part.extra, rows.tolist()),
+                )
+        padded = [pad_group(groups[b], width, self.pad_token_id) for b in range(len(examples))]
+        batch = concat_batches(padded, self.pad_token_id)
+        return replace(
+            batch,
+            indices=list(indices),
+            rollouts=replace(batch.rollouts, group_size=width),
+            errors=errors,
+            reward_metrics=_merge_reward_metrics(metrics),
+        )
+
+    def _sample_texts(self, examples: list[PromptExample], texts: list[str], n: int) -> ScoredBatch:
+        """n completions of each text, scored against the plain `examples` (a strategy's
+        hinted prompts: the rewards see the example's own prompt and columns)."""
+        ro = self._generate(texts, self._params(replace(self.sampling, num_generations=n)))
+        rewards_N, res = self._score(examples, ro)
+        return ScoredBatch(
+            examples=examples,
+            indices=[-1] * len(examples),
+            rollouts=ro,
+            rewards_NK=res.rewards_NK,
+            rewards_N=rewards_N,
+            errors=dict(res.errors),
+            reward_metrics=dict(res.metrics),
+            extra=dict(res.extra),
+        )
+
+    def _write(self, texts: list[str], max_tokens: int) -> list[str]:
+        """One completion of each text, as text (a strategy's own writing, e.g. hints)."""
+        params = replace(self.sampling, num_generations=1, max_new_tokens=max_tokens)
+        return self._generate(texts, self._params(params)).completions
+
+    def _sample_these(
+        self, indices: list[int], counts: list[int] | None = None, width: int | None = None
+    ) -> ScoredBatch:
         examples = [self.dataset[i] for i in indices]
+        if counts is not None:
+            return self._sample_ragged(indices, examples, counts, width or max(counts))
         params = self._params(self.sampling)
         if self.multi_turn is not None:
             ro = self.multi_turn.generate(self.engine, examples, params).to(self.device)

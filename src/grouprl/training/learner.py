@@ -117,16 +117,17 @@ class Learner:
         policy: torch.nn.Module | None = None,
         with_entropy: bool,
         entropy_grad: bool = False,
+        temperature_scale: float = 1.0,
     ) -> tuple[Tensor, Tensor | None]:
         """Per-token log-probs (and entropy) of every real completion token, at the
-        sampling temperature; 0 on padding."""
+        sampling temperature (times `temperature_scale`); 0 on padding."""
         return completion_logprobs(
             self.policy if policy is None else policy,
             ro.prompt_ids_NP,
             ro.prompt_mask_NP,
             ro.completion_ids_NT,
             ro.attention_mask_NT,
-            temperature=self.temperature,
+            temperature=self.temperature * temperature_scale,
             with_entropy=with_entropy,
             entropy_grad=entropy_grad,
         )
@@ -175,17 +176,32 @@ class Learner:
         *,
         policy: torch.nn.Module | None = None,
         spare: Rollouts | None = None,
+        temperature_scale: float = 1.0,
     ) -> dict[str, Tensor]:
         """Log-probs (and entropy) of the batch under `policy` (default: the policy as it is
         now, i.e. the sampling policy), in the update's micro-batches (`spare`: see
-        `_own_micro_batches`)."""
+        `_own_micro_batches`); `temperature_scale` rescales the sampling temperature (DCPO
+        re-scores the sampled tokens at another temperature)."""
         logps, ents = [], []
         for s in self._own_micro_batches(ro, spare):
             if s is None:
                 assert spare is not None
                 self._idle_forward(spare, backward=False, policy=policy)
                 continue
-            lp, ent = self.logprobs(ro.select(s), policy=policy, with_entropy=with_entropy)
+            if _only_padding(ro, s):  # no token to score: zeros (and an aligned forward)
+                if spare is not None and self.strategy.aligned_forwards:
+                    self._idle_forward(spare, backward=False, policy=policy)
+                zeros = ro.attention_mask_NT[s].new_zeros(ro.attention_mask_NT[s].shape).float()
+                logps.append(zeros)
+                if with_entropy:
+                    ents.append(zeros.clone())
+                continue
+            lp, ent = self.logprobs(
+                ro.select(s),
+                policy=policy,
+                with_entropy=with_entropy,
+                temperature_scale=temperature_scale,
+            )
             logps.append(lp)
             if ent is not None:
                 ents.append(ent)
@@ -243,6 +259,10 @@ class Learner:
                     assert spare is not None
                     self._idle_forward(spare, backward=True)
                     continue
+                if _only_padding(ro, s):  # padding rows of ragged groups: no loss, no tokens
+                    if spare is not None and self.strategy.aligned_forwards:
+                        self._idle_forward(spare, backward=True)
+                    continue
                 mb = ro.select(s)
                 logp, ent = self.logprobs(
                     mb, with_entropy=True, entropy_grad=comp.needs_entropy_grad
@@ -263,6 +283,7 @@ class Learner:
                     else None,
                     norm=tb.policy_norm,
                     step=step * cfg.num_iterations + it,
+                    item_index_NT=tb.item_index_NT[s] if tb.item_index_NT is not None else None,
                 )
                 policy = comp.loss(inp)
                 extra = self._mismatch(policy, inp, mb.sampling_logp_NT, minmax)
@@ -394,3 +415,9 @@ class Learner:
             self.dist.barrier()
             return
         engine.update_weights(self.model, step=step)
+
+
+def _only_padding(ro: Rollouts, s: slice) -> bool:
+    """Whether micro-batch `s` holds padding rows only (groups of different sizes filled up
+    to one: `Rollouts.pad_N`); such a slice has no token to score or train."""
+    return ro.pad_N is not None and bool(ro.pad_N[s].all())

@@ -15,8 +15,9 @@ def reward_metrics(batch: ScoredBatch, names: list[str]) -> dict[str, float]:
     B, G = batch.num_groups, batch.rollouts.group_size
     out = dict(group_reward_stats(batch.rewards_N.view(B, G)))
     out.update(batch.reward_metrics)
+    real_N = batch.rollouts.real_N.to(batch.rewards_NK.device)
     for k, name in enumerate(names):
-        col = batch.rewards_NK[:, k]
+        col = batch.rewards_NK[real_N, k]  # padding rows (no completion) are not samples
         valid = col[~torch.isnan(col)]
         out[f"rewards/{name}/mean"] = float(valid.mean()) if valid.numel() else float("nan")
         out[f"rewards/{name}/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
@@ -27,13 +28,16 @@ def reward_metrics(batch: ScoredBatch, names: list[str]) -> dict[str, float]:
 
 def completion_metrics(batch: ScoredBatch) -> dict[str, float]:
     ro = batch.rollouts
-    lengths = ro.lengths_N
+    real_N = ro.real_N
+    lengths = ro.lengths_N[real_N]
     out = {
         "completions/mean_length": float(lengths.mean()),
         "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
-        "completions/clipped_ratio": float(ro.truncated_N.float().mean()),
+        "completions/clipped_ratio": float(ro.truncated_N[real_N].float().mean()),
     }
+    if ro.pad_N is not None:  # groups of different sizes (a budget sampler)
+        out["completions/real_rows"] = float(real_N.sum())
     if ro.meta is not None and all("turns" in m for m in ro.meta):  # multi-turn rollouts
         n = max(len(ro.meta), 1)
         out["turns/mean"] = sum(m["num_turns"] for m in ro.meta) / n
@@ -64,7 +68,10 @@ def completion_rows(batch: ScoredBatch, train_batch: Any, names: list[str]) -> l
     G = batch.rollouts.group_size
     adv = getattr(train_batch, "adv_N", None)
     rows = []
+    real_N = batch.rollouts.real_N.tolist()
     for i, completion in enumerate(batch.rollouts.completions):
+        if not real_N[i]:  # padding
+            continue
         ex = batch.examples[i // G]
         row: dict[str, Any] = {
             "prompt": ex.text,

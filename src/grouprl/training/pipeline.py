@@ -67,7 +67,7 @@ class Pipeline:
 
     def _collect(self, B: int, step: int) -> tuple[ScoredBatch, dict[str, float], float]:
         t0 = time.perf_counter()
-        batch, metrics = self.collector.collect(B, seed=self.seed_of(step))
+        batch, metrics = self.collector.collect(B, seed=self.seed_of(step), step=step)
         return batch, metrics, time.perf_counter() - t0
 
     def collect_now(self, B: int, step: int) -> tuple[ScoredBatch, dict[str, float]]:
@@ -80,7 +80,7 @@ class Pipeline:
         assert self.overlaps and self._pending is None
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="grouprl-collect")
-        cursor = self.collector.sampler.state_dict()
+        cursor = self.collector.state_dict()
         self._pending = _Pending(step, cursor, self._pool.submit(self._collect, B, step))
 
     def take(self, step: int) -> tuple[ScoredBatch, dict[str, float], float] | None:
@@ -106,14 +106,14 @@ class Pipeline:
         resume draws its prompts again."""
         if self._pending is not None:
             return self._pending.cursor
-        return self.collector.sampler.state_dict()
+        return self.collector.state_dict()
 
     def drop(self) -> None:
         """Forget a batch collected ahead (after waiting for it) and rewind the data cursor."""
         if self._pending is None:
             return
         self.wait()
-        self.collector.sampler.load_state_dict(self._pending.cursor)
+        self.collector.load_state_dict(self._pending.cursor)
         self._pending = None
 
     def close(self) -> None:

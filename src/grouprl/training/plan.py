@@ -27,8 +27,10 @@ from grouprl.rewards.answers import extract_answer
 from grouprl.rollout.base import Rollouts
 from grouprl.training.collect import ScoredBatch
 
-# (rollouts, with_entropy) -> {"old_logp_NT": [N, T], "entropy_NT": [N, T] (with entropy)}
-PrePass = Callable[[Rollouts, bool], dict[str, Tensor]]
+# (rollouts, with_entropy, temperature_scale=1.0) -> {"old_logp_NT": [N, T], "entropy_NT":
+# [N, T] (with entropy)}; a scale != 1 re-scores the tokens at that multiple of the sampling
+# temperature
+PrePass = Callable[..., dict[str, Tensor]]
 
 
 @dataclass
@@ -50,6 +52,7 @@ class TrainBatch:
     policy_norm: BatchNorm
     reg_norm: BatchNorm
     old_logp_NT: Tensor | None = None
+    item_index_NT: Tensor | None = None  # each token's item, for a `needs_items` loss
 
     @property
     def loss_mask_NT(self) -> Tensor:
@@ -70,6 +73,7 @@ class TrainBatch:
             policy_norm=self.policy_norm,
             reg_norm=self.reg_norm,
             old_logp_NT=cut(self.old_logp_NT),
+            item_index_NT=cut(self.item_index_NT),
         )
 
 
@@ -85,8 +89,10 @@ class StepInputs(Mapping[str, Any]):
         with_entropy: bool,
         step: int,
         max_steps: int,
+        newline_ids: Mapping[int, int] | None = None,
     ) -> None:
         self.batch, self.weights_K, self._prepass = batch, weights_K, prepass
+        self.newline_ids = newline_ids  # token id -> newlines in its text (item boundaries)
         self.with_entropy = with_entropy
         self.step, self.max_steps = step, max_steps
         self.adv_BG: Tensor | None = None
@@ -142,6 +148,33 @@ def _ro(s: StepInputs) -> Rollouts:
     return s.batch.rollouts
 
 
+def _item_rel_BGK(s: StepInputs) -> Tensor:
+    """The `item_rel` column a reward logged (one list of relevances per completion),
+    padded with NaN to the longest list."""
+    rows = s.batch.extra.get("item_rel")
+    if rows is None:
+        raise ValueError(
+            "item_rel_BGK: no reward logged an `item_rel` column (one relevance per line of "
+            "each completion); add the rank_relevance reward or log_extra('item_rel', ...)"
+        )
+    lists = [list(r) if isinstance(r, (list, tuple)) else [] for r in rows]
+    K = max((len(r) for r in lists), default=0)
+    out = torch.full((len(lists), K), float("nan"))
+    for i, r in enumerate(lists):
+        if r:
+            out[i, : len(r)] = torch.tensor([float(x) for x in r])
+    return out.view(s.B, s.G, K)
+
+
+def _item_index_NT(s: StepInputs) -> Tensor:
+    from grouprl.algorithms.segments import item_index_from_tokens
+
+    if s.newline_ids is None:
+        raise ValueError("item_index_NT: the trainer gave no newline token ids")
+    ro = _ro(s)
+    return item_index_from_tokens(ro.completion_ids_NT, ro.attention_mask_NT.bool(), s.newline_ids)
+
+
 def _turns_BG(s: StepInputs) -> Tensor:
     """Model turns per trajectory, from the multi-turn rollout's meta; 1 for single-turn."""
     meta = _ro(s).meta
@@ -161,10 +194,14 @@ PROVIDERS: dict[str, Callable[[StepInputs], Any]] = {
     "prompt_keys_B": lambda s: [str(i) for i in s.batch.indices],
     "baseline_B": lambda s: s.batch.baseline_B,
     "answers_BG": _answers_BG,
+    "item_rel_BGK": _item_rel_BGK,
+    "item_index_NT": _item_index_NT,
     "seq_logp_BG": lambda s: (
         (s.prepass()["old_logp_NT"] * _ro(s).loss_mask_NT).sum(1).view(s.B, s.G)
     ),
     "entropy_NT": lambda s: s.prepass().get("entropy_NT"),
+    "logp_hot_NT": lambda s: s._prepass(_ro(s), False, temperature_scale=1.2)["old_logp_NT"],
+    "logp_cold_NT": lambda s: s._prepass(_ro(s), False, temperature_scale=0.8)["old_logp_NT"],
     "old_logp_NT": lambda s: s.prepass()["old_logp_NT"],
     "adv_BG": lambda s: s.adv_BG,
     "adv_N": _adv_N,
@@ -206,14 +243,15 @@ def make_train_batch(
         else loss_mask * (token_weight_NT > 0)
     )
     num_groups = ro.num_rollouts // ro.group_size
+    num_seqs = int(ro.real_N.sum()) if ro.pad_N is not None else None  # padding rows are no samples
     return TrainBatch(
         rollouts=ro,
         adv_N=adv_N,
         rewards_N=rewards_N,
         token_weight_NT=token_weight_NT,
         policy_mask_NT=policy_mask,
-        policy_norm=BatchNorm.of(policy_mask, max_new_tokens, num_groups),
-        reg_norm=BatchNorm.of(loss_mask, max_new_tokens, num_groups),
+        policy_norm=BatchNorm.of(policy_mask, max_new_tokens, num_groups, num_seqs),
+        reg_norm=BatchNorm.of(loss_mask, max_new_tokens, num_groups, num_seqs),
         old_logp_NT=old_logp_NT,
     )
 
@@ -227,8 +265,11 @@ def plan_batch(
     step: int,
     max_steps: int,
     max_new_tokens: int,
+    newline_ids: Mapping[int, int] | None = None,
 ) -> tuple[TrainBatch, dict[str, float]]:
-    """Advantages, filters, token mask and calibration over the whole batch (in that order)."""
+    """Advantages, filters, token mask and calibration over the whole batch (in that order).
+    `newline_ids` (token id -> newlines in its text): where the items of a completion end,
+    for components that ask for `item_index_NT`."""
     ro = batch.rollouts
     calibrating = [r for r in comps.calibrating if r.needs_calibration]
     wanted = comps.wanted_inputs()
@@ -239,14 +280,21 @@ def plan_batch(
         with_entropy="entropy_NT" in wanted or bool(calibrating),
         step=step,
         max_steps=max_steps,
+        newline_ids=newline_ids,
     )
     metrics: dict[str, float] = {}
     adv_BG = comps.advantage(inputs)
-    for mod in comps.modifiers:
-        inputs.adv_BG = adv_BG
-        adv_BG = mod(inputs)
-    adv_N = adv_BG.reshape(-1).float()
-    inputs.adv_BG = adv_N.view(inputs.B, inputs.G)
+    if comps.advantage.caps.token_level:  # [N, T] (Rank-GRPO); modifiers are refused
+        adv_N = adv_BG.float()
+        mask = ro.loss_mask_NT.to(adv_N.dtype).cpu()
+        row_mean = (adv_N * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        inputs.adv_BG = row_mean.view(inputs.B, inputs.G)  # for filters and metrics
+    else:
+        for mod in comps.modifiers:
+            inputs.adv_BG = adv_BG
+            adv_BG = mod(inputs)
+        adv_N = adv_BG.reshape(-1).float()
+        inputs.adv_BG = adv_N.view(inputs.B, inputs.G)
 
     loss_mask = inputs["mask_NT"]
     token_weight, denominator = None, "all"
@@ -282,4 +330,6 @@ def plan_batch(
         max_new_tokens=max_new_tokens,
         old_logp_NT=inputs.prepass()["old_logp_NT"] if inputs.prepass_ran else None,
     )
+    if comps.loss_caps.needs_items:
+        train_batch.item_index_NT = inputs["item_index_NT"].to(ro.loss_mask_NT.device)
     return train_batch, metrics

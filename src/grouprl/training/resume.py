@@ -166,7 +166,7 @@ def resume_run(
         load_weights(learner.ref_model, run_dir / "reference", layout=learner.strategy)
         restored.append("reference policy")
     try:
-        collector.sampler.load_state_dict(state["data_cursor"])
+        collector.load_state_dict(state["data_cursor"])
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"data: cannot continue the checkpoint's data cursor: {exc}") from None
     cursor = state["data_cursor"]

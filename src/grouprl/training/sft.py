@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from grouprl.models.forward import completion_logprobs
 from grouprl.monitor.progress import ProgressBar
 from grouprl.monitor.sinks import MetricsLogger
+from grouprl.training.sft_transforms import apply_sft_transforms
 
 log = logging.getLogger("grouprl")
 
@@ -92,6 +94,7 @@ def sft(
     save_every: int = 0,
     keep_checkpoints: int = 2,
     resume: bool = False,
+    transforms: Sequence[str | Mapping[str, Any]] = (),
 ) -> SFTResult:
     """Fit `completions` given `prompts` for `steps` AdamW steps on random mini-batches.
     A completion may be a multi-turn trace of (text, trained) segments: the untrained ones
@@ -101,9 +104,15 @@ def sft(
     end (weights, optimizer, RNG and the batch sampler's state), from which `resume`
     continues exactly. `eval_pairs` (prompts, completions): the held-out completion loss
     (`eval/loss`) every `eval_every` steps and at the end.
+
+    `transforms`: SFT row transforms (`sft_transforms.SFT_TRANSFORMS`, e.g.
+    `[{"name": "thought_dropout", "ratio": 0.5}]`), applied once, in order, to the training
+    pairs (not to `eval_pairs`); deterministic per row, so `resume` sees the same data.
     """
     if len(prompts) != len(completions) or not prompts:
         raise ValueError("sft: prompts and completions must be non-empty lists of equal length")
+    if transforms:
+        prompts, completions = apply_sft_transforms(prompts, completions, transforms)
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],

@@ -23,8 +23,8 @@ import torch
 
 from grouprl.components import Components, build_components, build_rewards, load_config
 from grouprl.config import Config, ConfigError, dump_config, recipe_info, yaml_load
-from grouprl.data.datasets import PromptDataset
-from grouprl.data.sampler import PromptSampler
+from grouprl.data.datasets import PromptDataset, prompt_renderer
+from grouprl.data.samplers import build_sampler
 from grouprl.models.loading import load_model_and_tokenizer
 from grouprl.models.lora import adapt, check_combination
 from grouprl.monitor.collapse import CollapseMonitor
@@ -174,7 +174,7 @@ class Trainer:
             engine=self.engine,
             rewards=self.rewards,
             dataset=self.dataset,
-            sampler=PromptSampler(len(self.dataset), seed=cfg.train.seed, shuffle=cfg.data.shuffle),
+            sampler=self._build_sampler(),
             sampling=self.sampling,
             pad_token_id=tokenizer.pad_token_id,
             refill=self.components.refill,
@@ -185,8 +185,15 @@ class Trainer:
             device=self.device,
             missing_rewards=cfg.train.missing_rewards,
             multi_turn=self.multi_turn,
+            strategy=self._build_strategy(),
+            render=prompt_renderer(
+                tokenizer,
+                chat_template=cfg.data.chat_template,
+                system_prompt=cfg.data.system_prompt,
+            ),
         )
         self.pipeline = Pipeline(self.collector, mode=cfg.train.async_, seed=cfg.train.seed)
+        self._newlines: dict[int, int] | None = None
         self.step = 0
         self._unrewarded = 0  # consecutive steps without a single rewarded sample
         self._last_batch: tuple[Any, Any] | None = None
@@ -206,6 +213,62 @@ class Trainer:
     @property
     def model(self) -> torch.nn.Module:
         return self.learner.model
+
+    def _build_sampler(self) -> Any:
+        """data.sampler over the training prompts; a bad name or parameter is a ConfigError."""
+        cfg = self.cfg
+        try:
+            sampler = build_sampler(
+                cfg.data.sampler, len(self.dataset), seed=cfg.train.seed, shuffle=cfg.data.shuffle
+            )
+        except ValueError as exc:  # RegistryError is a ValueError
+            msg = str(exc)
+            raise ConfigError(
+                msg if msg.startswith("data.sampler") else f"data.sampler: {msg}"
+            ) from None
+        if hasattr(sampler, "budget"):  # rollouts per prompt vary: groups of different sizes
+            name = cfg.data.sampler["name"]
+            clashes = {
+                "sample_filters": self.components.refill is not None,
+                "rollout.num_train_samples": cfg.rollout.num_train_samples > 0,
+                "data.environment": cfg.data.environment is not None,
+                "rollout.strategy": cfg.rollout.strategy.get("name", "plain") != "plain",
+            }
+            for key, clash in clashes.items():
+                if clash:
+                    raise ConfigError(
+                        f"data.sampler: {name!r} gives prompts different numbers of rollouts, "
+                        f"which {key} (as configured) does not support yet"
+                    )
+        return sampler
+
+    def _newline_ids(self) -> dict[int, int] | None:
+        """Token id -> newlines in its text, when a component needs each token's item (line):
+        decoded once per run."""
+        comps = self.components
+        if not (comps.loss_caps.needs_items or "item_index_NT" in comps.wanted_inputs()):
+            return None
+        if self._newlines is None:
+            from grouprl.algorithms.segments import newline_counts
+
+            tok = self.tokenizer
+            self._newlines = newline_counts([tok.decode([i]) for i in range(len(tok))])
+        return self._newlines
+
+    def _build_strategy(self) -> Any:
+        """rollout.strategy (None for plain sampling); a bad parameter is a ConfigError."""
+        from grouprl.training.rollout_strategies import build_strategy
+
+        spec = self.cfg.rollout.strategy
+        if spec.get("name", "plain") == "plain":
+            return None
+        try:
+            return build_strategy(spec)
+        except ValueError as exc:
+            msg = str(exc)
+            raise ConfigError(
+                msg if msg.startswith("rollout.strategy") else f"rollout.strategy: {msg}"
+            ) from None
 
     def _log_startup(self) -> None:
         """What this run is, in a few lines: the recipe and every value of it the config
@@ -330,7 +393,7 @@ class Trainer:
         self.rewards.trainer_state = TrainerState(  # `trainer_state`, as TRL passes it
             global_step=step,
             max_steps=self.cfg.train.max_steps,
-            epoch=sampler.epoch + sampler.pos / max(sampler.size, 1),
+            epoch=sampler.progress,
         )
 
     def _prefetch_next(self) -> bool:
@@ -367,6 +430,7 @@ class Trainer:
             step=self.step,
             max_steps=cfg.train.max_steps,
             max_new_tokens=self.sampling.max_new_tokens,
+            newline_ids=self._newline_ids(),
         )
         t2 = time.perf_counter()
         train_stats = self.learner.update(train_batch, step=self.step)
