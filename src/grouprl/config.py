@@ -243,6 +243,10 @@ class TrainConfig:
     # while this step trains, its staleness corrected by rollout.mismatch_correction
     # (training/pipeline.py); off: sample, then train, exactly as one process in order
     async_: str = choice("off", "off", "one_step", key="async")
+    # an EMA copy of the policy (GRPO-CARE's reference): {decay: 0.995, every: 10,
+    # answer_tag: "<answer>"}; it scores each completion's answer given its reasoning and
+    # passes the result to the rewards as the `care_consistency` column (training/ema.py)
+    ema_reference: dict[str, Any] | None = None
 
 
 @dataclass
@@ -491,6 +495,33 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+EMA_KEYS = ("decay", "every", "answer_tag", "cap")  # train.ema_reference (training/ema.py)
+
+
+def check_ema_spec(spec: Any) -> dict[str, Any]:
+    """`train.ema_reference` with defaults filled in; a bad key or value is a ConfigError."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"train.ema_reference: expected a mapping, got {spec!r}")
+    unknown = [k for k in spec if k not in EMA_KEYS]
+    if unknown:
+        raise ConfigError(
+            f"train.ema_reference.{unknown[0]}: unknown key; known: {', '.join(EMA_KEYS)}"
+        )
+    out = {"decay": 0.995, "every": 10, "answer_tag": "<answer>", "cap": 0.95, **spec}
+    d, e = out["decay"], out["every"]
+    if not isinstance(d, (int, float)) or not 0.0 <= float(d) <= 1.0:
+        raise ConfigError(f"train.ema_reference.decay: must be in [0, 1], got {d!r}")
+    if not isinstance(e, int) or isinstance(e, bool) or e < 1:
+        raise ConfigError(f"train.ema_reference.every: must be an integer >= 1, got {e!r}")
+    if not isinstance(out["answer_tag"], str):
+        raise ConfigError(
+            f"train.ema_reference.answer_tag: expected a string, got {out['answer_tag']!r}"
+        )
+    if not isinstance(out["cap"], (int, float)) or not 0 < float(out["cap"]) <= 1:
+        raise ConfigError(f"train.ema_reference.cap: must be in (0, 1], got {out['cap']!r}")
+    return out
+
+
 def _check_component(dotted: str, spec: Any) -> None:
     if not isinstance(spec, dict) or "name" not in spec:
         raise ConfigError(f"{dotted}: expected a mapping with a 'name' key, got {spec!r}")
@@ -605,6 +636,19 @@ def validate(cfg: Config) -> Config:
             "sampler's own copy of the policy would need the sharded weights gathered every "
             "step); use train.strategy ddp, or train.async: off"
         )
+    if t.ema_reference is not None:
+        check_ema_spec(t.ema_reference)
+        if t.async_ != "off":
+            raise ConfigError(
+                "train.ema_reference: the EMA reference scores rollouts while they are "
+                "collected, which train.async: one_step would overlap with its update; use "
+                "train.async: off"
+            )
+        if t.strategy == "fsdp2":
+            raise ConfigError(
+                "train.ema_reference: an EMA copy of sharded weights is not built; use "
+                "train.strategy ddp"
+            )
     if t.eval_every and not (cfg.data.eval_path or cfg.data.task):
         raise ConfigError(
             "train.eval_every: set data.eval_path (or use data.task) to evaluate during training"

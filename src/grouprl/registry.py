@@ -46,6 +46,8 @@ class Capabilities:
                          instead of [B, G] (Rank-GRPO: one advantage per list item).
     needs_items:         a loss that reads each token's item (`item_index_NT`: the line of
                          the completion it belongs to; Rank-GRPO's per-item ratio).
+    needs_ema_reference: a reward that reads the EMA reference's `care_consistency` column
+                         (`train.ema_reference` must be set; GRPO-CARE).
     """
 
     needs_ref: bool = False
@@ -58,6 +60,7 @@ class Capabilities:
     max_group_size: int | None = None
     token_level: bool = False
     needs_items: bool = False
+    needs_ema_reference: bool = False
 
 
 CAPABILITY_NAMES = tuple(f.name for f in fields(Capabilities))

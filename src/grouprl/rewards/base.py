@@ -320,6 +320,15 @@ class RewardSet:
         self.close()
 
     @property
+    def needs_ema_reference(self) -> list[str]:
+        """The configured functions that declare `needs_ema_reference` (care_bonus)."""
+        return [
+            s.display_name
+            for s in self.specs
+            if s.name in REWARDS and REWARDS.capabilities(s.name).needs_ema_reference
+        ]
+
+    @property
     def collapse_risk(self) -> bool:
         """Whether a registered function here declares `collapse_risk` (e.g. majority_vote)."""
         return any(

@@ -987,12 +987,13 @@ def ema_update_(target: torch.nn.Module, source: torch.nn.Module, decay: float) 
             b.copy_(src_buf[name])
 
 
+@REWARDS.register("care_bonus", needs_ema_reference=True)
 class CareBonus:
     """GRPO-CARE's consistency bonus as a reward (arXiv 2506.16141): `care_bonus_BG` per group.
 
-    Not registered yet: it reads each row's consistency c_i from the `column` column
-    (default "care_consistency", `care_consistency_N` of the trainer's EMA reference),
-    which the trainer does not pass yet. accuracy: the score source of acc_i (default
+    It reads each row's consistency c_i from the `column` column (default
+    "care_consistency": `care_consistency_N` of the trainer's EMA reference, which
+    `train.ema_reference` turns on; training/ema.py). accuracy: the score source of acc_i (default
     ``{reward: math_accuracy}``; NaN counts 0); bonus b (0.5), margin (0.01), acc_floor
     (0.1) as in the authors' script. The paper's full reward is acc + format + bonus:
     list the accuracy and format rewards beside this one, each with weight 1.

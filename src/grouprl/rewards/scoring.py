@@ -61,11 +61,15 @@ def rollout_columns(ro: Rollouts, max_new_tokens: int) -> dict[str, list[Any]]:
 
 
 def score_rollouts(
-    rewards: RewardSet, examples: list[PromptExample], ro: Rollouts, max_new_tokens: int
+    rewards: RewardSet,
+    examples: list[PromptExample],
+    ro: Rollouts,
+    max_new_tokens: int,
+    extra_columns: dict[str, list[Any]] | None = None,
 ) -> RewardResult:
     """Run every reward function on the B*G completions of `examples` (rows of a group
     contiguous); dataset columns first, rollout columns where no dataset column has the name."""
     prompts, comps, columns = reward_inputs(examples, ro.completions, ro.group_size, ro.meta)
-    for key, values in rollout_columns(ro, max_new_tokens).items():
+    for key, values in {**rollout_columns(ro, max_new_tokens), **(extra_columns or {})}.items():
         columns.setdefault(key, values)
     return rewards(prompts, comps, columns)

@@ -250,6 +250,7 @@ class Collector:
         multi_turn: Any = None,
         strategy: Any = None,
         render: Any = None,
+        row_columns: Any = None,
     ) -> None:
         self.engine, self.rewards, self.dataset = engine, rewards, dataset
         self.sampler, self.sampling = sampler, sampling
@@ -264,6 +265,8 @@ class Collector:
         # rollout.strategy (training/rollout_strategies.py): None = sample once
         self.strategy = strategy
         self.render = render  # prompt -> model text, for prompts a strategy writes
+        # Rollouts -> {column: N values} given to the rewards (the EMA reference's scores)
+        self.row_columns = row_columns
         if strategy is not None and hasattr(strategy, "write"):
             strategy.write = self._write
         self._seed: int | None = None
@@ -314,7 +317,8 @@ class Collector:
         return replace(params, seed=mixed)
 
     def _score(self, examples: list[PromptExample], ro: Rollouts) -> tuple[Tensor, Any]:
-        res = score_rollouts(self.rewards, examples, ro, self.sampling.max_new_tokens)
+        extra = self.row_columns(ro) if self.row_columns is not None else None
+        res = score_rollouts(self.rewards, examples, ro, self.sampling.max_new_tokens, extra)
         combined = combine_rewards(
             res.rewards_NK, self.rewards.weights_K, missing=self.missing_rewards
         )

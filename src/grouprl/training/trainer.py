@@ -35,9 +35,10 @@ from grouprl.monitor.trackers import build_trackers
 from grouprl.rewards.base import TrainerState
 from grouprl.rewards.health import NoRewardError, RewardFailureError
 from grouprl.rollout.base import RolloutEngineError, build_engine, sampling_params
-from grouprl.training.checkpoint import rng_state, save_checkpoint
+from grouprl.training.checkpoint import latest_checkpoint, rng_state, save_checkpoint
 from grouprl.training.collect import Collector
 from grouprl.training.distributed import init_distributed
+from grouprl.training.ema import EMAReference
 from grouprl.training.learner import Learner
 from grouprl.training.metrics import (
     completion_metrics,
@@ -170,6 +171,23 @@ class Trainer:
         )
         if self.dist.is_main:
             self._log_startup()
+        # train.ema_reference: GRPO-CARE's slowly moving copy of the policy (training/ema.py)
+        self.ema = (
+            EMAReference(
+                self.learner.model,
+                tokenizer,
+                cfg.train.ema_reference,
+                temperature=self.sampling.temperature,
+            )
+            if cfg.train.ema_reference is not None
+            else None
+        )
+        wants_ema = self.rewards.needs_ema_reference
+        if wants_ema and self.ema is None:
+            raise ConfigError(
+                f"rewards: {', '.join(wants_ema)} reads the EMA reference's answer consistency; "
+                "set train.ema_reference (e.g. {decay: 0.995, every: 10}) or use recipe=grpo_care"
+            )
         self.collector = Collector(
             engine=self.engine,
             rewards=self.rewards,
@@ -186,6 +204,7 @@ class Trainer:
             missing_rewards=cfg.train.missing_rewards,
             multi_turn=self.multi_turn,
             strategy=self._build_strategy(),
+            row_columns=self.ema.columns if self.ema is not None else None,
             render=prompt_renderer(
                 tokenizer,
                 chat_template=cfg.data.chat_template,
@@ -349,6 +368,8 @@ class Trainer:
                 monitor=self.monitor,
                 device=self.device,
             )
+            if self.ema is not None and self.step:
+                self.ema.load(latest_checkpoint(self.run_dir))
 
     def _save(self, *, at_step_start: bool = False) -> Path:
         """A checkpoint of step `self.step`; `at_step_start` saves the data cursor and RNG of
@@ -384,6 +405,8 @@ class Trainer:
             optimizer_state=opt_state,
             rank_rngs=rngs[1:],
         )
+        if self.ema is not None:
+            self.ema.save(path)
         self.dist.gather(str(path))  # (a no-op with one process)
         return path
 
@@ -434,6 +457,8 @@ class Trainer:
         )
         t2 = time.perf_counter()
         train_stats = self.learner.update(train_batch, step=self.step)
+        if self.ema is not None and self.ema.after_step(self.model, self.step + 1):
+            train_stats["ema_reference/updated"] = 1.0
         waited = self.pipeline.wait()  # the engine is idle before its weights change
         try:
             self.learner.publish_weights(self.engine, self.step + 1)
