@@ -239,6 +239,7 @@ def run_recipe(
         kept=_mean(h, "selection/kept_token_frac"),
         abs_adv=_mean(h, "advantage/abs_mean"),
         step_s=_mean(h, "time/step", last=None),
+        rollouts=_mean(h, "rollouts/sampled", last=None),
         train_s=train_s,
         seconds=time.perf_counter() - t0,
         notes={label: _mean(h, key) for key, label in NOTES.get(name, [])},
@@ -305,6 +306,11 @@ def render(results: list[dict], start: dict, meta: dict) -> str:
             continue
         delta = 100 * (r["pass1"] - start["pass@1"])
         notes = "; ".join(f"{k} {_num(v, '{:.3g}')}" for k, v in r["notes"].items()) or ""
+        budget = meta["prompts"] * meta["G"]
+        spent = r.get("rollouts", math.nan)
+        if not math.isnan(spent) and r["recipe"] != "single_stream" and round(spent) != budget:
+            # a method that samples more (or less) than B·G per step says so
+            notes = "; ".join(x for x in (notes, f"rollouts/step {spent:.0f} (B·G {budget})") if x)
         lines.append(
             f"| `{r['recipe']}` | {r['confidence']} | {_pct(r['pass1'])} "
             f"({_pct(r['pass1_lo'])}–{_pct(r['pass1_hi'])}) | {delta:+.1f} | "

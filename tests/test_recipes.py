@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -56,6 +57,9 @@ ISSUE_RECIPES = [
     "judge_constraints",
     "difficulty_scale",
     "dcpo",
+    "dataset_reset",
+    "serial_exit",
+    "cures_alloc",
 ]
 
 
@@ -168,3 +172,18 @@ def test_crpo_recipes_train_on_the_clinical_task_with_their_own_rewards(tmp_path
     values = rs([rows[k]["prompt"]], [pairs[k]["completion"]], cols).rewards_NK[0].tolist()
     assert values[0] == 1.0 and values[3] == 0.0  # a correct answer, yet no comprehensiveness
     assert values[2] < 1.0  # and faithfulness check (a) fails
+
+
+def test_token_level_advantages_reach_the_completions_table(tmp_path, tiny_model_dir):
+    """dcpo's advantages are per token: the completions table shows each row's mean."""
+    cfg = base_config(tmp_path / "dcpo", tiny_model_dir, max_steps=1, micro_batch_size=4)
+    for key in ("advantage", "loss", "regularizers"):
+        cfg.pop(key)
+    cfg["recipe"] = "dcpo"
+    cfg["train"]["log_completions_every"] = 1
+    tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[even_first_digit])
+    res = tr.train()
+    tr.close()
+    assert res.steps == 1
+    table = (tmp_path / "dcpo" / "completions.jsonl").read_text().splitlines()
+    assert table and all(math.isfinite(json.loads(x)["advantage"]) for x in table)

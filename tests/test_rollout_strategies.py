@@ -7,6 +7,7 @@ exact on groups whose rows have different prompts."""
 
 from __future__ import annotations
 
+import math
 import re
 import string
 
@@ -159,7 +160,8 @@ def test_scaf_waits_for_its_warmup_and_leaves_solved_groups_alone():
     rows = [{"prompt": "5+7=", "answer": "12", "hints": ["12"]}]
     col = collector(rows, ScafHints(warmup_steps=5), AnswerEngine(), G=2)
     batch, metrics = col.collect(1, step=4)
-    assert metrics == {} and batch.rollouts.completions == ["x", "x"]
+    assert not any(k.startswith("hint/") for k in metrics)
+    assert batch.rollouts.completions == ["x", "x"]
     batch, metrics = col.collect(1, step=5)
     assert batch.rollouts.completions == ["x", "12"]
 
@@ -328,3 +330,112 @@ def test_igrpo_trains_on_refinements_of_the_best_draft():
     assert batch.extra["hint_level"] == [1, 1, 1, 1]
     with pytest.raises(ValueError, match="refine_template"):
         build_strategy({"name": "igrpo", "refine_template": "no slot"})
+
+
+# ------------------------------------------------------------------ Dataset Reset (DR-PO)
+def test_dataset_reset_continues_from_a_solution_prefix(tmp_path, tiny_model_dir):
+    """The last 2 rollouts of each group start from the first tokens of the row's solution:
+    the prefix sits in their prompt (never trained), the policy's continuation is the
+    completion, and the rewards read prefix + continuation."""
+    cfg = base_config(tmp_path / "r", tiny_model_dir, max_steps=1)
+    cfg["rollout"]["strategy"] = {"name": "dataset_reset", "reset_num": 2, "max_frac": 0.9}
+    rows = [{**r, "solution": r["answer"] + "0"} for r in arith_rows()]
+    tr = Trainer(cfg, train_dataset=rows, reward_funcs=[coin_reward])
+    kept = {}
+    collect = tr.collector.collect
+
+    def recording(B, **kw):
+        kept["out"] = collect(B, **kw)
+        return kept["out"]
+
+    tr.collector.collect = recording  # type: ignore[method-assign]
+    res = tr.train()
+    tr.close()
+    batch, _ = kept["out"]
+    G, tok = batch.rollouts.group_size, tr.tokenizer
+    assert batch.extra["hint_level"] == ([0, 0, 1, 1] * batch.num_groups)
+    for g, ex in enumerate(batch.examples):
+        for j in (G - 2, G - 1):
+            i = g * G + j
+            p = batch.rollouts.prompt_ids_NP[i][batch.rollouts.prompt_mask_NP[i].bool()].tolist()
+            prompt = tok.decode(p, skip_special_tokens=True)
+            assert prompt.startswith(ex.text) and len(prompt) > len(ex.text)
+            prefix = prompt[len(ex.text) :]
+            assert ex.columns["solution"].startswith(prefix)
+            assert batch.rollouts.completions[i].startswith(prefix)  # what the rewards read
+            real = batch.rollouts.attention_mask_NT[i].bool()
+            assert torch.equal(batch.rollouts.loss_mask_NT[i][real], torch.ones(int(real.sum())))
+    assert res.history[-1]["reset/groups"] == batch.num_groups
+
+
+def test_dataset_reset_needs_a_continuing_engine():
+    from grouprl.training.collect import StrategyContext
+
+    strategy = build_strategy({"name": "dataset_reset"})
+    rows = [{"prompt": "5+7=", "answer": "12", "solution": "12"}]
+    col = collector(rows, None, AnswerEngine(), G=2)
+    batch, _ = col.collect(1)
+    ctx = StrategyContext(step=0, sample=col._sample_texts, render=col.render, pad_token_id=0)
+    with pytest.raises(ValueError, match="continues from token ids"):
+        strategy(batch, ctx)
+
+
+# ------------------------------------------------------------------ S-GRPO serial exits
+def test_decay_exit_rewards_by_hand():
+    from grouprl.training.rollout_strategies import decay_exit_rewards
+
+    # correct at positions 2, 3 and 5 (early -> late): 1, 1/2, 1/4; wrong ones 0
+    assert decay_exit_rewards([False, True, True, False, True]) == [0.0, 1.0, 0.5, 0.0, 0.25]
+    assert decay_exit_rewards([False, False]) == [0.0, 0.0]
+
+
+def test_serial_exit_builds_a_serial_group_from_one_chain(tmp_path, tiny_model_dir):
+    cfg = base_config(tmp_path / "s", tiny_model_dir, max_steps=1)
+    cfg["rollout"]["max_new_tokens"] = 6
+    cfg["rollout"]["strategy"] = {"name": "serial_exit", "exit_text": "=", "think_end": ""}
+    cfg["advantage"] = {"name": "grpo", "scale": "none"}
+    tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[coin_reward])
+    kept = {}
+    collect = tr.collector.collect
+
+    def recording(B, **kw):
+        kept["out"] = collect(B, **kw)
+        return kept["out"]
+
+    tr.collector.collect = recording  # type: ignore[method-assign]
+    res = tr.train()
+    tr.close()
+    batch, _ = kept["out"]
+    G, ro = batch.rollouts.group_size, batch.rollouts
+    eq = tr.tokenizer.convert_tokens_to_ids("=")
+    from grouprl.training.rollout_strategies import decay_exit_rewards
+
+    for g in range(batch.num_groups):
+        rows = list(range(g * G, (g + 1) * G))
+        exits = [i for i in rows if batch.extra["exit"][i]]
+        assert exits == rows[: len(exits)] and len(exits) >= 1  # exits first, then the full one
+        full = ro.completion_ids_NT[rows[-1]][ro.attention_mask_NT[rows[-1]].bool()].tolist()
+        for i in exits:  # a prefix of the full chain, the exit text (not trained), an answer
+            ids = ro.completion_ids_NT[i][ro.attention_mask_NT[i].bool()].tolist()
+            loss = ro.loss_mask_NT[i][ro.attention_mask_NT[i].bool()].tolist()
+            k = loss.index(0.0)
+            assert (
+                ids[:k] == full[:k] and ids[k] == eq and loss[k + 1 :] == [1.0] * (len(ids) - k - 1)
+            )
+        raw = (batch.rewards_NK[rows, 0] >= 1.0).tolist()
+        walk = decay_exit_rewards(raw[: len(exits) + 1])
+        want = walk + [walk[-1]] * (G - len(exits) - 1)
+        assert batch.rewards_N[rows].tolist() == want
+    assert math.isfinite(res.history[-1]["loss"])
+
+
+def test_rollouts_sampled_counts_every_generation():
+    """Scaf: 3 groups of 3, then level 1 for two prompts (1 each), level 2 for one: 12."""
+    rows = [
+        {"prompt": "5+7=", "answer": "12", "hints": ["7", "12"]},
+        {"prompt": "1+1=", "answer": "2"},
+        {"prompt": "2+2=", "answer": "4", "hints": "5"},
+    ]
+    col = collector(rows, ScafHints(warmup_steps=0, hint_template=" Hint: {hint}"), AnswerEngine())
+    _, metrics = col.collect(3)
+    assert metrics["rollouts/sampled"] == 9 + 2 + 1

@@ -17,7 +17,17 @@ from grouprl.config import ConfigError
 from grouprl.data.samplers import SAMPLERS, build_sampler
 from grouprl.training.trainer import Trainer
 
-NAMES = ["uniform", "vas", "cures", "vade", "spo_priority", "hard_mining", "knapsack", "xrpo_alloc"]
+NAMES = [
+    "uniform",
+    "vas",
+    "cures",
+    "vade",
+    "spo_priority",
+    "hard_mining",
+    "knapsack",
+    "xrpo_alloc",
+    "cures_alloc",
+]
 
 
 def rewards_for(indices, p_true, G, rng):
@@ -331,6 +341,7 @@ def test_knapsack_runs_ragged_groups_in_the_trainer(tmp_path, tiny_model_dir, mi
         real = batch.rollouts.real_N.view(batch.num_groups, -1).sum(1).tolist()
         sizes.append(real)
         assert sum(real) == B * 4  # the budget is kept exactly
+        assert stats["rollouts/sampled"] == B * 4
         return batch, stats
 
     tr.collector.collect = recording  # type: ignore[method-assign]
@@ -464,3 +475,15 @@ def test_xrpo_alloc_sampler_state_and_budget():
     s.update([0, 1], torch.tensor([[1.0, 0, 1, 0], [1.0, 1, 1, 1]]))
     alloc = s.budget([0, 1, 2, 3], 4)
     assert sum(alloc) == 16 and alloc[2] >= alloc[1] and alloc[3] >= alloc[1]
+
+
+def test_cures_alloc_gives_uncertain_prompts_more_and_extremes_the_minimum():
+    from grouprl.data.samplers import proportional_allocation
+
+    # weights 1, 1, 2 over 16 with minimum 2: 6 + 4 extra... [2+2, 2+2, 2+4]
+    assert proportional_allocation([1, 1, 2], 16, min_n=2, max_n=32) == [4, 4, 8]
+    assert proportional_allocation([0, 0, 0], 9, min_n=2, max_n=32) == [3, 3, 3]
+    s = build_sampler({"name": "cures_alloc"}, 4, seed=0, shuffle=False)
+    s.update([0, 1, 2], torch.tensor([[1.0, 1, 1, 1], [0.0, 0, 0, 0], [1.0, 0, 1, 0]]))
+    # p = 1, 0, 0.5, unseen (0.5): σ = 0, 0, 0.5, 0.5 -> the minimum for the first two
+    assert s.budget([0, 1, 2, 3], 4) == [2, 2, 6, 6]

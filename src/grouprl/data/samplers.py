@@ -741,6 +741,61 @@ class XRPOAllocSampler(BudgetSampler):
         )
 
 
+def proportional_allocation(
+    weight_B: list[float], total: int, *, min_n: int, max_n: int
+) -> list[int]:
+    """Counts ∝ weight_B summing to `total`, each in [min_n, max_n] (largest remainders;
+    all weights 0: an even split). Raises when min_n·B > total."""
+    B = len(weight_B)
+    if min_n * B > total:
+        raise ValueError(f"allocation: {B} prompts x min_n {min_n} exceed {total} rollouts")
+    alloc = [min_n] * B
+    budget = total - min_n * B
+    w = [max(float(x), 0.0) for x in weight_B]
+    while budget > 0:
+        room = [b for b in range(B) if alloc[b] < max_n] or list(range(B))
+        total_w = sum(w[b] for b in room)
+        share = {b: (w[b] / total_w if total_w > 0 else 1.0 / len(room)) * budget for b in room}
+        give = {
+            b: min(int(share[b]), max_n - alloc[b]) if alloc[b] < max_n else int(share[b])
+            for b in room
+        }
+        if sum(give.values()) == 0:  # hand out the remainders one by one, largest first
+            for b in sorted(room, key=lambda i: (-(share[i] - int(share[i])), i))[:budget]:
+                give[b] = 1
+        for b, k in give.items():
+            k = min(k, budget)
+            alloc[b] += k
+            budget -= k
+    return alloc
+
+
+@SAMPLERS.register("cures_alloc")
+class CurESAllocSampler(BudgetSampler):
+    """CurES's rollout allocation: more rollouts for prompts whose gradient estimate varies
+    most, the step's total kept at B·G.
+
+    "CurES: From Gradient Analysis to Efficient Curriculum Learning for Reasoning LLMs",
+    arXiv 2510.01037 (authors' code: epic/stage_0_init_difficulty_sample_size.py). The
+    paper's count is n_q ∝ σ_q with
+        σ_q² = p(1 − p)²·E[g_c²] + p²(1 − p)·E[g_w²] − p²(1 − p)²·(E g_c − E g_w)²
+    over the log-prob gradients g of correct and wrong answers. Ours (a reading): with
+    equal gradient norms for both (no per-sample gradient is computed), σ_q = sqrt(p(1 − p))
+    up to a constant, with p the prompt's pass rate over its rollouts so far (0.5 before
+    any; the paper estimates it from probe rollouts). Allocated once per step, at least
+    min_n and at most max_n each: prompts always or never solved get min_n.
+    """
+
+    name = "cures_alloc"
+
+    def allocate(self, indices: list[int], total: int, min_n: int, max_n: int) -> list[int]:
+        t = self.tables
+        n = t["n_rollouts"][indices]
+        p = np.where(n > 0, t["n_success"][indices] / np.maximum(n, 1.0), 0.5)
+        sigma = np.sqrt(p * (1.0 - p))
+        return proportional_allocation([float(x) for x in sigma], total, min_n=min_n, max_n=max_n)
+
+
 def build_sampler(spec: dict[str, Any] | None, size: int, *, seed: int, shuffle: bool) -> Any:
     """The `data.sampler` named by spec ({name: ..., params...}) over `size` prompts."""
     spec = dict(spec or {"name": "uniform"})

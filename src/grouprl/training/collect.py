@@ -227,6 +227,13 @@ class StrategyContext:
     sample: Callable[[list[PromptExample], list[str], int], ScoredBatch]
     render: Callable[[Any], str]  # prompt (string or messages) -> model text
     pad_token_id: int
+    # (token-id contexts, continuations per context) -> [(ids, sampler log-probs or None)],
+    # through each one's first EOS (engines that declare `multi_turn`); None otherwise
+    continue_ids: Callable[[list[list[int]], int], list[tuple[list[int], Any]]] | None = None
+    # (plain examples, rollouts of them, G per example) -> scored batch
+    score: Callable[[list[PromptExample], Rollouts], ScoredBatch] | None = None
+    tokenizer: Any = None
+    group_size: int = 0  # rollout.num_generations (a strategy may sample fewer first)
 
 
 class Collector:
@@ -273,6 +280,7 @@ class Collector:
         self._calls = 0
         self._step = 0
         self._strategy_metrics: dict[str, float] = {}
+        self._sampled = 0  # completions generated this collection (all processes)
 
     def state_dict(self) -> dict[str, Any]:
         """The data cursor a checkpoint keeps: the prompt sampler's state, plus the rollout
@@ -300,13 +308,16 @@ class Collector:
         the global RNG (train.async: training/pipeline.py). `step`: the step it is for."""
         self._seed, self._calls, self._step = seed, 0, step
         self._strategy_metrics = {}
+        self._sampled = 0
         batch, stats = self._fill(B) if self.refill is not None else (self._sample(B), {})
         if self.want_baseline:
             batch.baseline_B = self._greedy_baseline(batch)
         k = self.num_train_samples
         if 0 < k < batch.rollouts.group_size:
             batch = first_per_group(batch, k)
-        return batch, {**stats, **self.sampler.metrics(), **self._strategy_metrics}
+        out = {**stats, **self.sampler.metrics(), **self._strategy_metrics}
+        out["rollouts/sampled"] = float(self._sampled)  # refills, hints, exits included
+        return batch, out
 
     def _params(self, params: SamplingParams) -> SamplingParams:
         """This call's sampling parameters: its own seed when the collection has one."""
@@ -346,6 +357,8 @@ class Collector:
             parts = [p for p in self.dist.gather(part) if p is not None]
             batch = concat_batches(parts, self.pad_token_id)
             batch = replace(batch, rollouts=batch.rollouts.to(self.device))
+        if counts is None:  # ragged groups were counted as they were sampled (_sample_texts)
+            self._sampled += int(batch.rollouts.real_N.sum())
         # every process sees the whole batch, so every sampler's state stays the same
         self.sampler.update(batch.indices, batch.rewards_N.view(batch.num_groups, -1))
         if self.strategy is not None:
@@ -354,6 +367,12 @@ class Collector:
                 sample=self._sample_texts,
                 render=self.render,
                 pad_token_id=self.pad_token_id,
+                continue_ids=self._continue_ids
+                if getattr(self.engine, "multi_turn", False)
+                else None,
+                score=self._scored,
+                tokenizer=getattr(self.engine, "tokenizer", None),
+                group_size=self.sampling.num_generations,
             )
             batch, metrics = self.strategy(batch, ctx)
             for k, v in metrics.items():  # summed over refill rounds
@@ -412,6 +431,22 @@ class Collector:
         """n completions of each text, scored against the plain `examples` (a strategy's
         hinted prompts: the rewards see the example's own prompt and columns)."""
         ro = self._generate(texts, self._params(replace(self.sampling, num_generations=n)))
+        self._sampled += ro.num_rollouts
+        return self._scored(examples, ro)
+
+    def _continue_ids(self, contexts: list[list[int]], n: int) -> list[tuple[list[int], Any]]:
+        """n continuations of each token-id context (all processes get all, in order)."""
+        params = self._params(replace(self.sampling, num_generations=n))
+        self._sampled += len(contexts) * n
+        if not self.dist.active:
+            return self.engine.sample_token_ids(contexts, params)
+        idx = list(self.dist.shard(len(contexts)))
+        mine = self.engine.sample_token_ids([contexts[i] for i in idx], params) if idx else []
+        return [x for part in self.dist.gather(mine) for x in part]
+
+    def _scored(self, examples: list[PromptExample], ro: Rollouts) -> ScoredBatch:
+        """`ro` (G rows per example) scored against `examples`, as a batch of no dataset
+        index (a strategy's extra rollouts)."""
         rewards_N, res = self._score(examples, ro)
         return ScoredBatch(
             examples=examples,
@@ -427,6 +462,7 @@ class Collector:
     def _write(self, texts: list[str], max_tokens: int) -> list[str]:
         """One completion of each text, as text (a strategy's own writing, e.g. hints)."""
         params = replace(self.sampling, num_generations=1, max_new_tokens=max_tokens)
+        self._sampled += len(texts)
         return self._generate(texts, self._params(params)).completions
 
     def _sample_these(
@@ -436,6 +472,9 @@ class Collector:
         if counts is not None:
             return self._sample_ragged(indices, examples, counts, width or max(counts))
         params = self._params(self.sampling)
+        first = getattr(self.strategy, "samples_per_prompt", None)  # e.g. S-GRPO: one chain
+        if first:
+            params = replace(params, num_generations=int(first))
         if self.multi_turn is not None:
             ro = self.multi_turn.generate(self.engine, examples, params).to(self.device)
         else:
@@ -481,4 +520,5 @@ class Collector:
         """ReMax's baseline: the combined reward of one greedy completion per prompt."""
         params = replace(self.sampling, num_generations=1, temperature=0.0)
         ro = self.engine.generate([ex.text for ex in batch.examples], self._params(params))
+        self._sampled += ro.num_rollouts
         return self._score(batch.examples, ro)[0]

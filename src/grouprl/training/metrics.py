@@ -81,7 +81,11 @@ def completion_rows(batch: ScoredBatch, train_batch: Any, names: list[str]) -> l
         for k, name in enumerate(names):
             row[name] = float(batch.rewards_NK[i, k])
         if adv is not None and i < adv.shape[0]:
-            row["advantage"] = float(adv[i])
+            if adv.dim() == 2:  # per-token advantages (rank_grpo, dcpo): the row's mean
+                m = train_batch.rollouts.loss_mask_NT[i].to(adv.dtype)
+                row["advantage"] = float((adv[i] * m).sum() / m.sum().clamp(min=1.0))
+            else:
+                row["advantage"] = float(adv[i])
         for key, values in batch.extra.items():
             row[key] = values[i] if i < len(values) else None
         rows.append(row)

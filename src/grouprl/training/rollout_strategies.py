@@ -26,6 +26,7 @@ import torch
 
 from grouprl.data.datasets import PromptExample
 from grouprl.registry import Registry
+from grouprl.rollout.base import Rollouts
 from grouprl.training.collect import ScoredBatch, StrategyContext, concat_rollouts
 
 ROLLOUT_STRATEGIES: Registry = Registry("rollout strategy")
@@ -559,6 +560,288 @@ class IGRPO:
         refined = new.rewards_N[torch.isfinite(new.rewards_N)]
         metrics["igrpo/refined_reward_mean"] = float(refined.mean()) if refined.numel() else 0.0
         return batch, metrics
+
+
+def token_rollouts(
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    loss_masks: list[list[float]],
+    texts: list[str],
+    *,
+    group_size: int,
+    pad_token_id: int,
+    eos_ids: set[int],
+) -> Rollouts:
+    """Rollouts from token lists, one row each: prompts left-padded, completions
+    right-padded; `loss_masks` marks the tokens the policy is trained on (0 on context
+    inside a completion); `texts` are what the rewards read; a row not ending in an EOS
+    id is truncated."""
+    N = len(prompt_ids)
+    P = max((len(x) for x in prompt_ids), default=1)
+    T = max((len(x) for x in completion_ids), default=1) or 1
+    p_ids = torch.full((N, P), pad_token_id, dtype=torch.long)
+    p_mask = torch.zeros(N, P)
+    c_ids = torch.full((N, T), pad_token_id, dtype=torch.long)
+    att = torch.zeros(N, T)
+    loss = torch.zeros(N, T)
+    for i, (pr, co, lm) in enumerate(zip(prompt_ids, completion_ids, loss_masks, strict=True)):
+        if pr:
+            p_ids[i, P - len(pr) :] = torch.tensor(pr)
+            p_mask[i, P - len(pr) :] = 1.0
+        if co:
+            c_ids[i, : len(co)] = torch.tensor(co)
+            att[i, : len(co)] = 1.0
+            loss[i, : len(co)] = torch.tensor(lm, dtype=torch.float32)
+    truncated = torch.tensor([not co or co[-1] not in eos_ids for co in completion_ids])
+    return Rollouts(
+        prompt_ids_NP=p_ids,
+        prompt_mask_NP=p_mask,
+        completion_ids_NT=c_ids,
+        attention_mask_NT=att,
+        loss_mask_NT=loss,
+        truncated_N=truncated,
+        completions=list(texts),
+        group_size=group_size,
+    )
+
+
+def _eos_ids(tokenizer: Any) -> set[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+@ROLLOUT_STRATEGIES.register("dataset_reset")
+class DatasetReset:
+    """Dataset Reset Policy Optimization: some rollouts start from a prefix of a reference
+    solution instead of the bare prompt.
+
+    "Dataset Reset Policy Optimization for RLHF" (DR-PO), arXiv 2404.08495 (abstract: the
+    policy is reset to states of the offline data; the rule below is a reading). For each
+    group, the last `reset_num` rollouts are replaced: h ~ U{1, ..., ⌊max_frac·L⌋} tokens of
+    the row's `solution_column` (L its length in tokens) are appended to the prompt, and
+    the policy continues from there. The prefix is context (in the row's prompt, never
+    trained); the rewards read prefix + continuation. Rows without a solution keep their
+    rollouts. Needs an engine that continues token ids (hf, vllm).
+    """
+
+    needs_continuation = True
+
+    def __init__(
+        self,
+        *,
+        solution_column: str = "solution",
+        reset_num: int = 4,
+        max_frac: float = 0.5,
+        warmup_steps: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if reset_num < 1:
+            raise ValueError(f"rollout.strategy.reset_num: must be >= 1, got {reset_num}")
+        if not 0.0 < max_frac < 1.0:
+            raise ValueError(f"rollout.strategy.max_frac: must be in (0, 1), got {max_frac}")
+        self.solution_column, self.reset_num = solution_column, reset_num
+        self.max_frac, self.warmup_steps, self.seed = max_frac, warmup_steps, seed
+
+    def __call__(self, batch: ScoredBatch, ctx: StrategyContext) -> tuple[ScoredBatch, dict]:
+        B, G = batch.num_groups, batch.rollouts.group_size
+        if ctx.step < self.warmup_steps:
+            return batch, {}
+        if ctx.continue_ids is None or ctx.tokenizer is None or ctx.score is None:
+            raise ValueError(
+                "rollout.strategy: dataset_reset continues from token ids; use an engine "
+                "that declares it (rollout.engine hf or vllm)"
+            )
+        tok = ctx.tokenizer
+        k = min(self.reset_num, G)
+        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.step)
+        todo, contexts, prefixes, prompts = [], [], [], []
+        for g in range(B):
+            sol = batch.examples[g].columns.get(self.solution_column)
+            if not isinstance(sol, str) or not sol:
+                continue
+            sol_ids = tok(sol, add_special_tokens=False)["input_ids"]
+            cap = int(self.max_frac * len(sol_ids))
+            if cap < 1:
+                continue
+            row = g * G  # the group's prompt ids, unpadded
+            p_mask = batch.rollouts.prompt_mask_NP[row].bool()
+            prompt = batch.rollouts.prompt_ids_NP[row][p_mask].tolist()
+            for _ in range(k):
+                h = int(torch.randint(1, cap + 1, (1,), generator=rng))
+                prefixes.append(sol_ids[:h])
+                contexts.append(prompt + sol_ids[:h])
+                prompts.append(prompt)
+            todo.append(g)
+        metrics: dict[str, float] = {"reset/groups": float(len(todo))}
+        if not todo:
+            return batch, metrics
+        outs = ctx.continue_ids(contexts, 1)
+        texts = [
+            tok.decode(pre, skip_special_tokens=True) + tok.decode(ids, skip_special_tokens=True)
+            for pre, (ids, _) in zip(prefixes, outs, strict=True)
+        ]
+        ro = token_rollouts(
+            contexts,  # the prefix is context: in the row's prompt
+            [ids for ids, _ in outs],
+            [[1.0] * len(ids) for ids, _ in outs],
+            texts,
+            group_size=k,
+            pad_token_id=ctx.pad_token_id,
+            eos_ids=_eos_ids(tok),
+        )
+        new = ctx.score([batch.examples[g] for g in todo], ro)
+        rows = [g * G + G - k + j for g in todo for j in range(k)]
+        batch = replace_rows(batch, new, rows, list(range(len(rows))), ctx.pad_token_id)
+        levels = _hint_levels(batch)
+        for r in rows:
+            levels[r] = 1
+        batch.extra["hint_level"] = levels
+        metrics["reset/prefix_tokens_mean"] = sum(map(len, prefixes)) / len(prefixes)
+        ok = new.rewards_N[torch.isfinite(new.rewards_N)]
+        metrics["reset/reward_mean"] = float(ok.mean()) if ok.numel() else 0.0
+        return batch, metrics
+
+
+def decay_exit_rewards(correct_G: list[bool]) -> list[float]:
+    """S-GRPO's serial reward, the group ordered from the earliest exit to the full answer:
+    walking early -> late and counting the correct answers so far (N_right), a correct
+    answer gets 1 / 2^(N_right − 1), a wrong one 0."""
+    out, n_right = [], 0
+    for ok in correct_G:
+        if ok:
+            n_right += 1
+            out.append(1.0 / 2 ** (n_right - 1))
+        else:
+            out.append(0.0)
+    return out
+
+
+EXIT_TEXT = "Time is limited, stop thinking and start answering.\n</think>\n\n"
+
+
+@ROLLOUT_STRATEGIES.register("serial_exit")
+class SerialExit:
+    """S-GRPO: a serial group of early exits from one chain of thought, rewarded more for
+    answering correctly earlier.
+
+    "S-GRPO: Early Exit via Reinforcement Learning in Reasoning Models", arXiv 2505.07686
+    (the form of a secondary analysis; no code: a reading). For each prompt, one sampled
+    rollout is the full chain of thought; G − 1 exit
+    positions P_j are drawn without repeats from the thinking tokens (those before
+    `think_end`, else the whole completion); at each, `exit_text` is appended and the
+    policy writes the answer. The group, ordered from the earliest exit to the full
+    answer, is rewarded by `decay_exit_rewards` on the correctness the rewards give
+    (combined reward >= success_at): 1, 1/2, 1/4, ... for the correct answers in that
+    order, 0 for wrong ones. Trained tokens: the thinking prefix and the answer (the
+    injected exit text is context). Pair it with `advantage: {name: grpo, scale: none}`
+    (the paper's A = r − mean). Needs an engine that continues token ids (hf, vllm).
+    Only one completion per prompt is sampled first (`samples_per_prompt`); the group of
+    G = rollout.num_generations rows is built from it.
+    """
+
+    needs_continuation = True
+    samples_per_prompt = 1
+
+    def __init__(
+        self,
+        *,
+        exit_text: str = EXIT_TEXT,
+        think_end: str = "</think>",
+        answer_tokens: int = 0,
+        success_at: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if answer_tokens < 0:
+            raise ValueError(f"rollout.strategy.answer_tokens: must be >= 0, got {answer_tokens}")
+        self.exit_text, self.think_end = exit_text, think_end
+        self.answer_tokens, self.success_at, self.seed = answer_tokens, success_at, seed
+
+    def __call__(self, batch: ScoredBatch, ctx: StrategyContext) -> tuple[ScoredBatch, dict]:
+        if ctx.continue_ids is None or ctx.tokenizer is None or ctx.score is None:
+            raise ValueError(
+                "rollout.strategy: serial_exit continues from token ids; use an engine that "
+                "declares it (rollout.engine hf or vllm)"
+            )
+        tok, ro = ctx.tokenizer, batch.rollouts
+        B, first = batch.num_groups, ro.group_size  # first: the chains sampled per prompt
+        G = ctx.group_size or first
+        exit_ids = tok(self.exit_text, add_special_tokens=False)["input_ids"]
+        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.step)
+        plan: list[tuple[int, list[int], list[int], list[int]]] = []  # (g, prompt, cot, exits)
+        for g in range(B):
+            row = g * first
+            prompt = ro.prompt_ids_NP[row][ro.prompt_mask_NP[row].bool()].tolist()
+            cot = ro.completion_ids_NT[row][ro.attention_mask_NT[row].bool()].tolist()
+            text = ""
+            n_think = len(cot)
+            for k, tid in enumerate(cot):  # thinking ends where think_end starts
+                text += tok.decode([tid])
+                if self.think_end and self.think_end in text:
+                    n_think = k
+                    break
+            m = min(G - 1, max(n_think - 1, 0))
+            cand = torch.randperm(max(n_think - 1, 0), generator=rng)[:m] + 1  # P in 1..n−1
+            plan.append((g, prompt, cot, sorted(int(x) for x in cand)))
+        contexts = [pr + cot[:pj] + exit_ids for _, pr, cot, exits in plan for pj in exits]
+        answers = ctx.continue_ids(contexts, 1) if contexts else []
+        # rows per group: the exits, then the full answer; groups short of exits (thinking
+        # too short) repeat the full answer, counted once in the reward walk
+        prompts, comps, masks, texts, sources = [], [], [], [], []
+        it = iter(answers)
+        cap = self.answer_tokens
+        for g, pr, cot, exits in plan:
+            for pj in exits:
+                ans = next(it)[0]
+                ans = ans[:cap] if cap else ans
+                ids = cot[:pj] + exit_ids + ans
+                prompts.append(pr)
+                comps.append(ids)
+                masks.append([1.0] * pj + [0.0] * len(exit_ids) + [1.0] * len(ans))
+                texts.append(tok.decode(ids, skip_special_tokens=True))
+                sources.append(("exit", g))
+            for _ in range(G - len(exits)):
+                prompts.append(pr)
+                comps.append(cot)
+                masks.append([1.0] * len(cot))
+                texts.append(ro.completions[g * first])
+                sources.append(("full", g))
+        new = ctx.score(
+            batch.examples,
+            token_rollouts(
+                prompts,
+                comps,
+                masks,
+                texts,
+                group_size=G,
+                pad_token_id=ctx.pad_token_id,
+                eos_ids=_eos_ids(tok),
+            ),
+        )
+        correct = (new.rewards_N >= self.success_at).tolist()
+        decayed: list[float] = []
+        for g, (_, _, _, exits) in enumerate(plan):
+            rows = correct[g * G : (g + 1) * G]
+            walk = decay_exit_rewards(rows[: len(exits) + 1])
+            # repeats of the full answer (a short chain of thought) share its reward
+            decayed += walk + [walk[-1]] * (G - len(exits) - 1)
+        rewards_N = torch.tensor(decayed, dtype=new.rewards_N.dtype)
+        rewards_N = torch.where(torch.isnan(new.rewards_N), new.rewards_N, rewards_N)
+        out = replace(
+            batch,
+            rollouts=new.rollouts,
+            rewards_NK=new.rewards_NK,
+            rewards_N=rewards_N,
+            extra={**new.extra, "exit": [kind == "exit" for kind, _ in sources]},
+        )
+        n_exits = sum(len(e) for *_, e in plan)
+        metrics = {
+            "serial_exit/exits_per_group": n_exits / max(B, 1),
+            "serial_exit/correct_exit_frac": sum(
+                c for c, (kind, _) in zip(correct, sources, strict=True) if kind == "exit"
+            )
+            / max(n_exits, 1),
+        }
+        return out, metrics
 
 
 def build_strategy(spec: dict[str, Any] | None) -> Any:
