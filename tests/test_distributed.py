@@ -313,3 +313,22 @@ def test_two_nodes_on_localhost_make_the_update_of_one(tmp_path, model_dir):
     outs = [a.communicate(timeout=600)[0] for a in agents]
     assert all(a.returncode == 0 for a in agents), outs[0][-2000:] + outs[1][-2000:]
     assert _diff(_params(one), _params(two)) <= 1e-5
+
+
+def test_two_ranks_match_one_with_ragged_groups(tmp_path, model_dir):
+    """knapsack gives prompts different numbers of rollouts (groups padded to the largest):
+    2 processes (ddp) make the update of one. Prompts come back (24 rows, 3 a step,
+    10 steps)."""
+    out = {}
+    for name, ranks, strategy in (("one", 1, "auto"), ("ddp", 2, "ddp")):
+        d = tmp_path / name
+        d.mkdir()
+        res = _run(
+            [str(model_dir), str(d), "knapsack", "10"],
+            ranks,
+            DIST_RUN_STRATEGY=strategy,
+            DIST_RUN_PROMPTS="3",
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[name] = _params(d)
+    assert _diff(out["one"], out["ddp"]) <= 1e-5

@@ -439,3 +439,34 @@ def test_rollouts_sampled_counts_every_generation():
     col = collector(rows, ScafHints(warmup_steps=0, hint_template=" Hint: {hint}"), AnswerEngine())
     _, metrics = col.collect(3)
     assert metrics["rollouts/sampled"] == 9 + 2 + 1
+
+
+def test_a_strategy_that_continues_token_ids_needs_an_engine_that_can(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    from grouprl.rollout.base import ROLLOUT_ENGINES
+
+    class TextOnly:  # generates from text prompts, cannot continue token ids
+        reports_sampling_logp = False
+        default_mismatch_correction = "none"
+
+        @classmethod
+        def from_config(cls, rollout_cfg, model, tokenizer, *, max_prompt_length=None):
+            return cls()
+
+        def generate(self, prompts, params):
+            raise AssertionError("not reached")
+
+        def update_weights(self, model, *, step):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(ROLLOUT_ENGINES._items, "text_only", TextOnly)
+    monkeypatch.setitem(ROLLOUT_ENGINES._caps, "text_only", ROLLOUT_ENGINES.capabilities("hf"))
+    cfg = base_config(tmp_path / "t", tiny_model_dir)
+    cfg["rollout"]["engine"] = "text_only"
+    cfg["rollout"]["strategy"] = {"name": "serial_exit"}
+    with pytest.raises(ConfigError, match="rollout.strategy: 'serial_exit' continues rollouts"):
+        Trainer(cfg, train_dataset=arith_rows())

@@ -153,8 +153,9 @@ class DataConfig:
     # multi-turn rollouts: {name: tools, tools: [calculator, "my_tools.py:search"], ...}, an
     # ENVIRONMENTS entry and its parameters (grouprl/envs, docs/environments.md)
     environment: dict[str, Any] | None = None
-    # which prompts a step draws: {name: uniform | vas | cures | vade | spo_priority |
-    # hard_mining, params...} (data/samplers.py; per-prompt state saved in checkpoints)
+    # which prompts a step draws, and how many rollouts each gets: {name: uniform | vas |
+    # cures | vade | spo_priority | hard_mining | knapsack | xrpo_alloc | cures_alloc,
+    # params...} (data/samplers.py; per-prompt state saved in checkpoints)
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"})
 
 
@@ -182,8 +183,9 @@ class RolloutConfig:
     # (its turns and observations; 0 = max_turns x max_new_tokens)
     max_turns: int = 4
     max_total_tokens: int = 0
-    # what happens between sampling and planning: {name: plain | scaf_hints | sage_hints,
-    # params...} (training/rollout_strategies.py: e.g. hinted re-sampling of failed groups)
+    # what happens between sampling and planning: {name: plain | scaf_hints | sage_hints |
+    # icl_seed | igrpo | dataset_reset | serial_exit, params...}
+    # (training/rollout_strategies.py: e.g. hinted re-sampling of failed groups)
     strategy: dict[str, Any] = field(default_factory=lambda: {"name": "plain"})
 
 

@@ -4,7 +4,8 @@ Every sampler keeps the shuffled-epoch cursor of `PromptSampler` (the `uniform` 
 and adds tables indexed by dataset row: what the rollouts of each prompt scored so far.
 The collector calls `next(n)` for a step's prompts and, once they are scored,
 `update(indices, rewards_BG)`, in that order, in the synchronous loop and with
-`train.async: one_step` alike, so both draw the same prompts. Randomness comes from
+`train.async: one_step` alike (there the scores come from one-step-older weights, so a
+scoring sampler's draws can differ from the synchronous run's). Randomness comes from
 numpy generators seeded by (seed, draw count), never from a global RNG, so a run is
 reproducible and every process of a distributed run (which all see the all-gathered
 batch) draws the same prompts. `state_dict` holds the cursor, the tables and the draw
@@ -249,7 +250,7 @@ class CurESSampler(ScoredSampler):
 
     With the code's t_scale the weights stay within 0.5% of each other (t ≥ 100): the
     sampler is nearly uniform, as the released code is. A larger t_scale sharpens it.
-    The rollout-count allocation (`cures_alloc`) is not built.
+    The rollout-count allocation is `cures_alloc`.
     """
 
     name = "cures"
@@ -662,7 +663,8 @@ def xrpo_allocation(
     gets min_n; each further rollout goes to the prompt of largest priority
         Π_q = [h_q(m) − h_q(m + 1)] + bonus·sqrt(ln(seen + 1) / m),   m = n_q + allocated_q
     with h the Student-t half-width of its mean reward (`ci_half_width`; infinite below 2
-    samples, which puts never-seen prompts first) and at most max_n each. The sum is
+    samples: with min_n = 1 never-seen prompts come first; with min_n >= 2 they usually do,
+    through their larger half-width and bonus) and at most max_n each. The sum is
     `total` exactly (beyond the caps, round robin).
     """
     B = len(n_B)

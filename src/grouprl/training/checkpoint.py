@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +92,14 @@ def save_checkpoint(
     state_dict: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     rank_rngs: list[dict[str, Any]] | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the checkpoint of `step` atomically. `state_dict` / `optimizer_state`: whole
     tensors gathered from sharded weights (default: the model's and optimizer's own);
     `rank_rngs`: the RNG states of processes 1.. of a multi-process run (`rng_rank{r}.pt`),
-    so that a resume on as many processes samples exactly as the run would have."""
+    so that a resume on as many processes samples exactly as the run would have; `extra`
+    writes more into the folder before it becomes the checkpoint (in a subfolder: every
+    *.safetensors directly in the folder is read as the model's weights)."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
@@ -114,6 +118,8 @@ def save_checkpoint(
     torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
     for r, state in enumerate(rank_rngs or [], start=1):
         torch.save(state, tmp / f"rng_rank{r}.pt")
+    if extra is not None:
+        extra(tmp)
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
     if final.exists():
         shutil.rmtree(final)

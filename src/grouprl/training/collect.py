@@ -345,7 +345,9 @@ class Collector:
         budget = getattr(self.sampler, "budget", None)
         counts = budget(indices, self.sampling.num_generations) if budget is not None else None
         width = max(counts) if counts else None
-        if not self.dist.active:
+        if not self.dist.active or counts is not None:
+            # ragged groups: every process walks the same count buckets; each bucket's
+            # texts are split over the processes and gathered there (_generate)
             batch = self._sample_these(indices, counts, width)
         else:
             shard = list(self.dist.shard(len(indices)))
@@ -375,8 +377,10 @@ class Collector:
                 group_size=self.sampling.num_generations,
             )
             batch, metrics = self.strategy(batch, ctx)
-            for k, v in metrics.items():  # summed over refill rounds
-                self._strategy_metrics[k] = self._strategy_metrics.get(k, 0.0) + v
+            for k, v in metrics.items():  # counts add up over refill rounds; shares and
+                # means are the last round's
+                shared = any(w in k for w in ("frac", "mean", "used_level"))
+                self._strategy_metrics[k] = v if shared else self._strategy_metrics.get(k, 0.0) + v
         return batch
 
     def _generate(self, texts: list[str], params: SamplingParams) -> Rollouts:
@@ -446,7 +450,9 @@ class Collector:
 
     def _scored(self, examples: list[PromptExample], ro: Rollouts) -> ScoredBatch:
         """`ro` (G rows per example) scored against `examples`, as a batch of no dataset
-        index (a strategy's extra rollouts)."""
+        index (a strategy's extra rollouts); on the policy's device. Every process scores
+        all of them (the same rows on every process: the same decisions)."""
+        ro = ro.to(self.device)
         rewards_N, res = self._score(examples, ro)
         return ScoredBatch(
             examples=examples,

@@ -37,9 +37,9 @@ FILE = "ema_reference/model.safetensors"
 
 
 def answer_mask_NT(ro: Rollouts, token_texts: list[str], tag: str) -> torch.Tensor:
-    """1.0 on the completion tokens that start after `tag` and before its closing tag
-    (`</...>`), per row, from each token's own decoded text; a row without the tag: every
-    real token."""
+    """1.0 on the completion tokens whose text overlaps the span between `tag` and its
+    closing tag (`</...>`), per row, from each token's own decoded text; a row without the
+    tag, or with an empty answer: every real token."""
     close = tag.replace("<", "</", 1) if tag.startswith("<") else ""
     real = ro.attention_mask_NT.bool()
     out = torch.zeros(real.shape, dtype=torch.float32)
@@ -57,8 +57,13 @@ def answer_mask_NT(ro: Rollouts, token_texts: list[str], tag: str) -> torch.Tens
         begin = at + len(tag)
         end = text.find(close, begin) if close else -1
         end = len(text) if end < 0 else end
-        row = torch.tensor([1.0 if begin <= c < end else 0.0 for c in starts])
-        out[i, cols] = row
+        ends = [*starts[1:], len(text)]
+        # a token counts when its text overlaps the answer (a tokenizer may merge the tag's
+        # ">" with the answer's first characters); an empty answer: every token
+        row = torch.tensor(
+            [1.0 if a < end and b > begin else 0.0 for a, b in zip(starts, ends, strict=True)]
+        )
+        out[i, cols] = row if bool(row.any()) else 1.0
     return out
 
 
@@ -106,12 +111,17 @@ class EMAReference:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_model(self.model, str(path))  # handles tied weights
 
-    def load(self, checkpoint_dir: Path) -> bool:
+    def load(self, checkpoint_dir: Path, policy: torch.nn.Module) -> bool:
+        """The EMA weights saved with `checkpoint_dir`; without them, the restored policy's
+        (said in a warning)."""
         path = Path(checkpoint_dir) / FILE
         if not path.is_file():
             log.warning(
-                "%s has no %s: the EMA reference restarts from the policy", checkpoint_dir, FILE
+                "%s has no %s: the EMA reference restarts from the restored policy",
+                checkpoint_dir,
+                FILE,
             )
+            ema_update_(self.model, policy, 0.0)  # decay 0: a copy
             return False
         load_model(self.model, str(path), strict=True)
         return True

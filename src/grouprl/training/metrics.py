@@ -16,6 +16,9 @@ def reward_metrics(batch: ScoredBatch, names: list[str]) -> dict[str, float]:
     out = dict(group_reward_stats(batch.rewards_N.view(B, G)))
     out.update(batch.reward_metrics)
     real_N = batch.rollouts.real_N.to(batch.rewards_NK.device)
+    if batch.rollouts.pad_N is not None:  # padding rows' NaN rewards are not unscorable ones
+        r = batch.rewards_N[real_N.to(batch.rewards_N.device)]
+        out["reward/nan_frac"] = float((~torch.isfinite(r)).double().mean()) if r.numel() else 0.0
     for k, name in enumerate(names):
         col = batch.rewards_NK[real_N, k]  # padding rows (no completion) are not samples
         valid = col[~torch.isnan(col)]

@@ -317,7 +317,8 @@ def plan_batch(
     for reg in calibrating:  # e.g. entropy-band bounds from the first batch's distribution
         reg.calibrate(inputs["entropy_NT"], loss_mask, token_weight)
 
-    metrics["advantage/abs_mean"] = float(adv_N.abs().mean())
+    real = ro.real_N.cpu()  # padding rows (ragged groups) are no samples
+    metrics["advantage/abs_mean"] = float(adv_N[real].abs().mean()) if bool(real.any()) else 0.0
     if token_weight is not None:
         kept = (token_weight > 0).float() * loss_mask
         metrics["selection/kept_token_frac"] = float(kept.sum() / loss_mask.sum().clamp(min=1))

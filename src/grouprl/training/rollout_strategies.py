@@ -124,8 +124,15 @@ def _level_metrics(levels: list[int], failed: int, rescued: int, calls: int) -> 
     return out
 
 
+class Strategy:
+    """Base of the rollout strategies: what they declare."""
+
+    needs_continuation = False  # continues rollouts from token ids (engines with sample_token_ids)
+    samples_per_prompt: int | None = None  # first sampling per prompt, when not G
+
+
 @ROLLOUT_STRATEGIES.register("plain")
-class Plain:
+class Plain(Strategy):
     """Sample once, train on what was sampled (the default)."""
 
     def __call__(self, batch: ScoredBatch, ctx: StrategyContext) -> tuple[ScoredBatch, dict]:
@@ -133,7 +140,7 @@ class Plain:
 
 
 @ROLLOUT_STRATEGIES.register("scaf_hints")
-class ScafHints:
+class ScafHints(Strategy):
     """Scaf-GRPO: failed groups get one rollout sampled with the lowest hint that works.
 
     "Scaf-GRPO: Scaffolded Group Relative Policy Optimization for Enhancing LLM Reasoning",
@@ -247,7 +254,7 @@ def parse_hint_json(text: str, levels: int = 3) -> list[str] | None:
 
 
 @ROLLOUT_STRATEGIES.register("sage_hints")
-class SageHints:
+class SageHints(Strategy):
     """SAGE: the policy writes hints from the reference solution for the groups it fails.
 
     "Self-Hinting Language Models Enhance Reinforcement Learning" (SAGE), arXiv 2602.03143
@@ -383,7 +390,7 @@ def similarity(a: set[str], b: set[str]) -> float:
 
 
 @ROLLOUT_STRATEGIES.register("icl_seed")
-class ICLSeed:
+class ICLSeed(Strategy):
     """XRPO's in-context seeding: all-fail groups are sampled again with solved problems in
     the prompt, retrieved from a growing corpus of verified successes.
 
@@ -505,7 +512,7 @@ class ICLSeed:
 
 
 @ROLLOUT_STRATEGIES.register("igrpo")
-class IGRPO:
+class IGRPO(Strategy):
     """iGRPO: the group's best draft goes into the prompt and the policy trains on
     refinements of it.
 
@@ -611,7 +618,7 @@ def _eos_ids(tokenizer: Any) -> set[int]:
 
 
 @ROLLOUT_STRATEGIES.register("dataset_reset")
-class DatasetReset:
+class DatasetReset(Strategy):
     """Dataset Reset Policy Optimization: some rollouts start from a prefix of a reference
     solution instead of the bare prompt.
 
@@ -720,7 +727,7 @@ EXIT_TEXT = "Time is limited, stop thinking and start answering.\n</think>\n\n"
 
 
 @ROLLOUT_STRATEGIES.register("serial_exit")
-class SerialExit:
+class SerialExit(Strategy):
     """S-GRPO: a serial group of early exits from one chain of thought, rewarded more for
     answering correctly earlier.
 

@@ -35,7 +35,7 @@ from grouprl.monitor.trackers import build_trackers
 from grouprl.rewards.base import TrainerState
 from grouprl.rewards.health import NoRewardError, RewardFailureError
 from grouprl.rollout.base import RolloutEngineError, build_engine, sampling_params
-from grouprl.training.checkpoint import latest_checkpoint, rng_state, save_checkpoint
+from grouprl.training.checkpoint import checkpoint_dir, rng_state, save_checkpoint
 from grouprl.training.collect import Collector
 from grouprl.training.distributed import init_distributed
 from grouprl.training.ema import EMAReference
@@ -247,8 +247,12 @@ class Trainer:
             ) from None
         if hasattr(sampler, "budget"):  # rollouts per prompt vary: groups of different sizes
             name = cfg.data.sampler["name"]
+            comps = self.components
             clashes = {
-                "sample_filters": self.components.refill is not None,
+                # padding rows would count in their group statistics
+                "sample_filters": bool(comps.sample_filters),
+                "token_mask": comps.token_mask is not None,
+                f"loss {comps.loss_name!r} (whole groups)": comps.whole_groups,
                 "rollout.num_train_samples": cfg.rollout.num_train_samples > 0,
                 "data.environment": cfg.data.environment is not None,
                 "rollout.strategy": cfg.rollout.strategy.get("name", "plain") != "plain",
@@ -282,12 +286,18 @@ class Trainer:
         if spec.get("name", "plain") == "plain":
             return None
         try:
-            return build_strategy(spec)
+            strategy = build_strategy(spec)
         except ValueError as exc:
             msg = str(exc)
             raise ConfigError(
                 msg if msg.startswith("rollout.strategy") else f"rollout.strategy: {msg}"
             ) from None
+        if strategy.needs_continuation and not getattr(self.engine, "multi_turn", False):
+            raise ConfigError(
+                f"rollout.strategy: {spec['name']!r} continues rollouts from token ids, which "
+                f"rollout.engine {self.cfg.rollout.engine!r} cannot; use rollout.engine hf or vllm"
+            )
+        return strategy
 
     def _log_startup(self) -> None:
         """What this run is, in a few lines: the recipe and every value of it the config
@@ -369,7 +379,8 @@ class Trainer:
                 device=self.device,
             )
             if self.ema is not None and self.step:
-                self.ema.load(latest_checkpoint(self.run_dir))
+                # the checkpoint resume_run restored (it skips a damaged newest one)
+                self.ema.load(checkpoint_dir(self.run_dir, self.step), self.learner.model)
 
     def _save(self, *, at_step_start: bool = False) -> Path:
         """A checkpoint of step `self.step`; `at_step_start` saves the data cursor and RNG of
@@ -404,9 +415,8 @@ class Trainer:
             state_dict=weights,
             optimizer_state=opt_state,
             rank_rngs=rngs[1:],
+            extra=self.ema.save if self.ema is not None else None,
         )
-        if self.ema is not None:
-            self.ema.save(path)
         self.dist.gather(str(path))  # (a no-op with one process)
         return path
 
