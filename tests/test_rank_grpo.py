@@ -328,3 +328,64 @@ def test_rank_grpo_recipe_trains_with_items_from_newline_tokens(tmp_path):
         assert idx[i][real].tolist() == expect
         for k in set(expect):  # one advantage per item
             assert len(set(tb.adv_N[i][real][torch.tensor(expect) == k].tolist())) == 1
+
+
+# ------------------------------------------------------------------ Segment PO (SPO-chain)
+def test_segment_advantages_telescope_and_skip_confident_tokens():
+    from grouprl.algorithms.segments import segment_advantages
+
+    # 4 real tokens; values V_0 = 0.5 at 0, V_1 = 1.0 after 2 tokens, V_2 = 0 (the reward)
+    # tokens 0, 1: +0.5; tokens 2, 3: −1.0; the segments add up to 0 − 0.5
+    mask = torch.tensor([[1.0, 1, 1, 1, 0]])
+    vals = [[[0, 0.5], [2, 1.0], [4, 0.0]]]
+    adv = segment_advantages(vals, mask, None)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.5, -1.0, -1.0, 0.0]]))
+    # the sampler gave token 1 probability 0.95 > 0.9: no advantage there
+    old = torch.log(torch.tensor([[0.5, 0.95, 0.5, 0.2, 1.0]]))
+    adv = segment_advantages(vals, mask, old, prob_mask=0.9)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.0, -1.0, -1.0, 0.0]]))
+    # a NaN value (no scorable continuation) keeps the previous one
+    adv = segment_advantages([[[0, 0.5], [2, float("nan")], [4, 1.0]]], mask, None)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.0]]))
+
+
+def test_segment_mc_values_cut_points_and_trains(tmp_path):
+    """segment_mc on a tiny model: cut points every 2 tokens, 2 continuations each; the
+    values reach the `segment` advantage and the step trains."""
+    from conftest import arith_rows, base_config
+
+    from grouprl.models.tiny import build_char_tokenizer, build_tiny_model, save_model
+    from grouprl.training.trainer import Trainer
+
+    tok = build_char_tokenizer("0123456789+-=")
+    model_dir = save_model(build_tiny_model(tok, hidden_size=32, num_layers=2), tok, tmp_path / "m")
+    cfg = base_config(tmp_path / "r", model_dir, max_steps=1)
+    cfg["rollout"]["max_new_tokens"] = 6
+    cfg["rollout"]["strategy"] = {"name": "segment_mc", "interval": 2, "mc_rollouts": 2}
+    cfg["advantage"] = {"name": "segment"}
+
+    def coin(prompts, completions, **kw):
+        return [1.0 if c[:1] in "02468" and c[:1] else 0.0 for c in completions]
+
+    tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[coin])
+    kept = {}
+    collect = tr.collector.collect
+
+    def recording(B, **kw):
+        kept["out"] = collect(B, **kw)
+        return kept["out"]
+
+    tr.collector.collect = recording  # type: ignore[method-assign]
+    res = tr.train()
+    tr.close()
+    batch, stats = kept["out"]
+    seg = batch.extra["segment_values"]
+    n_cuts = 0
+    for i, row in enumerate(seg):
+        n = int(batch.rollouts.attention_mask_NT[i].sum())
+        positions = [int(p) for p, _ in row]
+        assert positions == [0, *range(2, n, 2), n]
+        assert row[-1][1] == float(batch.rewards_N[i])
+        n_cuts += len(positions) - 2
+    assert stats["rollouts/sampled"] == batch.rollouts.num_rollouts + 2 * n_cuts
+    assert math.isfinite(res.history[-1]["loss"])

@@ -60,6 +60,7 @@ ISSUE_RECIPES = [
     "dataset_reset",
     "serial_exit",
     "cures_alloc",
+    "segment",
 ]
 
 

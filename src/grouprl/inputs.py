@@ -169,6 +169,21 @@ declare(
     probe=lambda: torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, float("nan")]]]),
 )
 declare(
+    "segment_values_N",
+    "list[N] of [[position, value], ...]",
+    "Monte-Carlo values at cut points of each completion, logged by the segment_mc rollout "
+    "strategy (`segment_values` column)",
+    stage="collect",
+    reduce="rows",
+    consumers=(_ADV,),
+    probe=lambda: [
+        [[0, 0.5], [2, 1.0]],
+        [[0, 0.5], [3, 0.0]],
+        [[0, 0.5], [1, 1.0]],
+        [[0, 0.5], [2, 0.0]],
+    ],
+)
+declare(
     "item_index_NT",
     "[N, T] long",
     "the item (line) of the completion each token belongs to, −1 for none",

@@ -327,3 +327,60 @@ def segment_ratio(
         per_token_NT=-_token_weighted(J_NT, inp),
         stats_NT=_clip_stats(w_NT.detach(), clipped_NT.detach(), adv_NT, logp_NT.dtype),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Segment Policy Optimization (SPO-chain): segment advantages from Monte-Carlo values
+# ---------------------------------------------------------------------------------------
+
+
+def segment_advantages(
+    segment_values_N: list[list[list[float]]],
+    mask_NT: Tensor,
+    old_logp_NT: Tensor | None = None,
+    *,
+    prob_mask: float | None = 0.9,
+) -> Tensor:
+    """SPO-chain's token advantages [N, T] from the values at each row's cut points.
+
+    "Segment Policy Optimization: Effective Segment-Level Credit Assignment in RL for Large
+    Language Models", arXiv 2505.23564 (authors' code: AIFrameResearch/SPO). Row i's values
+    [[0, V_0], [c_1, V_1], ..., [n, V_n]] (positions in its completion's real tokens, V_n
+    its reward): the tokens t in [c_{k−1}, c_k) get A_t = V_k − V_{k−1}, so the advantages
+    of a row's segments add up to V_n − V_0. With `prob_mask` p: A_t = 0 where the sampling
+    policy's probability of the token is > p (`old_logp_NT`; the code's `use_prob_mask`).
+    A NaN value (no scorable continuation) takes the previous value.
+    """
+    N, T = mask_NT.shape
+    if len(segment_values_N) != N:
+        raise ValueError(f"segment: {len(segment_values_N)} rows of values for {N} rows")
+    out = torch.zeros(N, T, dtype=torch.float64)
+    real_NT = mask_NT != 0
+    for i, row in enumerate(segment_values_N):
+        cols = real_NT[i].nonzero().squeeze(-1)
+        pts = sorted((int(pos), float(v)) for pos, v in row)
+        prev_pos, prev_v = pts[0][0], pts[0][1] if math.isfinite(pts[0][1]) else 0.0
+        for pos, v in pts[1:]:
+            v = v if math.isfinite(v) else prev_v
+            lo, hi = max(prev_pos, 0), min(pos, cols.numel())
+            if hi > lo:
+                out[i, cols[lo:hi]] = v - prev_v
+            prev_pos, prev_v = pos, v
+    if prob_mask is not None and old_logp_NT is not None:
+        out = torch.where(old_logp_NT.double().exp() > prob_mask, 0.0, out)
+    return (out * real_NT).float()
+
+
+@ADVANTAGES.register("segment", token_level=True)
+def segment(
+    segment_values_N: list[list[list[float]]],
+    mask_NT: Tensor,
+    old_logp_NT: Tensor,
+    *,
+    prob_mask: float | None = 0.9,
+) -> Tensor:
+    """Segment PO's advantage (arXiv 2505.23564): `segment_advantages` on the values the
+    `segment_mc` rollout strategy logged; per-token [N, T]."""
+    if prob_mask is not None and not 0.0 < prob_mask <= 1.0:
+        raise ValueError(f"segment: prob_mask must be in (0, 1] or null, got {prob_mask}")
+    return segment_advantages(segment_values_N, mask_NT, old_logp_NT, prob_mask=prob_mask)

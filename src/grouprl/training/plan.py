@@ -166,6 +166,16 @@ def _item_rel_BGK(s: StepInputs) -> Tensor:
     return out.view(s.B, s.G, K)
 
 
+def _segment_values(s: StepInputs) -> list[Any]:
+    rows = s.batch.extra.get("segment_values")
+    if rows is None:
+        raise ValueError(
+            "segment_values_N: no segment values in the batch; the segment advantage needs "
+            "rollout.strategy segment_mc"
+        )
+    return rows
+
+
 def _item_index_NT(s: StepInputs) -> Tensor:
     from grouprl.algorithms.segments import item_index_from_tokens
 
@@ -195,6 +205,7 @@ PROVIDERS: dict[str, Callable[[StepInputs], Any]] = {
     "baseline_B": lambda s: s.batch.baseline_B,
     "answers_BG": _answers_BG,
     "item_rel_BGK": _item_rel_BGK,
+    "segment_values_N": lambda s: _segment_values(s),
     "item_index_NT": _item_index_NT,
     "seq_logp_BG": lambda s: (
         (s.prepass()["old_logp_NT"] * _ro(s).loss_mask_NT).sum(1).view(s.B, s.G)

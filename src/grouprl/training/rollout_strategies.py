@@ -17,6 +17,7 @@ prompt's plain pass rate, not the hinted one.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -849,6 +850,129 @@ class SerialExit(Strategy):
             / max(n_exits, 1),
         }
         return out, metrics
+
+
+@ROLLOUT_STRATEGIES.register("segment_mc")
+class SegmentMC(Strategy):
+    """Segment Policy Optimization (SPO-chain): Monte-Carlo values at cut points of each
+    completion, for the `segment` advantage.
+
+    "Segment Policy Optimization: Effective Segment-Level Credit Assignment in RL for Large
+    Language Models", arXiv 2505.23564 (authors' code: AIFrameResearch/SPO,
+    `math_episode_generator_with_mc_advantages.py`). Cut points: the positions t − 1 whose
+    sampled token had probability < `prob_cut` under the sampler (every `every`-th of
+    them), when the engine reports its log-probs; otherwise every `interval` tokens (ours).
+    V(cut) = the mean reward of `mc_rollouts` continuations of prompt + completion[:cut]
+    (scored on prefix + continuation); V at the end is the completion's own reward; V at
+    the start is its group's mean reward (ours: the code values the prompt only when it has
+    a prompt value). Each row gets `extra["segment_values"]`: [[position, value], ...].
+    Needs an engine that continues token ids (hf, vllm).
+    """
+
+    needs_continuation = True
+
+    def __init__(
+        self,
+        *,
+        mc_rollouts: int = 9,
+        interval: int = 5,
+        prob_cut: float = 0.9,
+        every: int = 5,
+        max_cuts: int = 16,
+    ) -> None:
+        for key, v in (
+            ("mc_rollouts", mc_rollouts),
+            ("interval", interval),
+            ("every", every),
+            ("max_cuts", max_cuts),
+        ):
+            if v < 1:
+                raise ValueError(f"rollout.strategy.{key}: must be >= 1, got {v}")
+        if not 0.0 < prob_cut <= 1.0:
+            raise ValueError(f"rollout.strategy.prob_cut: must be in (0, 1], got {prob_cut}")
+        self.mc, self.interval, self.prob_cut = mc_rollouts, interval, prob_cut
+        self.every, self.max_cuts = every, max_cuts
+
+    def cut_points(self, n: int, logp_T: list[float] | None) -> list[int]:
+        """Cut positions in 1..n−1 (a prefix of that many tokens is valued)."""
+        if logp_T is not None:
+            low = [t for t in range(1, n) if math.exp(logp_T[t - 1]) < self.prob_cut]
+            cuts = low[self.every - 1 :: self.every]
+        else:
+            cuts = list(range(self.interval, n, self.interval))
+        return cuts[: self.max_cuts]
+
+    def __call__(self, batch: ScoredBatch, ctx: StrategyContext) -> tuple[ScoredBatch, dict]:
+        if ctx.continue_ids is None or ctx.tokenizer is None or ctx.score is None:
+            raise ValueError(
+                "rollout.strategy: segment_mc continues from token ids; use an engine that "
+                "declares it (rollout.engine hf or vllm)"
+            )
+        tok, ro = ctx.tokenizer, batch.rollouts
+        B, G = batch.num_groups, ro.group_size
+        r_BG = batch.rewards_N.view(B, G).double()
+        contexts, owners, prefixes = [], [], []
+        cuts_N: list[list[int]] = []
+        for i in range(ro.num_rollouts):
+            real = ro.attention_mask_NT[i].bool()
+            comp = ro.completion_ids_NT[i][real].tolist()
+            logp = None
+            if ro.sampling_logp_NT is not None:
+                logp = ro.sampling_logp_NT[i][real].tolist()
+            cuts = self.cut_points(len(comp), logp)
+            cuts_N.append(cuts)
+            prompt = ro.prompt_ids_NP[i][ro.prompt_mask_NP[i].bool()].tolist()
+            for c in cuts:
+                contexts.append(prompt + comp[:c])
+                prefixes.append(comp[:c])
+                owners.append(i)
+        values: dict[tuple[int, int], float] = {}
+        if contexts:
+            outs = ctx.continue_ids(contexts, self.mc)
+            K = len(contexts)
+            texts = [
+                tok.decode(prefixes[k] + outs[k * self.mc + j][0], skip_special_tokens=True)
+                for k in range(K)
+                for j in range(self.mc)
+            ]
+            examples = [batch.examples[owners[k] // G] for k in range(K)]
+            mc = ctx.score(
+                examples,
+                token_rollouts(
+                    [contexts[k] for k in range(K) for _ in range(self.mc)],
+                    [outs[k * self.mc + j][0] for k in range(K) for j in range(self.mc)],
+                    [
+                        [1.0] * len(outs[k * self.mc + j][0])
+                        for k in range(K)
+                        for j in range(self.mc)
+                    ],
+                    texts,
+                    group_size=self.mc,
+                    pad_token_id=ctx.pad_token_id,
+                    eos_ids=_eos_ids(tok),
+                ),
+            )
+            v_K = torch.nanmean(mc.rewards_N.view(K, self.mc).double(), dim=1)
+            k = 0
+            for i, cuts in enumerate(cuts_N):
+                for c in cuts:
+                    values[(i, c)] = float(v_K[k])
+                    k += 1
+        seg: list[list[list[float]]] = []
+        for i, cuts in enumerate(cuts_N):
+            g = i // G
+            v0 = float(torch.nanmean(r_BG[g])) if bool(torch.isfinite(r_BG[g]).any()) else 0.0
+            n = int(ro.attention_mask_NT[i].sum())
+            row = [[0.0, v0]] + [[float(c), values[(i, c)]] for c in cuts]
+            r = float(batch.rewards_N[i])
+            row.append([float(n), r if math.isfinite(r) else v0])
+            seg.append(row)
+        batch.extra["segment_values"] = seg
+        n_cuts = sum(map(len, cuts_N))
+        return batch, {
+            "segment/cuts_per_row": n_cuts / max(ro.num_rollouts, 1),
+            "segment/mc_rollouts": float(n_cuts * self.mc),
+        }
 
 
 def build_strategy(spec: dict[str, Any] | None) -> Any:
