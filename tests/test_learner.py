@@ -95,3 +95,32 @@ def test_prepass_rescores_tokens_at_another_temperature(tmp_path, tiny_model_dir
     torch.testing.assert_close(hot[real], want[real], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(hot[real], plain[real])
     tr.close()
+
+
+def test_prepass_gives_the_head_curvature_capo_ranks(tmp_path, tiny_model_dir):
+    """second="curvature": ‖h_t‖²·‖onehot − softmax‖² from the decoder's last hidden state
+    and the model's own logits, per real completion token."""
+    from grouprl.models.head import head_curvature
+
+    tr = Trainer(base_config(tmp_path / "c", tiny_model_dir), train_dataset=arith_rows())
+    ro = _rollouts(tr.tokenizer)
+    with torch.no_grad():
+        got = tr.learner.prepass(ro, True, second="curvature")["entropy_NT"]
+        ids = torch.cat([ro.prompt_ids_NP, ro.completion_ids_NT], 1)
+        mask = torch.cat([ro.prompt_mask_NP, ro.attention_mask_NT], 1)
+        pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+        hid = tr.model.get_decoder()(
+            input_ids=ids, attention_mask=mask.long(), position_ids=pos
+        ).last_hidden_state
+        logits = tr.model.get_output_embeddings()(hid)
+        P, T = ro.prompt_ids_NP.shape[1], ro.completion_ids_NT.shape[1]
+        h, lg = hid[:, P - 1 : P - 1 + T], logits[:, P - 1 : P - 1 + T]
+        want = head_curvature(
+            lg.reshape(-1, lg.shape[-1]),
+            ro.completion_ids_NT.reshape(-1),
+            h.reshape(-1, h.shape[-1]),
+            1.0,
+        ).view(ro.completion_ids_NT.shape)
+    real = ro.attention_mask_NT.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+    tr.close()

@@ -61,6 +61,7 @@ ISSUE_RECIPES = [
     "serial_exit",
     "cures_alloc",
     "segment",
+    "capo",
 ]
 
 

@@ -35,7 +35,7 @@ def close(actual: torch.Tensor, expected: list) -> None:
 
 
 def test_registered_names_and_inputs() -> None:
-    assert TOKEN_MASKS.names() == ["d3s_tokens", "forking_tokens", "gtpo_conflict"]
+    assert TOKEN_MASKS.names() == ["capo", "d3s_tokens", "forking_tokens", "gtpo_conflict"]
     assert SAMPLE_FILTERS.names() == [
         "d3s_samples",
         "dynamic_sampling",
@@ -493,3 +493,42 @@ def test_outputs_are_dataclasses() -> None:
     e, m = _ten_token_batch()
     assert isinstance(forking_tokens(e, m), SelectionOutput)
     assert isinstance(mask_truncated(torch.zeros(1, 2, dtype=torch.bool)), FilterOutput)
+
+
+# ---------------------------------------------------------------------------------------
+# CAPO
+# ---------------------------------------------------------------------------------------
+
+
+def test_capo_rejects_the_tokens_of_largest_predicted_step():
+    from grouprl.algorithms.selection import capo
+
+    # KL_t = ½·A²·c: row 0 (A = 1): 0.5, 1.0, 2.0; row 1 (A = −2): 2.0·c = 4.0, 0.4, pad
+    curv = torch.tensor([[1.0, 2.0, 4.0], [2.0, 0.2, 9.0]])
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-2.0, -2.0, -2.0]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    # values 0.5, 1, 2, 4, 0.4: the 0.8 quantile (linear) = 2 + 0.2·(4 − 2) = 2.4 -> reject 4
+    out = capo(curv, adv, mask, reject_frac=0.2)
+    assert out.token_weight_NT.tolist() == [[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]
+    assert out.stats["capo/rejected_frac"] == pytest.approx(1 / 5)
+    assert out.denominator == "all"
+    # an absolute bound instead: KL > 0.9 rejected
+    out = capo(curv, adv, mask, delta=0.9)
+    assert out.token_weight_NT.tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+
+
+def test_head_curvature_is_the_head_gradient_norm():
+    """‖∂ log π(o)/∂W_head‖² for a linear head = ‖h‖²·‖onehot − p‖²: checked by autograd."""
+    from grouprl.models.head import head_curvature
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 5)
+    W = torch.randn(7, 5, requires_grad=True)
+    targets = torch.tensor([1, 4, 6])
+    logits = h @ W.T
+    got = head_curvature(logits.detach(), targets, h, 1.0)
+    for m in range(3):
+        (g,) = torch.autograd.grad(
+            torch.log_softmax(logits[m], -1)[targets[m]], W, retain_graph=True
+        )
+        assert float(got[m]) == pytest.approx(float(g.pow(2).sum()), rel=1e-5)

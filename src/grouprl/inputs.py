@@ -213,6 +213,18 @@ declare(
     ),
 )
 declare(
+    "capo_curvature_NT",
+    "[N, T] float",
+    "‖h_t‖²·‖onehot(o_t) − π(·)‖² of each token (the LM head's gradient norm of log π, "
+    "no grad; an extra no-grad forward)",
+    stage="prepass",
+    reduce="rows",
+    consumers=(_MASK,),
+    probe=lambda: torch.tensor(
+        [[1.0, 2.0, 0.0], [0.5, 3.0, 0.2], [0.1, 0.0, 0.0], [4.0, 0.3, 0.0]]
+    ),
+)
+declare(
     "logp_hot_NT",
     "[N, T] float",
     "log-prob of each sampled token re-scored at 1.2x the sampling temperature (no grad; "

@@ -576,3 +576,50 @@ def mask_truncated(truncated_BG: Tensor) -> FilterOutput:
     stats = {"kept_frac": float(keep_BG.float().mean()) if keep_BG.numel() else 1.0}
     drop_B = torch.zeros(B, dtype=torch.bool, device=truncated_BG.device)
     return FilterOutput(keep_BG, drop_B, 0, _prefixed("mask_truncated", stats))
+
+
+@TOKEN_MASKS.register("capo")
+def capo(
+    capo_curvature_NT: Tensor,
+    adv_NT: Tensor,
+    mask_NT: Tensor,
+    *,
+    reject_frac: float = 0.08,
+    delta: float | None = None,
+    lr: float = 1.0,
+) -> SelectionOutput:
+    """CAPO: drop the tokens whose update the LM head's curvature predicts to be too large.
+
+    "Stabilizing Policy Gradients for Sample-Efficient Reinforcement Learning in LLM
+    Reasoning" (CAPO), arXiv 2510.00819 (abstract only: the form is the catalog's reading).
+    With h_t the final hidden state and g_t = (onehot(o_t) − π(·))·A_t the logit gradient,
+    a Gauss-Newton step on the head alone changes the policy by about
+
+        KL_t ≈ ½·lr²·‖g_t‖²·‖h_t‖² = ½·lr²·A_t²·capo_curvature_NT
+
+    and tokens whose KL_t is above the (1 − reject_frac) quantile of the batch's completion
+    tokens (or above `delta` when given) are dropped from the policy term (the paper
+    reports < 8% rejected). The normalizer still counts every token (denominator "all").
+    Stats: capo/rejected_frac, capo/threshold.
+    """
+    reject_frac = _check_ratio("capo.reject_frac", reject_frac)
+    if delta is not None and not (math.isfinite(delta) and delta >= 0):
+        raise ValueError(f"capo.delta must be a number >= 0 or null, got {delta}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"capo.lr must be a number > 0, got {lr}")
+    valid_NT = mask_NT != 0
+    kl_NT = 0.5 * lr**2 * adv_NT.double().pow(2) * capo_curvature_NT.double()
+    values = kl_NT[valid_NT]
+    if values.numel() == 0:
+        return SelectionOutput(token_weight_NT=mask_NT.clone(), denominator="all")
+    if delta is not None:
+        threshold = float(delta)
+    else:
+        threshold = float(quantile_linear(values, 1.0 - reject_frac))
+    keep_NT = valid_NT & ~(kl_NT > threshold)
+    rejected = float((valid_NT & ~keep_NT).sum()) / float(valid_NT.sum())
+    return SelectionOutput(
+        token_weight_NT=keep_NT.to(mask_NT.dtype),
+        denominator="all",
+        stats={"capo/rejected_frac": rejected, "capo/threshold": threshold},
+    )

@@ -63,6 +63,8 @@ class PolicyLogProbs(nn.Module):
         self.shared_prefix = shared_prefix
         self.chunk_size = chunk_size
         self.attn_backend = attn_backend
+        # what the second output holds: the entropy, or CAPO's head curvature (head.py)
+        self.second = "entropy"
 
     def forward(
         self,
@@ -83,6 +85,10 @@ class PolicyLogProbs(nn.Module):
         try:
             plan = plan_head(self.model)
         except UnsupportedHead as exc:
+            if self.second != "entropy":
+                raise NotImplementedError(
+                    f"the {self.second} of the LM head needs the chunked head, but {exc}"
+                ) from None
             if self.shared_prefix:
                 raise NotImplementedError(
                     f"shared-prefix forward needs the chunked LM head, but {exc}"
@@ -109,6 +115,7 @@ class PolicyLogProbs(nn.Module):
             chunk_size=self.chunk_size,
             entropy_grad=entropy_grad,
             scaling=plan.scaling,
+            second=self.second,
         )
         return _scatter_NT(logp_M, real_NT), (_scatter_NT(ent_M, real_NT) if with_entropy else None)
 
@@ -159,8 +166,10 @@ def completion_logprobs(
     chunk_size: int | None = None,
     attn_backend: str | None = None,
     entropy_grad: bool = False,
+    second: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Log-probs [N, T] of each real completion token given its prompt, optionally entropy.
+    """Log-probs [N, T] of each real completion token given its prompt, optionally entropy
+    (`second="curvature"`: CAPO's head curvature in its place, `head.head_curvature`).
 
     The functional face of `PolicyLogProbs`: `model` is an HF causal LM (wrapped for this
     call), a `PolicyLogProbs`, or a `DistributedDataParallel` around one, which is then
@@ -173,7 +182,11 @@ def completion_logprobs(
     if policy is None:
         model = policy = PolicyLogProbs(model)
     with _settings(
-        policy, shared_prefix=shared_prefix, chunk_size=chunk_size, attn_backend=attn_backend
+        policy,
+        shared_prefix=shared_prefix,
+        chunk_size=chunk_size,
+        attn_backend=attn_backend,
+        second=second,
     ):
         return model(
             prompt_ids_NP,

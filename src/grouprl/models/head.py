@@ -89,6 +89,20 @@ def logprobs_and_entropy(
     return logp, (torch.cat(ents, dim=1) if with_entropy else None)
 
 
+def head_curvature(logits_MV: Tensor, targets_M: Tensor, hidden_Md: Tensor, tau: float) -> Tensor:
+    """‖h‖²·‖onehot(target) − softmax(logits/τ)‖² per position (no grad): the squared norm
+    of the LM head's weight gradient of log π(target), the curvature term CAPO's token mask
+    ranks (‖onehot − p‖² = 1 − 2·p_target + Σ_v p_v²)."""
+    with torch.no_grad():
+        p_all = torch.softmax(logits_MV.float() / tau, dim=-1)
+        p_t = p_all.gather(-1, targets_M[:, None]).squeeze(-1)
+        dist = 1.0 - 2.0 * p_t + (p_all * p_all).sum(-1)
+        return dist * hidden_Md.float().pow(2).sum(-1)
+
+
+SECOND_OUTPUTS = ("entropy", "curvature")
+
+
 def _head_chunk(
     hidden_Md: Tensor,
     targets_M: Tensor,
@@ -96,11 +110,15 @@ def _head_chunk(
     scaling: LogitScaling | None,
     tau: float,
     entropy_grad: bool,
+    second: str = "entropy",
 ) -> tuple[Tensor, Tensor]:
     logits_MV = head(hidden_Md)
     if scaling is not None:
         logits_MV = scaling(logits_MV)  # in the head's dtype, as the model's forward does
-    return token_logprobs(logits_MV, targets_M, tau, entropy_grad)
+    logp, ent = token_logprobs(logits_MV, targets_M, tau, entropy_grad)
+    if second == "curvature":
+        return logp, head_curvature(logits_MV, targets_M, hidden_Md, tau)
+    return logp, ent
 
 
 def auto_chunk_size(vocab_size: int, budget_bytes: int = 64 * 2**20) -> int:
@@ -123,8 +141,10 @@ def chunked_head_logprobs(
     chunk_size: int = 0,
     entropy_grad: bool = False,
     scaling: LogitScaling | None = None,
+    second: str = "entropy",
 ) -> tuple[Tensor, Tensor]:
-    """log π(target) and entropy at M positions from their hidden states, chunk by chunk.
+    """log π(target) and entropy at M positions from their hidden states, chunk by chunk
+    (`second="curvature"`: `head_curvature` instead of the entropy).
 
     With gradients enabled each chunk is checkpointed: its [chunk, V] fp32 logits are freed
     after the forward and recomputed in backward, so peak memory is one chunk's logits.
@@ -139,9 +159,9 @@ def chunked_head_logprobs(
     for s in range(0, hidden_Md.shape[0], chunk_size):
         args = (hidden_Md[s : s + chunk_size], targets_M[s : s + chunk_size], lm_head, scaling)
         if use_ckpt:
-            lp, ent = checkpoint(_head_chunk, *args, tau, entropy_grad, use_reentrant=False)
+            lp, ent = checkpoint(_head_chunk, *args, tau, entropy_grad, second, use_reentrant=False)
         else:
-            lp, ent = _head_chunk(*args, tau, entropy_grad)
+            lp, ent = _head_chunk(*args, tau, entropy_grad, second)
         logps.append(lp)
         ents.append(ent)
     if not logps:

@@ -118,6 +118,7 @@ class Learner:
         with_entropy: bool,
         entropy_grad: bool = False,
         temperature_scale: float = 1.0,
+        second: str | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Per-token log-probs (and entropy) of every real completion token, at the
         sampling temperature (times `temperature_scale`); 0 on padding."""
@@ -130,6 +131,7 @@ class Learner:
             temperature=self.temperature * temperature_scale,
             with_entropy=with_entropy,
             entropy_grad=entropy_grad,
+            second=second,
         )
 
     def micro_batches(self, ro: Rollouts) -> list[slice]:
@@ -177,11 +179,13 @@ class Learner:
         policy: torch.nn.Module | None = None,
         spare: Rollouts | None = None,
         temperature_scale: float = 1.0,
+        second: str | None = None,
     ) -> dict[str, Tensor]:
         """Log-probs (and entropy) of the batch under `policy` (default: the policy as it is
         now, i.e. the sampling policy), in the update's micro-batches (`spare`: see
         `_own_micro_batches`); `temperature_scale` rescales the sampling temperature (DCPO
-        re-scores the sampled tokens at another temperature)."""
+        re-scores the sampled tokens at another temperature); `second="curvature"`: the
+        "entropy_NT" entry holds CAPO's head curvature instead."""
         logps, ents = [], []
         for s in self._own_micro_batches(ro, spare):
             if s is None:
@@ -201,6 +205,7 @@ class Learner:
                 policy=policy,
                 with_entropy=with_entropy,
                 temperature_scale=temperature_scale,
+                second=second,
             )
             logps.append(lp)
             if ent is not None:

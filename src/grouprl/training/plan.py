@@ -211,6 +211,7 @@ PROVIDERS: dict[str, Callable[[StepInputs], Any]] = {
         (s.prepass()["old_logp_NT"] * _ro(s).loss_mask_NT).sum(1).view(s.B, s.G)
     ),
     "entropy_NT": lambda s: s.prepass().get("entropy_NT"),
+    "capo_curvature_NT": lambda s: s._prepass(_ro(s), True, second="curvature")["entropy_NT"],
     "logp_hot_NT": lambda s: s._prepass(_ro(s), False, temperature_scale=1.2)["old_logp_NT"],
     "logp_cold_NT": lambda s: s._prepass(_ro(s), False, temperature_scale=0.8)["old_logp_NT"],
     "old_logp_NT": lambda s: s.prepass()["old_logp_NT"],
