@@ -69,3 +69,17 @@ def base_config(out_dir, model_dir, **train) -> dict:
             **train,
         },
     }
+
+
+def record_collections(trainer) -> list:
+    """Every (batch, stats) the trainer's collector returns from now on, in order."""
+    seen: list = []
+    collect = trainer.collector.collect
+
+    def recording(B, **kw):
+        out = collect(B, **kw)
+        seen.append(out)
+        return out
+
+    trainer.collector.collect = recording
+    return seen

@@ -667,14 +667,21 @@ def test_dcpo_by_hand():
     m = torch.ones(2, 2)
     H = torch.full((2, 2), 0.3)
     old, hot, cold = torch.full((2, 2), -1.0), torch.full((2, 2), -0.8), torch.full((2, 2), -1.3)
-    out = dcpo(r, H, old, hot, cold, m)
+    asked = []
+
+    def rescore(scale):  # one re-scoring forward, at the temperature the entropy picks
+        asked.append(scale)
+        return hot if scale > 1 else cold
+
+    out = dcpo(r, H, old, rescore, m)
     a = 0.5**0.5
     want = [[5 / 6 * a + math.exp(0.2) / 6] * 2, [-5 / 6 * a] * 2]
     torch.testing.assert_close(out, torch.tensor(want))
     # above the target: cold (T' = 0.8): w = e^(−1.3 + 1)
-    out = dcpo(r, torch.full((2, 2), 0.7), old, hot, cold, m)
+    out = dcpo(r, torch.full((2, 2), 0.7), old, rescore, m)
     torch.testing.assert_close(out[0], torch.full((2,), 5 / 6 * a + math.exp(-0.3) / 6))
     # at the target the extra term vanishes; padding gets 0
     m[1, 1] = 0
-    out = dcpo(r, torch.full((2, 2), 0.5), old, hot, cold, m)
+    out = dcpo(r, torch.full((2, 2), 0.5), old, rescore, m)
     torch.testing.assert_close(out, torch.tensor([[a, a], [-a, 0.0]]))
+    assert asked == [1.2, 0.8, 1.2]  # one temperature per call, the one H picks

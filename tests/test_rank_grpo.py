@@ -352,7 +352,7 @@ def test_segment_advantages_telescope_and_skip_confident_tokens():
 def test_segment_mc_values_cut_points_and_trains(tmp_path):
     """segment_mc on a tiny model: cut points every 2 tokens, 2 continuations each; the
     values reach the `segment` advantage and the step trains."""
-    from conftest import arith_rows, base_config
+    from conftest import arith_rows, base_config, record_collections
 
     from grouprl.models.tiny import build_char_tokenizer, build_tiny_model, save_model
     from grouprl.training.trainer import Trainer
@@ -368,17 +368,10 @@ def test_segment_mc_values_cut_points_and_trains(tmp_path):
         return [1.0 if c[:1] in "02468" and c[:1] else 0.0 for c in completions]
 
     tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[coin])
-    kept = {}
-    collect = tr.collector.collect
-
-    def recording(B, **kw):
-        kept["out"] = collect(B, **kw)
-        return kept["out"]
-
-    tr.collector.collect = recording  # type: ignore[method-assign]
+    seen = record_collections(tr)
     res = tr.train()
     tr.close()
-    batch, stats = kept["out"]
+    batch, stats = seen[-1]
     seg = batch.extra["segment_values"]
     n_cuts = 0
     for i, row in enumerate(seg):

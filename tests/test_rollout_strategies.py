@@ -13,7 +13,7 @@ import string
 
 import pytest
 import torch
-from conftest import arith_rows, base_config
+from conftest import arith_rows, base_config, record_collections
 
 from grouprl.config import ConfigError, load_config
 from grouprl.data.datasets import PromptExample, load_prompts, prompt_renderer
@@ -341,17 +341,10 @@ def test_dataset_reset_continues_from_a_solution_prefix(tmp_path, tiny_model_dir
     cfg["rollout"]["strategy"] = {"name": "dataset_reset", "reset_num": 2, "max_frac": 0.9}
     rows = [{**r, "solution": r["answer"] + "0"} for r in arith_rows()]
     tr = Trainer(cfg, train_dataset=rows, reward_funcs=[coin_reward])
-    kept = {}
-    collect = tr.collector.collect
-
-    def recording(B, **kw):
-        kept["out"] = collect(B, **kw)
-        return kept["out"]
-
-    tr.collector.collect = recording  # type: ignore[method-assign]
+    seen = record_collections(tr)
     res = tr.train()
     tr.close()
-    batch, _ = kept["out"]
+    batch, _ = seen[-1]
     G, tok = batch.rollouts.group_size, tr.tokenizer
     assert batch.extra["hint_level"] == ([0, 0, 1, 1] * batch.num_groups)
     for g, ex in enumerate(batch.examples):
@@ -395,17 +388,10 @@ def test_serial_exit_builds_a_serial_group_from_one_chain(tmp_path, tiny_model_d
     cfg["rollout"]["strategy"] = {"name": "serial_exit", "exit_text": "=", "think_end": ""}
     cfg["advantage"] = {"name": "grpo", "scale": "none"}
     tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[coin_reward])
-    kept = {}
-    collect = tr.collector.collect
-
-    def recording(B, **kw):
-        kept["out"] = collect(B, **kw)
-        return kept["out"]
-
-    tr.collector.collect = recording  # type: ignore[method-assign]
+    seen = record_collections(tr)
     res = tr.train()
     tr.close()
-    batch, _ = kept["out"]
+    batch, _ = seen[-1]
     G, ro = batch.rollouts.group_size, batch.rollouts
     eq = tr.tokenizer.convert_tokens_to_ids("=")
     from grouprl.training.rollout_strategies import decay_exit_rewards

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import arith_rows, base_config
+from conftest import arith_rows, base_config, record_collections
 
 from grouprl.config import ConfigError
 from grouprl.data.samplers import SAMPLERS, build_sampler
@@ -118,11 +118,12 @@ def test_hard_mining_switches_on_after_the_first_epoch():
     p_true = three_kinds(30)
     s = build_sampler({"name": "hard_mining", "factor": 8.0}, 30, seed=0, shuffle=True)
     drawn, _ = simulate(s, p_true, steps=4, B=8)  # 32 draws: the first epoch, uniformly
-    assert sorted(i for d in drawn for i in d)[:30] != [] and s.progress >= 1.0
+    first_epoch = [i for d in drawn for i in d][:30]
+    assert sorted(first_epoch) == list(range(30)) and s.progress >= 1.0  # each prompt once
     drawn, _ = simulate(s, p_true, steps=30, B=8, seed=1)
     never = sum(p_true[i] == 0.0 for d in drawn for i in d) / (30 * 8)
-    # the 10 never-solved prompts have weight 8, the 20 others 1 (1/8 solved at most... are
-    # easy or half): without replacement within a step the share is below 8/10 but far above 1/3
+    # the 10 never-solved prompts have weight 8, the 20 others (always or half solved) 1:
+    # without repeats within a step the share is below 8/10, but far above uniform's 1/3
     assert never > 0.5
     assert s.metrics()["sampler/hard_frac"] == pytest.approx(1 / 3, abs=0.1)
 
@@ -212,19 +213,11 @@ def sampler_run(out, model_dir, *, steps, mode="off", resume=False, save_every=0
     cfg["data"] = {"sampler": {"name": "vas", "update_every": 1}}
     cfg["rewards"] = [coin_reward]
     tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[coin_reward])
-    seen: list[list[int]] = []
-    collect = tr.collector.collect
-
-    def recording(B, **kw):
-        batch, stats = collect(B, **kw)
-        seen.append(list(batch.indices))
-        return batch, stats
-
-    tr.collector.collect = recording  # type: ignore[method-assign]
+    collected = record_collections(tr)
     res = tr.train()
     state = tr.collector.sampler.state_dict()
     tr.close()
-    return seen, state, res
+    return [list(batch.indices) for batch, _ in collected], state, res
 
 
 def test_trainer_resume_continues_the_sampler_exactly(tmp_path, tiny_model_dir):
@@ -333,20 +326,15 @@ def test_knapsack_runs_ragged_groups_in_the_trainer(tmp_path, tiny_model_dir, mi
         ]
 
     tr = Trainer(cfg, train_dataset=arith_rows(6), reward_funcs=[solved_or_coin])
-    sizes = []
-    collect = tr.collector.collect
-
-    def recording(B, **kw):
-        batch, stats = collect(B, **kw)
-        real = batch.rollouts.real_N.view(batch.num_groups, -1).sum(1).tolist()
-        sizes.append(real)
-        assert sum(real) == B * 4  # the budget is kept exactly
-        assert stats["rollouts/sampled"] == B * 4
-        return batch, stats
-
-    tr.collector.collect = recording  # type: ignore[method-assign]
+    collected = record_collections(tr)
     res = tr.train()
     tr.close()
+    sizes = []
+    for batch, stats in collected:
+        real = batch.rollouts.real_N.view(batch.num_groups, -1).sum(1).tolist()
+        sizes.append(real)
+        assert sum(real) == batch.num_groups * 4  # the budget is kept exactly
+        assert stats["rollouts/sampled"] == batch.num_groups * 4
     assert res.steps == 4 and all(math.isfinite(h["loss"]) for h in res.history)
     assert any(len(set(s)) > 1 for s in sizes), sizes  # some step had groups of two sizes
     assert all(h["completions/min_length"] >= 1 for h in res.history)  # no empty padding row

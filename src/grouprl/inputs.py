@@ -225,24 +225,14 @@ declare(
     ),
 )
 declare(
-    "logp_hot_NT",
-    "[N, T] float",
-    "log-prob of each sampled token re-scored at 1.2x the sampling temperature (no grad; "
-    "an extra no-grad forward)",
+    "rescore_NT",
+    "scale -> [N, T] float",
+    "a function: each sampled token's log-prob at scale × the sampling temperature (no "
+    "grad; each call an extra no-grad forward)",
     stage="prepass",
     reduce="rows",
     consumers=(_ADV,),
-    probe=lambda: torch.full((4, 3), -1.1),
-)
-declare(
-    "logp_cold_NT",
-    "[N, T] float",
-    "log-prob of each sampled token re-scored at 0.8x the sampling temperature (no grad; "
-    "an extra no-grad forward)",
-    stage="prepass",
-    reduce="rows",
-    consumers=(_ADV,),
-    probe=lambda: torch.full((4, 3), -0.9),
+    probe=lambda: lambda scale: torch.full((4, 3), -1.0 * scale),
 )
 declare(
     "old_logp_NT",

@@ -29,6 +29,7 @@ that are always 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -890,8 +891,7 @@ def dcpo(
     rewards_BG: Tensor,
     entropy_NT: Tensor,
     old_logp_NT: Tensor,
-    logp_hot_NT: Tensor,
-    logp_cold_NT: Tensor,
+    rescore_NT: Callable[[float], Tensor],
     mask_NT: Tensor,
     *,
     target_entropy: float = 0.5,
@@ -914,7 +914,8 @@ def dcpo(
         A'_{i,t} = (1 − α)·A_i + α·1[R_i > correct_at]·w_t,   A_i = GRPO's z-score
 
     Defaults H* = 0.5, cap 0.1, threshold 0.05 (the code's). At H = H*, A' = A. No batch
-    row correct: α = 0. Needs two extra no-grad forwards (`logp_hot_NT`, `logp_cold_NT`).
+    row correct: α = 0. `rescore_NT(scale)` re-scores the sampled tokens at scale × the
+    sampling temperature: one extra no-grad forward, at the one T' the entropy picks.
     """
     if cap < 0 or target_entropy < 0:
         raise ValueError(f"dcpo: cap and target_entropy must be >= 0, got {cap}, {target_entropy}")
@@ -924,7 +925,7 @@ def dcpo(
     if mask.shape[0] != B * G:
         raise ValueError(f"dcpo: {mask.shape[0]} rows for {B}x{G} rewards")
     H = float((entropy_NT.double() * mask).sum() / mask.sum().clamp(min=1.0))
-    logp_alt = logp_hot_NT if H <= target_entropy else logp_cold_NT
+    logp_alt = rescore_NT(1.2 if H <= target_entropy else 0.8)
     w_NT = (logp_alt.double() - old_logp_NT.double()).clamp(max=20.0).exp() * mask
     r_N = rewards_BG.double().reshape(-1)
     correct_N = (r_N > correct_at).double()  # NaN compares False

@@ -35,6 +35,15 @@ SAMPLERS.register("uniform")(PromptSampler)
 _TABLES = ("n_rollouts", "n_success", "last_pass", "last_seen")
 
 
+def _json_list(values: np.ndarray) -> list[float | None]:
+    """A float array as a JSON list (the data cursor is saved every step): NaN is not JSON,
+    so NaN entries (rows never seen) become None."""
+    out: list[float | None] = values.tolist()
+    for i in np.flatnonzero(np.isnan(values)).tolist():
+        out[i] = None
+    return out
+
+
 def _check(name: str, key: str, ok: bool, want: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"data.sampler.{key}: {name} needs {want}, got {value!r}")
@@ -145,10 +154,7 @@ class ScoredSampler(PromptSampler):
             sampler=self.name,
             updates=self.updates,
             draws=self.draws,
-            # NaN is not JSON: unseen rows are stored as None
-            tables={
-                k: [None if math.isnan(x) else float(x) for x in v] for k, v in self.tables.items()
-            },
+            tables={k: _json_list(v) for k, v in self.tables.items()},
         )
         return state
 
@@ -161,10 +167,7 @@ class ScoredSampler(PromptSampler):
             )
         self.updates, self.draws = int(state["updates"]), int(state["draws"])
         for key in self.tables:
-            values = state["tables"][key]
-            self.tables[key] = np.array(
-                [np.nan if x is None else x for x in values], dtype=np.float64
-            )
+            self.tables[key] = np.array(state["tables"][key], dtype=np.float64)  # None -> NaN
 
     # -------------------------------------------------------------- shared estimates
     def pass_rate(self, prior: float) -> np.ndarray:
@@ -233,7 +236,7 @@ class VarianceAwareSampler(ScoredSampler):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["vps"] = None if self._vps is None else [float(x) for x in self._vps]
+        state["vps"] = None if self._vps is None else _json_list(self._vps)
         return state
 
 

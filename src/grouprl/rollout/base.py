@@ -143,6 +143,63 @@ class Rollouts:
         )
 
 
+def rollouts_from_rows(
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    *,
+    texts: list[str],
+    group_size: int,
+    pad_token_id: int,
+    eos_ids: set[int] | None = None,
+    truncated: list[bool] | None = None,
+    loss_masks: list[list[float]] | None = None,
+    logps: list[list[float]] | None = None,
+    meta: list[dict[str, Any]] | None = None,
+    device: torch.device | str = "cpu",
+) -> Rollouts:
+    """Rollouts from token lists, one row each (token ids as sampled, never re-tokenized):
+    prompts left-padded, completions right-padded with `pad_token_id`. `loss_masks`: the
+    tokens trained on (default: every completion token); `logps`: the sampler's
+    log-probs (`sampling_logp_NT`); `truncated`: given, or True where a row does not end in
+    one of `eos_ids`; `texts`: what the rewards read."""
+    N = len(prompt_ids)
+    P = max((len(x) for x in prompt_ids), default=0) or 1
+    T = max((len(x) for x in completion_ids), default=0) or 1
+    prompt_NP = torch.full((N, P), pad_token_id, dtype=torch.long)
+    pmask_NP = torch.zeros(N, P)
+    comp_NT = torch.full((N, T), pad_token_id, dtype=torch.long)
+    attn_NT = torch.zeros(N, T)
+    loss_NT = torch.zeros(N, T)
+    logp_NT = torch.zeros(N, T)
+    for n, (p, ids) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        if p:
+            prompt_NP[n, P - len(p) :] = torch.tensor(p)
+            pmask_NP[n, P - len(p) :] = 1.0
+        if ids:
+            k = len(ids)
+            comp_NT[n, :k] = torch.tensor(ids)
+            attn_NT[n, :k] = 1.0
+            lm = loss_masks[n] if loss_masks is not None else [1.0] * k
+            loss_NT[n, :k] = torch.tensor(lm, dtype=torch.float32)
+            if logps is not None:
+                logp_NT[n, :k] = torch.tensor(logps[n], dtype=torch.float32)
+    if truncated is None:
+        ends = eos_ids or set()
+        truncated = [not ids or ids[-1] not in ends for ids in completion_ids]
+    return Rollouts(
+        prompt_ids_NP=prompt_NP.to(device),
+        prompt_mask_NP=pmask_NP.to(device),
+        completion_ids_NT=comp_NT.to(device),
+        attention_mask_NT=attn_NT.to(device),
+        loss_mask_NT=loss_NT.to(device),
+        truncated_N=torch.tensor(truncated, dtype=torch.bool).to(device),
+        completions=list(texts),
+        group_size=group_size,
+        sampling_logp_NT=logp_NT.to(device) if logps is not None else None,
+        meta=meta,
+    )
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """What the learner needs from a sampler.

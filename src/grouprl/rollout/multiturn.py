@@ -25,9 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
-from grouprl.rollout.base import Rollouts, SamplingParams
+from grouprl.rollout.base import Rollouts, SamplingParams, rollouts_from_rows
 
 if TYPE_CHECKING:  # an environment is only called here (envs/ never imports rollout/)
     from grouprl.envs.base import Environment
@@ -172,27 +170,6 @@ def run_trajectories(
 
 
 def _rollouts(trajs: list[_Trajectory], tokenizer: Any, G: int, reports_logp: bool) -> Rollouts:
-    pad = tokenizer.pad_token_id
-    N = len(trajs)
-    P = max(len(t.prompt) for t in trajs)
-    T = max(1, max(len(t.ids) for t in trajs))
-    prompt = torch.full((N, P), pad, dtype=torch.long)
-    pmask = torch.zeros((N, P))
-    comp = torch.full((N, T), pad, dtype=torch.long)
-    attn = torch.zeros((N, T))
-    loss = torch.zeros((N, T))
-    logp = torch.zeros((N, T))
-    for n, t in enumerate(trajs):
-        if t.prompt:
-            prompt[n, P - len(t.prompt) :] = torch.tensor(t.prompt)
-            pmask[n, P - len(t.prompt) :] = 1
-        k = len(t.ids)
-        if k:
-            comp[n, :k] = torch.tensor(t.ids)
-            attn[n, :k] = 1
-            loss[n, :k] = torch.tensor(t.loss, dtype=torch.float32)
-            logp[n, :k] = torch.tensor(t.logp)
-    texts = [tokenizer.decode(t.ids, skip_special_tokens=True) for t in trajs]
     meta = []
     for n, t in enumerate(trajs):
         infos = [x.get("info", {}) for x in t.turns if x["kind"] == "model"]
@@ -208,16 +185,15 @@ def _rollouts(trajs: list[_Trajectory], tokenizer: Any, G: int, reports_logp: bo
                 "group": n // G,
             }
         )
-    return Rollouts(
-        prompt_ids_NP=prompt,
-        prompt_mask_NP=pmask,
-        completion_ids_NT=comp,
-        attention_mask_NT=attn,
-        loss_mask_NT=loss,
-        truncated_N=torch.tensor([t.truncated for t in trajs]),
-        completions=texts,
+    return rollouts_from_rows(
+        [t.prompt for t in trajs],
+        [t.ids for t in trajs],
+        texts=[tokenizer.decode(t.ids, skip_special_tokens=True) for t in trajs],
         group_size=G,
-        sampling_logp_NT=logp if reports_logp else None,
+        pad_token_id=tokenizer.pad_token_id,
+        truncated=[t.truncated for t in trajs],
+        loss_masks=[t.loss for t in trajs],
+        logps=[t.logp for t in trajs] if reports_logp else None,
         meta=meta,
     )
 

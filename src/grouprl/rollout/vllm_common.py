@@ -17,7 +17,13 @@ import torch
 from grouprl.config import ConfigError
 from grouprl.models.lora import is_adapted, merged_state_dict
 from grouprl.models.whole import whole
-from grouprl.rollout.base import ROLLOUT_ENGINES, RolloutEngineError, Rollouts, SamplingParams
+from grouprl.rollout.base import (
+    ROLLOUT_ENGINES,
+    RolloutEngineError,
+    Rollouts,
+    SamplingParams,
+    rollouts_from_rows,
+)
 
 if TYPE_CHECKING:
     from grouprl.config import RolloutConfig
@@ -245,40 +251,21 @@ def build_rollouts(
     rows = [
         (p, ids, lps) for p, group in zip(prompt_ids, samples, strict=True) for ids, lps in group
     ]
-    N = len(rows)
-    P = max(len(p) for p in prompt_ids)
-    T = max(1, max(len(ids) for _, ids, _ in rows))
-    prompt_NP = torch.full((N, P), pad, dtype=torch.long)
-    pmask_NP = torch.zeros(N, P)
-    comp_NT = torch.full((N, T), pad, dtype=torch.long)
-    mask_NT = torch.zeros(N, T)
-    logp_NT = torch.zeros(N, T)
-    truncated_N = torch.zeros(N, dtype=torch.bool)
-    eos_set = set(eos)
-    for n, (p, ids, lps) in enumerate(rows):
+    for n, (_, ids, lps) in enumerate(rows):
         if len(lps) != len(ids):
             raise RolloutEngineError(
                 f"vLLM returned {len(lps)} log-probs for {len(ids)} tokens (row {n})"
             )
-        if p:
-            prompt_NP[n, P - len(p) :] = torch.tensor(p)
-            pmask_NP[n, P - len(p) :] = 1.0
-        if ids:
-            comp_NT[n, : len(ids)] = torch.tensor(ids)
-            mask_NT[n, : len(ids)] = 1.0
-            logp_NT[n, : len(ids)] = torch.tensor(lps, dtype=torch.float32)
-        truncated_N[n] = not ids or ids[-1] not in eos_set
-    texts = tokenizer.batch_decode([ids for _, ids, _ in rows], skip_special_tokens=True)
-    return Rollouts(
-        prompt_ids_NP=prompt_NP.to(device),
-        prompt_mask_NP=pmask_NP.to(device),
-        completion_ids_NT=comp_NT.to(device),
-        attention_mask_NT=mask_NT.to(device),
-        loss_mask_NT=mask_NT.clone().to(device),
-        truncated_N=truncated_N.to(device),
-        completions=texts,
+    completions = [ids for _, ids, _ in rows]
+    return rollouts_from_rows(
+        [p for p, _, _ in rows],
+        completions,
+        texts=tokenizer.batch_decode(completions, skip_special_tokens=True),
         group_size=G,
-        sampling_logp_NT=logp_NT.to(device),
+        pad_token_id=pad,
+        eos_ids=set(eos),
+        logps=[lps for _, _, lps in rows],
+        device=device,
     )
 
 

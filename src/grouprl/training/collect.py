@@ -234,6 +234,8 @@ class StrategyContext:
     score: Callable[[list[PromptExample], Rollouts], ScoredBatch] | None = None
     tokenizer: Any = None
     group_size: int = 0  # rollout.num_generations (a strategy may sample fewer first)
+    # (texts, max new tokens) -> one completion of each, as text (e.g. SAGE's hints)
+    write: Callable[[list[str], int], list[str]] | None = None
 
 
 class Collector:
@@ -274,8 +276,6 @@ class Collector:
         self.render = render  # prompt -> model text, for prompts a strategy writes
         # Rollouts -> {column: N values} given to the rewards (the EMA reference's scores)
         self.row_columns = row_columns
-        if strategy is not None and hasattr(strategy, "write"):
-            strategy.write = self._write
         self._seed: int | None = None
         self._calls = 0
         self._step = 0
@@ -375,6 +375,7 @@ class Collector:
                 score=self._scored,
                 tokenizer=getattr(self.engine, "tokenizer", None),
                 group_size=self.sampling.num_generations,
+                write=self._write,
             )
             batch, metrics = self.strategy(batch, ctx)
             for k, v in metrics.items():  # counts add up over refill rounds; shares and
@@ -478,7 +479,7 @@ class Collector:
         if counts is not None:
             return self._sample_ragged(indices, examples, counts, width or max(counts))
         params = self._params(self.sampling)
-        first = getattr(self.strategy, "samples_per_prompt", None)  # e.g. S-GRPO: one chain
+        first = self.strategy.samples_per_prompt if self.strategy is not None else None
         if first:
             params = replace(params, num_generations=int(first))
         if self.multi_turn is not None:

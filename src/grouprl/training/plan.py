@@ -176,6 +176,12 @@ def _segment_values(s: StepInputs) -> list[Any]:
     return rows
 
 
+def _rescorer(s: StepInputs) -> Callable[[float], Tensor]:
+    """scale -> the sampled tokens' log-probs at scale × the sampling temperature (CPU),
+    one no-grad forward per call: the component pays only for the scales it asks for."""
+    return lambda scale: s._prepass(_ro(s), False, temperature_scale=scale)["old_logp_NT"].cpu()
+
+
 def _item_index_NT(s: StepInputs) -> Tensor:
     from grouprl.algorithms.segments import item_index_from_tokens
 
@@ -212,8 +218,7 @@ PROVIDERS: dict[str, Callable[[StepInputs], Any]] = {
     ),
     "entropy_NT": lambda s: s.prepass().get("entropy_NT"),
     "capo_curvature_NT": lambda s: s._prepass(_ro(s), True, second="curvature")["entropy_NT"],
-    "logp_hot_NT": lambda s: s._prepass(_ro(s), False, temperature_scale=1.2)["old_logp_NT"],
-    "logp_cold_NT": lambda s: s._prepass(_ro(s), False, temperature_scale=0.8)["old_logp_NT"],
+    "rescore_NT": lambda s: _rescorer(s),
     "old_logp_NT": lambda s: s.prepass()["old_logp_NT"],
     "adv_BG": lambda s: s.adv_BG,
     "adv_N": _adv_N,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -27,23 +26,27 @@ import torch
 
 from grouprl.data.datasets import PromptExample
 from grouprl.registry import Registry
-from grouprl.rollout.base import Rollouts
+from grouprl.rollout.base import rollouts_from_rows
 from grouprl.training.collect import ScoredBatch, StrategyContext, concat_rollouts
 
 ROLLOUT_STRATEGIES: Registry = Registry("rollout strategy")
 
 
-def with_hint(prompt: str | list[dict], hint: str, template: str) -> str | list[dict]:
-    """The prompt with `template.format(hint=hint)` appended to its (last) user message."""
-    add = template.format(hint=hint)
+def append_to_prompt(prompt: str | list[dict], text: str) -> str | list[dict]:
+    """The prompt with `text` appended to its (last) user message (a copy)."""
     if isinstance(prompt, str):
-        return prompt + add
+        return prompt + text
     messages = [dict(m) for m in prompt]
     for m in reversed(messages):
         if m.get("role") == "user":
-            m["content"] = f"{m.get('content', '')}{add}"
+            m["content"] = f"{m.get('content', '')}{text}"
             return messages
-    return [*messages, {"role": "user", "content": add}]
+    return [*messages, {"role": "user", "content": text}]
+
+
+def with_hint(prompt: str | list[dict], hint: str, template: str) -> str | list[dict]:
+    """The prompt with `template.format(hint=hint)` appended to its (last) user message."""
+    return append_to_prompt(prompt, template.format(hint=hint))
 
 
 def failed_groups(rewards_BG: torch.Tensor, success_at: float) -> list[int]:
@@ -300,8 +303,6 @@ class SageHints(Strategy):
         self.solution_column, self.retries, self.hint_tokens = solution_column, retries, hint_tokens
         self.tutor_prompt, self.question_template = tutor_prompt, question_template
         self.warmup_steps = warmup_steps
-        # set by the collector: generate raw text with the policy, (texts, max_tokens) -> texts
-        self.write: Callable[[list[str], int], list[str]] | None = None
 
     @staticmethod
     def question(prompt: str | list[dict]) -> str:
@@ -314,7 +315,7 @@ class SageHints(Strategy):
         self, examples: list[PromptExample], ctx: StrategyContext
     ) -> list[list[str] | None]:
         """Three hints per example written by the policy, None where it never gave JSON."""
-        assert self.write is not None, "sage_hints needs the collector's text generator"
+        assert ctx.write is not None, "sage_hints needs the collector's text generator"
         out: list[list[str] | None] = [None] * len(examples)
         for _ in range(self.retries):
             todo = [i for i, h in enumerate(out) if h is None]
@@ -329,7 +330,7 @@ class SageHints(Strategy):
                 )
                 for i in todo
             ]
-            for i, reply in zip(todo, self.write(texts, self.hint_tokens), strict=True):
+            for i, reply in zip(todo, ctx.write(texts, self.hint_tokens), strict=True):
                 out[i] = parse_hint_json(reply)
         return out
 
@@ -555,7 +556,7 @@ class IGRPO(Strategy):
             return batch, metrics
         examples = [batch.examples[g] for g in todo]
         texts = [
-            ctx.render(with_hint(ex.prompt, d, self.refine_template.replace("{draft}", "{hint}")))
+            ctx.render(append_to_prompt(ex.prompt, self.refine_template.format(draft=d)))
             for ex, d in zip(examples, drafts, strict=True)
         ]
         new = ctx.sample(examples, texts, G)
@@ -568,49 +569,6 @@ class IGRPO(Strategy):
         refined = new.rewards_N[torch.isfinite(new.rewards_N)]
         metrics["igrpo/refined_reward_mean"] = float(refined.mean()) if refined.numel() else 0.0
         return batch, metrics
-
-
-def token_rollouts(
-    prompt_ids: list[list[int]],
-    completion_ids: list[list[int]],
-    loss_masks: list[list[float]],
-    texts: list[str],
-    *,
-    group_size: int,
-    pad_token_id: int,
-    eos_ids: set[int],
-) -> Rollouts:
-    """Rollouts from token lists, one row each: prompts left-padded, completions
-    right-padded; `loss_masks` marks the tokens the policy is trained on (0 on context
-    inside a completion); `texts` are what the rewards read; a row not ending in an EOS
-    id is truncated."""
-    N = len(prompt_ids)
-    P = max((len(x) for x in prompt_ids), default=1)
-    T = max((len(x) for x in completion_ids), default=1) or 1
-    p_ids = torch.full((N, P), pad_token_id, dtype=torch.long)
-    p_mask = torch.zeros(N, P)
-    c_ids = torch.full((N, T), pad_token_id, dtype=torch.long)
-    att = torch.zeros(N, T)
-    loss = torch.zeros(N, T)
-    for i, (pr, co, lm) in enumerate(zip(prompt_ids, completion_ids, loss_masks, strict=True)):
-        if pr:
-            p_ids[i, P - len(pr) :] = torch.tensor(pr)
-            p_mask[i, P - len(pr) :] = 1.0
-        if co:
-            c_ids[i, : len(co)] = torch.tensor(co)
-            att[i, : len(co)] = 1.0
-            loss[i, : len(co)] = torch.tensor(lm, dtype=torch.float32)
-    truncated = torch.tensor([not co or co[-1] not in eos_ids for co in completion_ids])
-    return Rollouts(
-        prompt_ids_NP=p_ids,
-        prompt_mask_NP=p_mask,
-        completion_ids_NT=c_ids,
-        attention_mask_NT=att,
-        loss_mask_NT=loss,
-        truncated_N=truncated,
-        completions=list(texts),
-        group_size=group_size,
-    )
 
 
 def _eos_ids(tokenizer: Any) -> set[int]:
@@ -688,11 +646,10 @@ class DatasetReset(Strategy):
             tok.decode(pre, skip_special_tokens=True) + tok.decode(ids, skip_special_tokens=True)
             for pre, (ids, _) in zip(prefixes, outs, strict=True)
         ]
-        ro = token_rollouts(
+        ro = rollouts_from_rows(
             contexts,  # the prefix is context: in the row's prompt
             [ids for ids, _ in outs],
-            [[1.0] * len(ids) for ids, _ in outs],
-            texts,
+            texts=texts,
             group_size=k,
             pad_token_id=ctx.pad_token_id,
             eos_ids=_eos_ids(tok),
@@ -815,11 +772,11 @@ class SerialExit(Strategy):
                 sources.append(("full", g))
         new = ctx.score(
             batch.examples,
-            token_rollouts(
+            rollouts_from_rows(
                 prompts,
                 comps,
-                masks,
-                texts,
+                texts=texts,
+                loss_masks=masks,
                 group_size=G,
                 pad_token_id=ctx.pad_token_id,
                 eos_ids=_eos_ids(tok),
@@ -938,15 +895,10 @@ class SegmentMC(Strategy):
             examples = [batch.examples[owners[k] // G] for k in range(K)]
             mc = ctx.score(
                 examples,
-                token_rollouts(
+                rollouts_from_rows(
                     [contexts[k] for k in range(K) for _ in range(self.mc)],
                     [outs[k * self.mc + j][0] for k in range(K) for j in range(self.mc)],
-                    [
-                        [1.0] * len(outs[k * self.mc + j][0])
-                        for k in range(K)
-                        for j in range(self.mc)
-                    ],
-                    texts,
+                    texts=texts,
                     group_size=self.mc,
                     pad_token_id=ctx.pad_token_id,
                     eos_ids=_eos_ids(tok),
