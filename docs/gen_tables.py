@@ -96,7 +96,7 @@ REGISTRY_TABLES = [
     RegistryTable("token_masks", "grouprl.algorithms.selection:TOKEN_MASKS", inputs=True),
     RegistryTable("sample_filters", "grouprl.algorithms.selection:SAMPLE_FILTERS", inputs=True),
     RegistryTable("samplers", "grouprl.data.samplers:SAMPLERS"),
-    RegistryTable("rollout_strategies", "grouprl.training.rollout_strategies:ROLLOUT_STRATEGIES"),
+    RegistryTable("rollout_strategies", "grouprl.training.strategies.base:ROLLOUT_STRATEGIES"),
     RegistryTable("sft_transforms", "grouprl.training.sft_transforms:SFT_TRANSFORMS"),
     RegistryTable("rewards", "grouprl.rewards.base:REWARDS"),
     RegistryTable("reward_models", "grouprl.rewards.models:REWARD_MODELS"),

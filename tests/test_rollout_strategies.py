@@ -1,4 +1,4 @@
-"""Rollout strategies (training/rollout_strategies.py, `rollout.strategy`): hinted re-sampling
+"""Rollout strategies (training/strategies/, `rollout.strategy`): hinted re-sampling
 of the groups no rollout solved (Scaf-GRPO, SAGE). The strategy logic runs in the real
 collector on an `AnswerEngine`, a deterministic stand-in for the *policy* (it answers what
 the hint in its prompt says), so which rows get replaced is known by hand; the trainer runs
@@ -23,13 +23,9 @@ from grouprl.models.tiny import build_char_tokenizer, build_tiny_model
 from grouprl.rewards import RewardSet
 from grouprl.rollout.base import Rollouts, SamplingParams
 from grouprl.training.collect import Collector
-from grouprl.training.rollout_strategies import (
-    ScafHints,
-    build_strategy,
-    failed_groups,
-    parse_hint_json,
-    with_hint,
-)
+from grouprl.training.strategies import build_strategy
+from grouprl.training.strategies.base import failed_groups, with_hint
+from grouprl.training.strategies.hints import ScafHints, parse_hint_json
 from grouprl.training.trainer import Trainer
 
 TOK = build_char_tokenizer(string.ascii_letters + string.digits + string.punctuation + " \n")
@@ -258,7 +254,7 @@ def test_icl_seed_grows_a_corpus_and_reseeds_failed_groups_with_similar_solved_o
     Step 2: "5+7=" fails again and is sampled with the solved "1+1=" as an exemplar; the
     engine answers the exemplar's answer ("Hint: 12" is in the exemplar's text), so the
     whole group is replaced with seeded rollouts."""
-    from grouprl.training.rollout_strategies import ICLSeed
+    from grouprl.training.strategies.hints import ICLSeed
 
     rows = [
         {"prompt": "1+1=", "answer": "x"},
@@ -282,7 +278,7 @@ def test_icl_seed_grows_a_corpus_and_reseeds_failed_groups_with_similar_solved_o
 
 
 def test_icl_seed_leaves_a_group_alone_without_a_similar_entry():
-    from grouprl.training.rollout_strategies import ICLSeed
+    from grouprl.training.strategies.hints import ICLSeed
 
     rows = [{"prompt": "5+7=", "answer": "12"}]
     col = collector(rows, ICLSeed(), AnswerEngine(), G=2)
@@ -375,7 +371,7 @@ def test_dataset_reset_needs_a_continuing_engine():
 
 # ------------------------------------------------------------------ S-GRPO serial exits
 def test_decay_exit_rewards_by_hand():
-    from grouprl.training.rollout_strategies import decay_exit_rewards
+    from grouprl.training.strategies.continuation import decay_exit_rewards
 
     # correct at positions 2, 3 and 5 (early -> late): 1, 1/2, 1/4; wrong ones 0
     assert decay_exit_rewards([False, True, True, False, True]) == [0.0, 1.0, 0.5, 0.0, 0.25]
@@ -394,7 +390,7 @@ def test_serial_exit_builds_a_serial_group_from_one_chain(tmp_path, tiny_model_d
     batch, _ = seen[-1]
     G, ro = batch.rollouts.group_size, batch.rollouts
     eq = tr.tokenizer.convert_tokens_to_ids("=")
-    from grouprl.training.rollout_strategies import decay_exit_rewards
+    from grouprl.training.strategies.continuation import decay_exit_rewards
 
     for g in range(batch.num_groups):
         rows = list(range(g * G, (g + 1) * G))

@@ -185,7 +185,7 @@ class RolloutConfig:
     max_total_tokens: int = 0
     # what happens between sampling and planning: {name: plain | scaf_hints | sage_hints |
     # icl_seed | igrpo | dataset_reset | serial_exit | segment_mc, params...}
-    # (training/rollout_strategies.py: e.g. hinted re-sampling of failed groups)
+    # (training/strategies/: e.g. hinted re-sampling of failed groups)
     strategy: dict[str, Any] = field(default_factory=lambda: {"name": "plain"})
 
 

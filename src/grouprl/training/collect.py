@@ -219,7 +219,7 @@ def collect_inputs(batch: ScoredBatch, weights_K: Tensor) -> dict[str, Any]:
 
 @dataclass
 class StrategyContext:
-    """What a rollout strategy (training/rollout_strategies.py) may use: the step, more
+    """What a rollout strategy (training/strategies/) may use: the step, more
     sampling, prompt rendering."""
 
     step: int
@@ -271,7 +271,7 @@ class Collector:
         self.device = device  # where a gathered batch's rollouts go (the policy's device)
         self.missing_rewards = missing_rewards  # combine_rewards' rule (train.missing_rewards)
         self.multi_turn = multi_turn  # data.environment: rollout/multiturn.py's MultiTurn
-        # rollout.strategy (training/rollout_strategies.py): None = sample once
+        # rollout.strategy (training/strategies/): None = sample once
         self.strategy = strategy
         self.render = render  # prompt -> model text, for prompts a strategy writes
         # Rollouts -> {column: N values} given to the rewards (the EMA reference's scores)

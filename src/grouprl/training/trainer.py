@@ -280,7 +280,7 @@ class Trainer:
 
     def _build_strategy(self) -> Any:
         """rollout.strategy (None for plain sampling); a bad parameter is a ConfigError."""
-        from grouprl.training.rollout_strategies import build_strategy
+        from grouprl.training.strategies import build_strategy
 
         spec = self.cfg.rollout.strategy
         if spec.get("name", "plain") == "plain":
