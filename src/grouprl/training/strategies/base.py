@@ -19,7 +19,6 @@ prompt's plain pass rate, not the hinted one.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import torch
 
