@@ -5,6 +5,8 @@ is one family."""
 from typing import Any
 
 from grouprl.training.strategies import (
+    anchors,  # noqa: F401  (offpolicy_anchors)
+    augment,  # noqa: F401  (difficulty_aug)
     continuation,  # noqa: F401  (dataset_reset, serial_exit, segment_mc)
     hints,  # noqa: F401  (scaf_hints, sage_hints, icl_seed, igrpo)
 )

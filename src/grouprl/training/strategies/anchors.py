@@ -1,0 +1,1 @@
+"""`offpolicy_anchors`: DaGRPO's expert anchors in hard groups (being built)."""
