@@ -83,3 +83,51 @@ def record_collections(trainer) -> list:
 
     trainer.collector.collect = recording
     return seen
+
+
+def text_rollouts(tok, prompts: list[str], texts: list[str], group_size: int, logp=None):
+    """Rollouts of given completion texts (len(prompts)·group_size of them, prompt-major),
+    each ended by EOS, for a stand-in engine; `logp`: a constant sampler log-prob per token."""
+    from grouprl.rollout.base import Rollouts
+
+    enc = tok([p for p in prompts for _ in range(group_size)], padding=True, return_tensors="pt")
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    T = max(len(x) for x in ids)
+    comp = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(ids), T)
+    for i, x in enumerate(ids):
+        comp[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1.0
+    return Rollouts(
+        prompt_ids_NP=enc["input_ids"],
+        prompt_mask_NP=enc["attention_mask"].float(),
+        completion_ids_NT=comp,
+        attention_mask_NT=mask,
+        loss_mask_NT=mask.clone(),
+        truncated_N=torch.zeros(len(ids), dtype=torch.bool),
+        completions=list(texts),
+        group_size=group_size,
+        sampling_logp_NT=None if logp is None else mask * logp,
+    )
+
+
+def strategy_collector(tok, rows, strategy, engine, G=3, sampler=None):
+    """A real Collector over `rows` with a stand-in `engine`, exact_match rewards and a
+    rollout strategy (the strategies' tests)."""
+    from grouprl.data.datasets import load_prompts, prompt_renderer
+    from grouprl.data.samplers import build_sampler
+    from grouprl.rewards import RewardSet
+    from grouprl.rollout.base import SamplingParams
+    from grouprl.training.collect import Collector
+
+    data = load_prompts(rows, tokenizer=tok)
+    return Collector(
+        engine=engine,
+        rewards=RewardSet(["exact_match"]),
+        dataset=data,
+        sampler=build_sampler(sampler, len(data), seed=0, shuffle=False),
+        sampling=SamplingParams(num_generations=G, max_new_tokens=8),
+        pad_token_id=tok.pad_token_id,
+        strategy=strategy,
+        render=prompt_renderer(tok),
+    )

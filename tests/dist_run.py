@@ -8,10 +8,12 @@ DIST_RUN_FAIL_RANK (that rank's sampling raises), DIST_RUN_KILL_RANK (that rank 
 killed with SIGKILL while sampling), DIST_RUN_ASYNC (train.async, and no checkpoint before
 the end, so every step but the first is collected ahead), DIST_RUN_SERVER (engine vllm in server
 mode at that URL), DIST_RUN_LORA (model.lora.r: LoRA adapters, and a KL term), DIST_RUN_REWARD_FAIL_RANK (the
-reward raises on that rank; failure window of 1 call)."""
+reward raises on that rank; failure window of 1 call), DIST_RUN_ROLLOUT_STRATEGY (a JSON
+rollout.strategy; rows get `hints` and `solution` columns)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import replace
@@ -111,6 +113,9 @@ if __name__ == "__main__":
     if os.environ.get("DIST_RUN_SERVER"):
         cfg["rollout"]["engine"] = "vllm"
         cfg["rollout"]["vllm"] = {"mode": "server", "server_url": os.environ["DIST_RUN_SERVER"]}
+    if os.environ.get("DIST_RUN_ROLLOUT_STRATEGY"):
+        cfg["rollout"]["strategy"] = json.loads(os.environ["DIST_RUN_ROLLOUT_STRATEGY"])
+        rows = [{**r, "hints": r["prompt"][:2], "solution": r["answer"]} for r in rows]
     with Trainer(cfg, train_dataset=rows, reward_funcs=[has_seven]) as tr:
         res = tr.train()
         params = tr.learner.model_state()  # whole tensors (collective under fsdp2)

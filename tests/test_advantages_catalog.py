@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 
 import pytest
@@ -37,6 +38,8 @@ INPUTS = {
     "answers_BG",
     "baseline_B",
     "prompt_keys_B",
+    "row_tokens_N",
+    "token_scorer",
 }
 
 
@@ -398,6 +401,7 @@ def test_single_stream_hand_computed_and_round_trip() -> None:
     assert default.state_dict() == {
         "alpha": {"a": pytest.approx(1.45)},
         "beta": {"a": pytest.approx(0.45)},
+        "stored": {},
     }
     est = SingleStream(eps=0.0, prior_alpha=1.0, prior_beta=1.0)
     # call 1: unseen prompts start at Beta(1, 1): v̂ = .5 -> raw A = [.5, −.5];
@@ -408,6 +412,7 @@ def test_single_stream_hand_computed_and_round_trip() -> None:
     assert state == {
         "alpha": pytest.approx({"a": 1.9, "b": 0.9}),
         "beta": pytest.approx({"a": 0.9, "b": 1.9}),
+        "stored": {},
     }
     resumed = SingleStream(eps=0.0, prior_alpha=1.0, prior_beta=1.0)
     resumed.load_state_dict(copy.deepcopy(state))
@@ -445,6 +450,58 @@ def test_single_stream_all_equal_and_validation() -> None:
         SingleStream()(T([[1.0]]), ["a", "b"])
     with pytest.raises(ValueError, match="rho"):
         SingleStream(rho=0.0)
+
+
+def test_single_stream_drift_rho_and_offline_prior_by_hand() -> None:
+    from grouprl.algorithms.advantages import drift_rho, logprob_drift, offline_prior
+
+    # D = (|−1 − (−1.06)|·1 + |−2 − (−2)|·1 + 9·0) / 2 = 0.03 -> ρ = 2^(−0.5) = 0.7071068
+    d = logprob_drift([-1.0, -2.0, -5.0], [-1.06, -2.0, -1.0], [1.0, 1.0, 0.0])
+    assert d == pytest.approx(0.03)
+    assert drift_rho(d, 0.06, 0.5, 0.96) == pytest.approx(2**-0.5)
+    assert drift_rho(0.0, 0.06, 0.5, 0.96) == 0.96  # first visit: no drift -> the cap
+    assert drift_rho(1.0, 0.06, 0.5, 0.96) == 0.5  # large drift -> the floor
+    # N_init = 1/(1 − .75) = 4; s = 3 of n = 4: α₀ = 4·3.5/5 = 2.8, β₀ = 4·1.5/5 = 1.2
+    assert offline_prior(3.0, 4, 0.75) == pytest.approx((2.8, 1.2))
+
+
+def test_single_stream_logprob_drift_forgets_by_the_stored_completion() -> None:
+    """Visit 1 stores prompt a's first completion with its log-probs; visit 2 re-scores it
+    (the scorer now returns them shifted by 0.06: D = 0.06, ρ = 0.5) and updates with that ρ."""
+    calls = []
+    shift = {"now": 0.0}
+
+    def scorer(rows):
+        calls.append([list(c) for _, c in rows])
+        return [[-1.0 - shift["now"]] * len(c) for _, c in rows]
+
+    est = SingleStream(normalize=False, rho_mode="logprob_drift", rho_min=0.2)
+    tokens = [([7, 8], [1, 2], [1.0, 1.0])]
+    est(T([[1.0]]), ["a"], row_tokens_N=tokens, token_scorer=scorer)
+    # first visit: ρ = rho_max .96: α = .96·.5 + 1 = 1.48, β = .96·.5 = .48
+    assert est.alpha["a"] == pytest.approx(1.48) and est.beta["a"] == pytest.approx(0.48)
+    assert est.stored["a"] == [[7, 8], [1, 2], [1.0, 1.0], [-1.0, -1.0]]
+    shift["now"] = 0.06
+    new_tokens = [([7, 8], [3], [1.0])]
+    est(T([[0.0]]), ["a"], row_tokens_N=new_tokens, token_scorer=scorer)
+    assert calls[-1] == [[1, 2], [3]]  # the stored completion and the new one, one call
+    # D = 0.06 -> ρ = 0.5: α = .5·1.48 + 0 = .74, β = .5·.48 + 1 = 1.24
+    assert est.alpha["a"] == pytest.approx(0.74) and est.beta["a"] == pytest.approx(1.24)
+    assert est.stored["a"][1] == [3] and est.stored["a"][3] == pytest.approx([-1.06])
+    again = SingleStream(normalize=False, rho_mode="logprob_drift", rho_min=0.2)
+    again.load_state_dict(json.loads(json.dumps(est.state_dict())))
+    assert again.state_dict() == est.state_dict()
+    with pytest.raises(ValueError, match="rho_mode"):
+        SingleStream(rho_mode="kl")
+    with pytest.raises(ValueError, match="offline_init"):
+        SingleStream(offline_init=-1)
+
+
+def test_single_stream_offline_start_sets_the_prior() -> None:
+    est = SingleStream(normalize=False, rho_min=0.75)
+    est.init_offline(["a", "b"], [3.0, 0.0], 4)
+    assert est.value("a") == pytest.approx(2.8 / 4.0)  # α₀ = 2.8, β₀ = 1.2
+    assert est.value("b") == pytest.approx(0.4 / 4.0)  # α₀ = 4·.5/5 = .4, β₀ = 4·4.5/5 = 3.6
 
 
 # -------------------------------------------------------------------------------- seed
@@ -617,7 +674,7 @@ def test_infinite_rewards_are_unscorable_like_nan(inf: float) -> None:
     # single-stream: no advantage and no tracker update for it
     est = SingleStream(normalize=False)
     close(est(T([[inf]]), ["p"]), [[0.0]])
-    assert est.state_dict() == {"alpha": {}, "beta": {}}
+    assert est.state_dict() == {"alpha": {}, "beta": {}, "stored": {}}
 
 
 # ------------------------------------------------------------------------ dgpo

@@ -146,3 +146,44 @@ def test_the_learner_weights_the_policy_term_and_logs_the_mismatch(tmp_path, tin
     for n, p in tr.model.named_parameters():
         torch.testing.assert_close(weighted[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
     assert any(not torch.allclose(weighted[n], plain[n]) for n in plain)
+
+
+def test_rows_without_sampler_log_probs_weigh_one_and_leave_the_stats(tmp_path, tiny_model_dir):
+    """A strategy's inserted rows (an expert anchor) have NaN sampler log-probs: under a
+    correction they train with weight 1 and the mismatch metrics cover the other rows."""
+    from grouprl.models.forward import completion_logprobs
+
+    cfg = base_config(tmp_path / "run", tiny_model_dir, max_steps=1, max_grad_norm=1e9)
+    tr = Trainer(cfg, train_dataset=arith_rows())
+    opt = torch.optim.SGD(tr.model.parameters(), lr=0.0)
+    tr.learner.optimizer = opt
+    tr.learner.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ro = _rollouts(tr.tokenizer)
+    with torch.no_grad():
+        logp, _ = completion_logprobs(
+            tr.model,
+            ro.prompt_ids_NP,
+            ro.prompt_mask_NP,
+            ro.completion_ids_NT,
+            ro.attention_mask_NT,
+        )
+    sampled = (logp + torch.tensor([[0.3, -0.4, 0.1, 0.2]])) * ro.attention_mask_NT
+    sampled[2] = float("nan")
+    ro.sampling_logp_NT = sampled
+    m = ro.loss_mask_NT
+    tr.components.mismatch = BoundComponent.build(MISMATCH_CORRECTIONS, "tis", {"cap": 1.2})
+    tr.model.zero_grad(set_to_none=True)
+    adv = torch.tensor([1.0, -0.5, 0.8])
+    stats = tr.learner.update(make_train_batch(ro, adv, max_new_tokens=4), step=0)
+    got = {n: p.grad.clone() for n, p in tr.model.named_parameters()}
+    w = MISMATCH_CORRECTIONS.get("tis")(logp[:2], sampled[:2], m[:2], cap=1.2)
+    w = torch.cat([w, torch.ones(1, 4)])
+    kl = mismatch_stats(logp[:2], sampled[:2], m[:2])["mismatch/kl"]
+    assert stats["mismatch/kl"] == pytest.approx(float(kl.sum() / m[:2].sum()), rel=1e-5)
+    tr.model.zero_grad(set_to_none=True)
+    lp, _ = completion_logprobs(
+        tr.model, ro.prompt_ids_NP, ro.prompt_mask_NP, ro.completion_ids_NT, ro.attention_mask_NT
+    )
+    (-(adv[:, None] * w * m * lp).sum() / m.sum()).backward()
+    for n, p in tr.model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)

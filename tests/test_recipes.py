@@ -62,6 +62,13 @@ ISSUE_RECIPES = [
     "cures_alloc",
     "segment",
     "capo",
+    "guide_hints",
+    "icpo",
+    "expo",
+    "aepo",
+    "difficulty_aug",
+    "offpolicy_anchors",
+    "brpo",
 ]
 
 

@@ -79,7 +79,8 @@ def rm_dir(tmp_path_factory, one_thread):
         tok, num_labels=1, hidden_size=64, num_layers=2, num_heads=2, seed=0
     )
     t0 = time.perf_counter()
-    loss = train_bradley_terry(model, tok, _pairs(), steps=500, batch_size=32, lr=3e-3, seed=0)
+    # lr 3e-3 sat at the edge of divergence (91% on transformers 5.24); 1e-3 reaches 100%
+    loss = train_bradley_terry(model, tok, _pairs(), steps=800, batch_size=32, lr=1e-3, seed=0)
     assert time.perf_counter() - t0 < 20 and loss < 0.3
     return save_model(model, tok, tmp_path_factory.mktemp("rm") / "model")
 

@@ -13,16 +13,13 @@ import string
 
 import pytest
 import torch
-from conftest import arith_rows, base_config, record_collections
+from conftest import arith_rows, base_config, record_collections, strategy_collector, text_rollouts
 
 from grouprl.config import ConfigError, load_config
-from grouprl.data.datasets import PromptExample, load_prompts, prompt_renderer
-from grouprl.data.samplers import build_sampler
+from grouprl.data.datasets import PromptExample
 from grouprl.models.forward import completion_logprobs
 from grouprl.models.tiny import build_char_tokenizer, build_tiny_model
-from grouprl.rewards import RewardSet
 from grouprl.rollout.base import Rollouts, SamplingParams
-from grouprl.training.collect import Collector
 from grouprl.training.strategies import build_strategy
 from grouprl.training.strategies.base import failed_groups, with_hint
 from grouprl.training.strategies.hints import ScafHints, parse_hint_json
@@ -51,38 +48,11 @@ class AnswerEngine:
         self.calls.append(list(prompts))
         G = params.num_generations
         texts = [self.answer(p) for p in prompts for _ in range(G)]
-        enc_p = TOK([p for p in prompts for _ in range(G)], padding=True, return_tensors="pt")
-        ids = [TOK(t, add_special_tokens=False)["input_ids"] + [TOK.eos_token_id] for t in texts]
-        T = max(len(x) for x in ids)
-        comp = torch.full((len(ids), T), TOK.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(ids), T)
-        for i, x in enumerate(ids):
-            comp[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1.0
-        return Rollouts(
-            prompt_ids_NP=enc_p["input_ids"],
-            prompt_mask_NP=enc_p["attention_mask"].float(),
-            completion_ids_NT=comp,
-            attention_mask_NT=mask,
-            loss_mask_NT=mask.clone(),
-            truncated_N=torch.zeros(len(ids), dtype=torch.bool),
-            completions=texts,
-            group_size=G,
-        )
+        return text_rollouts(TOK, prompts, texts, G)
 
 
 def collector(rows, strategy, engine, G=3, sampler=None):
-    data = load_prompts(rows, tokenizer=TOK)
-    return Collector(
-        engine=engine,  # type: ignore[arg-type]
-        rewards=RewardSet(["exact_match"]),
-        dataset=data,
-        sampler=build_sampler(sampler, len(data), seed=0, shuffle=False),
-        sampling=SamplingParams(num_generations=G, max_new_tokens=8),
-        pad_token_id=TOK.pad_token_id,
-        strategy=strategy,
-        render=prompt_renderer(TOK),
-    )
+    return strategy_collector(TOK, rows, strategy, engine, G, sampler)
 
 
 # ------------------------------------------------------------------ pure pieces

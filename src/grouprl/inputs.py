@@ -141,6 +141,26 @@ declare(
     probe=lambda: ["probe-a", "probe-b"],
 )
 declare(
+    "row_tokens_N",
+    "list[N] of (prompt ids, completion ids, loss mask)",
+    "each row's prompt token ids (no padding), its completion token ids (real tokens) and "
+    "their loss mask, as lists",
+    stage="collect",
+    reduce="rows",
+    consumers=(_ADV,),
+    probe=lambda: [([1, 2], [3, 4], [1.0, 1.0])] * 4,
+)
+declare(
+    "token_scorer",
+    "rows -> list of float lists",
+    "a function: [(prompt ids, completion ids), ...] -> the sampling policy's log-prob of "
+    "each completion token (no grad; each call an extra no-grad forward over those rows)",
+    stage="prepass",
+    reduce="replicated",
+    consumers=(_ADV,),
+    probe=lambda: lambda rows: [[-1.0] * len(c) for _, c in rows],
+)
+declare(
     "baseline_B",
     "[B] float",
     "combined reward of one greedy completion per prompt (ReMax), sampled by the collector",
@@ -167,6 +187,22 @@ declare(
     reduce="groups",
     consumers=(_ADV,),
     probe=lambda: torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, float("nan")]]]),
+)
+declare(
+    "budget_rows_N",
+    "list[N] of dict",
+    "each row's place in an anytime_budget group (the `budget` column): a thinking row's "
+    "cuts and budget prior, or a summary row's (chain, budget)",
+    stage="collect",
+    reduce="rows",
+    consumers=(_ADV,),
+    probe=lambda: (
+        [
+            {"role": "think", "g": 0, "cuts": [2], "p": [1.0]},
+            {"role": "summary", "g": 0, "s": 0},
+        ]
+        * 2
+    ),
 )
 declare(
     "segment_values_N",

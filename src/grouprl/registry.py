@@ -48,6 +48,13 @@ class Capabilities:
                          the completion it belongs to; Rank-GRPO's per-item ratio).
     needs_ema_reference: a reward that reads the EMA reference's `care_consistency` column
                          (`train.ema_reference` must be set; GRPO-CARE).
+    trains_sft_rows:     a regularizer that trains a rollout strategy's demonstration rows
+                         (`Rollouts.sft_N`, e.g. ExPO's self-explanations); a strategy that
+                         makes such rows is refused without one.
+    offline_probe:       an estimator that can start its per-prompt state from K samples of
+                         the initial policy per training prompt (`offline_samples` K > 0,
+                         `init_offline(keys, successes, K)`): the trainer's probe pass
+                         before the first step (SPO's offline values).
     """
 
     needs_ref: bool = False
@@ -61,6 +68,8 @@ class Capabilities:
     token_level: bool = False
     needs_items: bool = False
     needs_ema_reference: bool = False
+    trains_sft_rows: bool = False
+    offline_probe: bool = False
 
 
 CAPABILITY_NAMES = tuple(f.name for f in fields(Capabilities))

@@ -4,7 +4,12 @@ token masks, sample filters and sampler/trainer mismatch corrections.
 Each kind of component lives in a registry and is looked up by its config name.
 """
 
-from grouprl.algorithms import entropy_band, pairwise, segments  # noqa: F401  (they register themselves)
+from grouprl.algorithms import (  # noqa: F401  (they register themselves)
+    budgets,
+    entropy_band,
+    pairwise,
+    segments,
+)
 from grouprl.algorithms.advantages import ADVANTAGE_MODIFIERS, ADVANTAGES
 from grouprl.algorithms.aggregation import AGGREGATIONS
 from grouprl.algorithms.losses import LOSSES

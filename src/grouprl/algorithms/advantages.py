@@ -671,29 +671,60 @@ class RiskPO:
         self.q_high = None if q_high is None else float(q_high)
 
 
-@ADVANTAGES.register("single_stream", max_group_size=1)
+RHO_MODES = ("constant", "logprob_drift")
+
+
+def drift_rho(drift: float, d_half: float, rho_min: float, rho_max: float) -> float:
+    """SPO's adaptive forgetting factor: ρ = 2^(−D / D_half), clipped to [rho_min, rho_max]."""
+    return min(max(2.0 ** (-drift / d_half), rho_min), rho_max)
+
+
+def logprob_drift(stored_T: list[float], now_T: list[float], mask_T: list[float]) -> float:
+    """D = masked mean_t |log π_stored(y_t) − log π_now(y_t)| (0 with no masked token)."""
+    num = sum(abs(a - b) * m for a, b, m in zip(stored_T, now_T, mask_T, strict=True))
+    den = sum(mask_T)
+    return num / den if den > 0 else 0.0
+
+
+def offline_prior(successes: float, n: float, rho_min: float) -> tuple[float, float]:
+    """SPO's tracker start from n offline samples with `successes` among them:
+    N_init = 1/(1 − rho_min); α₀ = N_init·(s + 0.5)/(n + 1), β₀ = N_init·(n − s + 0.5)/(n + 1)."""
+    n_init = 1.0 / (1.0 - rho_min)
+    return n_init * (successes + 0.5) / (n + 1.0), n_init * (n - successes + 0.5) / (n + 1.0)
+
+
+@ADVANTAGES.register("single_stream", max_group_size=1, offline_probe=True)
 class SingleStream:
     """Per-prompt value tracker baseline of Single-stream Policy Optimization.
 
-    "Single-stream Policy Optimization" (arXiv 2509.13232). The tracker, its update order
-    and the batch normalization match the authors' code (verl `recipe/spo`, catalog2.md
-    §6.5):
+    "Single-stream Policy Optimization" (arXiv 2509.13232). The tracker, its update order,
+    the batch normalization, the adaptive forgetting factor and the offline start match the
+    authors' code (verl `recipe/spo`: `fit`, `_get_spo_rho`; catalog2.md §6.5):
 
         v̂(x) = α_x / (α_x + β_x)                 (before this batch's update)
         A = R − v̂(x),  then  A ← (A − mean_batch A) / (std_batch A + eps) if normalize
-        α_x ← ρ·α_x + R,  β_x ← ρ·β_x + (1 − R)  (after computing A)
+        α_x ← ρ_x·α_x + R,  β_x ← ρ_x·β_x + (1 − R)  (after computing A)
 
-    with a fixed forgetting factor ρ (the authors' code can adapt it from the drift of a
-    prompt's stored log-probs; not implemented) and unseen prompts starting from
-    Beta(prior_alpha, prior_beta) = Beta(0.5, 0.5), the authors' value with no offline
-    rollouts (they can initialize from the base model's). Changed: the first build's prior
-    was Beta(1, 1). The paper samples one completion per prompt
-    (G = 1); with G > 1 every completion uses the prompt's pre-batch v̂ and the tracker
-    takes one step with the row's summed R and Σ(1 − R). A prompt key repeated within a
-    batch is updated row by row. Rewards must lie in [0, 1] (success probabilities). NaN
-    rewards get A = 0, are left out of the batch statistics and do not update the tracker.
-    G = 1 has no groups, so the all-equal-group rule does not apply; an all-equal batch of
-    raw advantages normalizes to 0.
+    ρ_x: `rho` (rho_mode "constant"), or with rho_mode "logprob_drift"
+        D_x = masked mean_t |log π_stored(y′_t) − log π_now(y′_t)|
+        ρ_x = 2^(−D_x / d_half) clipped to [rho_min, rho_max]      (d_half 0.06, max 0.96)
+    where y′ is the completion of x's last visit and π_stored its log-probs then (first
+    visit: D = 0, so ρ = rho_max). The drift costs one no-grad forward over the batch's
+    prompts' stored and new completions per step, and the stored completions ride in the
+    checkpoint (prompts seen × completion length numbers). rho_min is the code's run-script
+    `clip_lower` (not read; 0.5 here).
+
+    Unseen prompts start from Beta(prior_alpha, prior_beta) = Beta(0.5, 0.5) (the code's
+    value with no offline samples), or, with `offline_init: K`, from K samples of the
+    initial policy per training prompt drawn before the first step (the trainer's probe
+    pass; not on resume): α₀ = N_init·(s + 0.5)/(K + 1), β₀ = N_init·(K − s + 0.5)/(K + 1),
+    N_init = 1/(1 − rho_min), s = successes (reward > 0, binarized as the code). The paper
+    samples one completion per prompt (G = 1); with G > 1 every completion uses the
+    prompt's pre-batch v̂, the tracker takes one step with the row's summed R and
+    Σ(1 − R), and the drift uses the group's first scored row. A prompt key repeated
+    within a batch is updated row by row. Rewards must lie in [0, 1]. NaN rewards get
+    A = 0, are left out of the batch statistics and do not update the tracker. An
+    all-equal batch of raw advantages normalizes to 0.
     """
 
     def __init__(
@@ -704,19 +735,43 @@ class SingleStream:
         prior_beta: float = 0.5,
         normalize: bool = True,
         eps: float = 1e-6,
+        rho_mode: str = "constant",
+        d_half: float = 0.06,
+        rho_min: float = 0.5,
+        rho_max: float = 0.96,
+        offline_init: int = 0,
     ) -> None:
         if not 0.0 < rho <= 1.0:
             raise ValueError(f"single_stream: rho must be in (0, 1], got {rho}")
         _check_positive(prior_alpha, "prior_alpha", "single_stream")
         _check_positive(prior_beta, "prior_beta", "single_stream")
         _check_positive(eps, "eps", "single_stream", allow_zero=True)
+        if rho_mode not in RHO_MODES:
+            raise ValueError(
+                f"single_stream: rho_mode must be one of {RHO_MODES}, got {rho_mode!r}"
+            )
+        _check_positive(d_half, "d_half", "single_stream")
+        if not 0.0 < rho_min <= rho_max <= 1.0 or rho_min >= 1.0:
+            raise ValueError(
+                f"single_stream: need 0 < rho_min <= rho_max <= 1 and rho_min < 1, got "
+                f"{rho_min}, {rho_max}"
+            )
+        if isinstance(offline_init, bool) or not isinstance(offline_init, int) or offline_init < 0:
+            raise ValueError(
+                f"single_stream: offline_init must be an integer >= 0, got {offline_init!r}"
+            )
         self.rho = float(rho)
         self.prior_alpha = float(prior_alpha)
         self.prior_beta = float(prior_beta)
         self.normalize = bool(normalize)
         self.eps = float(eps)
+        self.rho_mode, self.d_half = rho_mode, float(d_half)
+        self.rho_min, self.rho_max = float(rho_min), float(rho_max)
+        self.offline_samples = offline_init  # read by the trainer's probe pass
         self.alpha: dict[str, float] = {}
         self.beta: dict[str, float] = {}
+        # prompt key -> (prompt ids, completion ids, loss mask, log-probs at that visit)
+        self.stored: dict[str, list[list[Any]]] = {}
 
     def value(self, key: str) -> float:
         """Current v̂ of a prompt (the prior mean for an unseen one)."""
@@ -724,9 +779,48 @@ class SingleStream:
         b = self.beta.get(key, self.prior_beta)
         return a / (a + b)
 
-    def __call__(self, rewards_BG: Tensor, prompt_keys_B: list[str]) -> Tensor:
+    def init_offline(self, keys: list[str], successes: list[float], n: int) -> None:
+        """Start the trackers of `keys` from n offline samples each (`successes` of them)."""
+        for key, s_k in zip(keys, successes, strict=True):
+            self.alpha[str(key)], self.beta[str(key)] = offline_prior(float(s_k), n, self.rho_min)
+
+    def _rhos(
+        self,
+        keys: list[str],
+        firsts: list[int | None],
+        row_tokens_N: list[Any] | None,
+        token_scorer: Callable[[list[tuple[list[int], list[int]]]], list[list[float]]] | None,
+    ) -> list[float]:
+        """ρ of each group, and (drift mode) the group's first row stored for its next visit."""
+        if self.rho_mode == "constant":
+            return [self.rho] * len(keys)
+        if row_tokens_N is None or token_scorer is None:
+            raise ValueError(
+                "single_stream: rho_mode logprob_drift needs row_tokens_N and token_scorer"
+            )
+        old = [k for k in keys if k in self.stored]
+        new = [(k, n) for k, n in zip(keys, firsts, strict=True) if n is not None]
+        pairs = [(self.stored[k][0], self.stored[k][1]) for k in old]
+        pairs += [(row_tokens_N[n][0], row_tokens_N[n][1]) for _, n in new]
+        scored = token_scorer(pairs)
+        drift = {
+            k: logprob_drift(self.stored[k][3], now, self.stored[k][2])
+            for k, now in zip(old, scored[: len(old)], strict=True)
+        }
+        for (k, n), logp in zip(new, scored[len(old) :], strict=True):
+            p_ids, c_ids, mask = row_tokens_N[n]
+            self.stored[k] = [list(p_ids), list(c_ids), list(mask), list(logp)]
+        return [drift_rho(drift.get(k, 0.0), self.d_half, self.rho_min, self.rho_max) for k in keys]
+
+    def __call__(
+        self,
+        rewards_BG: Tensor,
+        prompt_keys_B: list[str],
+        row_tokens_N: list[Any] | None = None,
+        token_scorer: Any = None,
+    ) -> Tensor:
         r_BG = _f64_BG(rewards_BG, "single_stream")
-        B = r_BG.shape[0]
+        B, G = r_BG.shape
         if len(prompt_keys_B) != B:
             raise ValueError(f"single_stream: got {len(prompt_keys_B)} prompt keys for {B} prompts")
         valid_BG = ~torch.isnan(r_BG)
@@ -749,18 +843,23 @@ class SingleStream:
                 adv_BG = torch.zeros_like(raw_BG)
         else:
             adv_BG = raw_BG
-        for key, r_G, ok_G in zip(prompt_keys_B, r_BG, valid_BG, strict=True):
+        keys = [str(k) for k in prompt_keys_B]
+        firsts = [
+            b * G + int(ok_G.nonzero()[0]) if bool(ok_G.any()) else None
+            for b, ok_G in enumerate(valid_BG)
+        ]
+        rhos = self._rhos(keys, firsts, row_tokens_N, token_scorer)
+        for key, r_G, ok_G, rho in zip(keys, r_BG, valid_BG, rhos, strict=True):
             if not ok_G.any():
                 continue
-            key = str(key)
             wins = float(r_G[ok_G].sum())
             losses = float((1.0 - r_G[ok_G]).sum())
-            self.alpha[key] = self.rho * self.alpha.get(key, self.prior_alpha) + wins
-            self.beta[key] = self.rho * self.beta.get(key, self.prior_beta) + losses
+            self.alpha[key] = rho * self.alpha.get(key, self.prior_alpha) + wins
+            self.beta[key] = rho * self.beta.get(key, self.prior_beta) + losses
         return adv_BG.float()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"alpha": dict(self.alpha), "beta": dict(self.beta)}
+        return {"alpha": dict(self.alpha), "beta": dict(self.beta), "stored": dict(self.stored)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("alpha", "beta"):
@@ -770,6 +869,10 @@ class SingleStream:
             raise ValueError("single_stream: state alpha and beta must have the same prompt keys")
         self.alpha = {str(k): float(v) for k, v in state["alpha"].items()}
         self.beta = {str(k): float(v) for k, v in state["beta"].items()}
+        stored = state.get("stored", {})
+        if not isinstance(stored, dict):
+            raise ValueError("single_stream: state['stored'] must be a dict")
+        self.stored = {str(k): [list(x) for x in v] for k, v in stored.items()}
 
 
 # ---------------------------------------------------------------------------------------

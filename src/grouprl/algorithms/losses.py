@@ -40,6 +40,10 @@ def clip_stats(low_NT: Tensor, high_NT: Tensor, dtype: torch.dtype) -> dict[str,
     }
 
 
+OFFPOLICY_MODES = ("clip", "shaped")
+OFFPOLICY_RATIOS = ("old", "none")
+
+
 @LOSSES.register("ppo_clip")
 def ppo_clip(
     inp: PolicyInputs,
@@ -47,6 +51,9 @@ def ppo_clip(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     dual_clip: float | None = None,
+    offpolicy: str = "clip",
+    offpolicy_ratio: str = "old",
+    offpolicy_gamma: float = 0.1,
 ) -> TermOutput:
     """Clipped surrogate of PPO with asymmetric clip range and optional dual clip.
 
@@ -60,6 +67,15 @@ def ppo_clip(
         dual clip c > 1, for A < 0:  J = max(J, c·A)
         per_token = −J
 
+    Off-policy rows (`offpolicy_N`: a rollout strategy's hinted or demonstration-steered
+    rows, expert anchors) get the same clipped term with `offpolicy: clip`, or with
+    `offpolicy: shaped` LUFFY's policy shaping ("Learning to Reason under Off-Policy
+    Guidance", arXiv 2504.14945), unclipped:
+
+        J = f(ρ')·A,   f(x) = x / (x + γ),   γ = offpolicy_gamma
+        ρ' = ρ (offpolicy_ratio "old": against π_old in the row's sampling context, as
+             Guide-GRPO's code) or π_θ(token) ("none": LUFFY's and ICPO's code)
+
     stats_NT (TRL names), 0/1 per token: clip_ratio/low_mean = [ρ < 1 − eps_low and A < 0],
     clip_ratio/high_mean = [ρ > 1 + eps_high and A > 0], clip_ratio/region_mean = either.
     """
@@ -67,6 +83,14 @@ def ppo_clip(
         raise ValueError(f"ppo_clip: eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"ppo_clip: dual_clip must be > 1 (or None), got {dual_clip}")
+    if offpolicy not in OFFPOLICY_MODES:
+        raise ValueError(f"ppo_clip: offpolicy must be one of {OFFPOLICY_MODES}, got {offpolicy!r}")
+    if offpolicy_ratio not in OFFPOLICY_RATIOS:
+        raise ValueError(
+            f"ppo_clip: offpolicy_ratio must be one of {OFFPOLICY_RATIOS}, got {offpolicy_ratio!r}"
+        )
+    if not (math.isfinite(offpolicy_gamma) and offpolicy_gamma > 0):
+        raise ValueError(f"ppo_clip: offpolicy_gamma must be > 0, got {offpolicy_gamma}")
     logp_NT = inp.logp_NT
     adv_NT = broadcast_adv(inp.adv_N, logp_NT)
     # old log-probs are a constant of the rollout: the gradient flows only through logπ_θ.
@@ -80,6 +104,12 @@ def ppo_clip(
     ratio = ratio_NT.detach()
     low_NT = (ratio < 1.0 - eps_low) & (adv_NT < 0)
     high_NT = (ratio > 1.0 + eps_high) & (adv_NT > 0)
+    if offpolicy == "shaped" and inp.offpolicy_N is not None:
+        x_NT = ratio_NT if offpolicy_ratio == "old" else logp_NT.clamp(-20.0, 20.0).exp()
+        shaped_NT = x_NT / (x_NT + offpolicy_gamma) * adv_NT
+        off_N1 = inp.offpolicy_N.to(logp_NT.device)[:, None]
+        objective_NT = torch.where(off_N1, shaped_NT, objective_NT)
+        low_NT, high_NT = low_NT & ~off_N1, high_NT & ~off_N1  # never clipped
     dtype = logp_NT.dtype
     return TermOutput(
         per_token_NT=-_token_weighted(objective_NT, inp),

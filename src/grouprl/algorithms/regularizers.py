@@ -154,6 +154,41 @@ class EntropyBonus(Regularizer):
         return f"EntropyBonus(coef={self.coef})"
 
 
+@REGULARIZERS.register("sft_rows", trains_sft_rows=True)
+class SftRows(Regularizer):
+    """Likelihood of a rollout strategy's demonstration rows: −β·log π_θ(token) on rows
+    with `sft_N` (0 elsewhere); aggregated like every regularizer, over the loss mask.
+
+    ExPO's self-explanation term, "ExPO: Unlocking Hard Reasoning with Self-Explanation-
+    Guided Reinforcement Learning", arXiv 2507.02834: J = GRPO + β·log π_θ(c̃ | q), where c̃
+    was sampled with the gold answer in the prompt (`rollout.strategy: expo`) and is trained
+    without it; c̃ is in no group and gets no advantage. β = 0.04 (the paper's; 0.5 was
+    worse than GRPO). The paper sums over c̃'s tokens; here the sum is normalized like the
+    other terms (the aggregation's normalizer): a reading.
+    """
+
+    def __init__(self, *, beta: float = 0.04) -> None:
+        self.beta = _check_finite("sft_rows.beta", beta)
+
+    @property
+    def active(self) -> bool:
+        return self.beta != 0
+
+    def __call__(self, inp: PolicyInputs) -> TermOutput:
+        if inp.sft_N is None:
+            return TermOutput(per_token_NT=torch.zeros_like(inp.logp_NT))
+        rows_N1 = inp.sft_N.to(inp.logp_NT.device, inp.logp_NT.dtype)[:, None]
+        nll_NT = -inp.logp_NT * rows_N1
+        on_NT = rows_N1 * inp.mask_NT
+        stats = {}
+        if bool(on_NT.sum() > 0):  # per-token NLL of the demonstration tokens
+            stats["sft_rows/nll"] = float((nll_NT.detach() * on_NT).sum() / on_NT.sum())
+        return TermOutput(per_token_NT=self.beta * nll_NT, stats=stats)
+
+    def __repr__(self) -> str:
+        return f"SftRows(beta={self.beta})"
+
+
 # ---------------------------------------------------------------------------------------
 # Likelihood-displacement and covariance-based regularizers.
 # ---------------------------------------------------------------------------------------

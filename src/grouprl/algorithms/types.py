@@ -31,6 +31,11 @@ class PolicyInputs:
     step:         the optimizer step index (0-based), for schedules inside a component.
     item_index_NT: the item (line) of the completion each token belongs to, −1 for none,
                   for a loss registered with `needs_items` (Rank-GRPO); else None.
+    sft_N:        True on rows trained by likelihood only (a rollout strategy's
+                  demonstrations: ExPO's self-explanations), bool [N]; None when none.
+                  The policy term never sees them (they are off its mask).
+    offpolicy_N:  True on rows the policy did not sample from their training prompt (a
+                  strategy's hinted rows, expert anchors), bool [N]; None when none.
     """
 
     logp_NT: Tensor
@@ -45,6 +50,8 @@ class PolicyInputs:
     norm: BatchNorm | None = None
     step: int = 0
     item_index_NT: Tensor | None = None
+    sft_N: Tensor | None = None
+    offpolicy_N: Tensor | None = None
 
 
 @dataclass

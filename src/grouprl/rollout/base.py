@@ -61,6 +61,27 @@ class Rollouts:
                                      fill a group up to group_size when prompts get
                                      different numbers of rollouts (a budget sampler:
                                      data/samplers.py); None when every row is real.
+    behavior_prompt_ids_NP / behavior_prompt_mask_NP:
+                                     every row's *sampling* prompt (left-padded), where a
+                                     rollout strategy sampled some rows from another
+                                     prompt than the one they train with (Guide-GRPO: a
+                                     hinted prompt, the plain one for training); π_old of
+                                     those rows is taken in the sampling context. None when
+                                     every row trains with the prompt it was sampled from.
+    sft_N:                           True on rows trained by likelihood only (a strategy's
+                                     demonstrations, e.g. ExPO's self-explanations): not
+                                     samples of their group (NaN reward, no advantage, no
+                                     policy term); the `sft_rows` regularizer trains them.
+                                     None when there are none.
+    offpolicy_N:                     True on rows the policy did not sample from their
+                                     training prompt (a strategy's hinted or
+                                     demonstration-steered rows, expert anchors): losses
+                                     may treat them apart (ppo_clip's `offpolicy`). None
+                                     when every row is on-policy.
+    fixed_adv_N:                     a rollout strategy's advantage for rows it added
+                                     outside their group's statistics (AEPO's positive
+                                     extra samples: A = 1), float [N], NaN on ordinary
+                                     rows; such rows have a NaN reward. None when none.
     """
 
     prompt_ids_NP: Tensor
@@ -74,6 +95,11 @@ class Rollouts:
     sampling_logp_NT: Tensor | None = None
     meta: list[dict[str, Any]] | None = None
     pad_N: Tensor | None = None
+    behavior_prompt_ids_NP: Tensor | None = None
+    behavior_prompt_mask_NP: Tensor | None = None
+    sft_N: Tensor | None = None
+    offpolicy_N: Tensor | None = None
+    fixed_adv_N: Tensor | None = None
 
     def __post_init__(self) -> None:
         N, T = self.completion_ids_NT.shape
@@ -85,8 +111,18 @@ class Rollouts:
             raise ValueError(f"Rollouts.completions: {len(self.completions)} texts for {N} rows")
         if self.meta is not None and len(self.meta) != N:
             raise ValueError(f"Rollouts.meta: {len(self.meta)} entries for {N} rows")
-        if self.pad_N is not None and tuple(self.pad_N.shape) != (N,):
-            raise ValueError(f"Rollouts.pad_N: shape {tuple(self.pad_N.shape)}, expected {(N,)}")
+        for name in ("pad_N", "sft_N", "offpolicy_N", "fixed_adv_N"):
+            val = getattr(self, name)
+            if val is not None and tuple(val.shape) != (N,):
+                raise ValueError(f"Rollouts.{name}: shape {tuple(val.shape)}, expected {(N,)}")
+        ids, mask = self.behavior_prompt_ids_NP, self.behavior_prompt_mask_NP
+        if (ids is None) != (mask is None):
+            raise ValueError("Rollouts.behavior_prompt_ids_NP and _mask_NP: give both or neither")
+        if ids is not None and (ids.shape[0] != N or tuple(ids.shape) != tuple(mask.shape)):  # type: ignore[union-attr]
+            raise ValueError(
+                f"Rollouts.behavior_prompt_ids_NP: shape {tuple(ids.shape)}, expected {N} rows "
+                "and the shape of behavior_prompt_mask_NP"
+            )
 
     @property
     def num_rollouts(self) -> int:
@@ -100,6 +136,63 @@ class Rollouts:
                 self.num_rollouts, dtype=torch.bool, device=self.completion_ids_NT.device
             )
         return ~self.pad_N.to(self.completion_ids_NT.device)
+
+    @property
+    def sample_N(self) -> Tensor:
+        """True on rows that are samples of their group: not padding, not `sft_N` rows, no
+        `fixed_adv_N`."""
+        out = self.real_N
+        if self.sft_N is not None:
+            out = out & ~self.sft_N.to(out.device)
+        if self.fixed_adv_N is not None:
+            out = out & torch.isnan(self.fixed_adv_N.to(out.device))
+        return out
+
+    @property
+    def behavior_N(self) -> Tensor | None:
+        """True on rows sampled from another prompt than their training prompt, bool [N];
+        None when every row trains with its own sampling prompt."""
+        if self.behavior_prompt_ids_NP is None or self.behavior_prompt_mask_NP is None:
+            return None
+        P = max(self.prompt_ids_NP.shape[1], self.behavior_prompt_ids_NP.shape[1])
+
+        def right_aligned(ids: Tensor, mask: Tensor) -> Tensor:
+            ids = torch.where(mask.bool(), ids, torch.full_like(ids, -1))
+            pad = torch.full((ids.shape[0], P - ids.shape[1]), -1, dtype=ids.dtype)
+            return torch.cat([pad.to(ids.device), ids], dim=1)
+
+        train = right_aligned(self.prompt_ids_NP, self.prompt_mask_NP)
+        behave = right_aligned(
+            self.behavior_prompt_ids_NP.to(train.device),
+            self.behavior_prompt_mask_NP.to(train.device),
+        )
+        return (train != behave).any(dim=1)
+
+    def behavior_view(self) -> Rollouts:
+        """The same rows with their sampling prompts as prompts (for π_old in the sampling
+        context); itself when there are no separate sampling prompts."""
+        if self.behavior_prompt_ids_NP is None or self.behavior_prompt_mask_NP is None:
+            return self
+        return replace(
+            self,
+            prompt_ids_NP=self.behavior_prompt_ids_NP,
+            prompt_mask_NP=self.behavior_prompt_mask_NP,
+            behavior_prompt_ids_NP=None,
+            behavior_prompt_mask_NP=None,
+        )
+
+    def trained_with(self, prompt_ids_NP: Tensor, prompt_mask_NP: Tensor) -> Rollouts:
+        """These rows trained with other prompts (`prompt_ids_NP`, left-padded); the prompts
+        they were sampled from become their sampling prompts, and they are off-policy."""
+        behave = self.behavior_view()
+        return replace(
+            self,
+            offpolicy_N=torch.ones(self.num_rollouts, dtype=torch.bool),
+            prompt_ids_NP=prompt_ids_NP.to(self.prompt_ids_NP.device),
+            prompt_mask_NP=prompt_mask_NP.to(self.prompt_mask_NP.device),
+            behavior_prompt_ids_NP=behave.prompt_ids_NP,
+            behavior_prompt_mask_NP=behave.prompt_mask_NP,
+        )
 
     @property
     def lengths_N(self) -> Tensor:
@@ -121,8 +214,16 @@ class Rollouts:
         }
         if self.sampling_logp_NT is not None:
             moved["sampling_logp_NT"] = self.sampling_logp_NT.to(device)
-        if self.pad_N is not None:
-            moved["pad_N"] = self.pad_N.to(device)
+        for f in (
+            "pad_N",
+            "sft_N",
+            "offpolicy_N",
+            "fixed_adv_N",
+            "behavior_prompt_ids_NP",
+            "behavior_prompt_mask_NP",
+        ):
+            if getattr(self, f) is not None:
+                moved[f] = getattr(self, f).to(device)
         return replace(self, **moved)
 
     def select(self, idx: Tensor | slice) -> Rollouts:
@@ -140,6 +241,15 @@ class Rollouts:
             sampling_logp_NT=None if self.sampling_logp_NT is None else self.sampling_logp_NT[idx],
             meta=None if self.meta is None else [self.meta[i] for i in rows],
             pad_N=None if self.pad_N is None else self.pad_N[idx],
+            sft_N=None if self.sft_N is None else self.sft_N[idx],
+            offpolicy_N=None if self.offpolicy_N is None else self.offpolicy_N[idx],
+            fixed_adv_N=None if self.fixed_adv_N is None else self.fixed_adv_N[idx],
+            behavior_prompt_ids_NP=None
+            if self.behavior_prompt_ids_NP is None
+            else self.behavior_prompt_ids_NP[idx],
+            behavior_prompt_mask_NP=None
+            if self.behavior_prompt_mask_NP is None
+            else self.behavior_prompt_mask_NP[idx],
         )
 
 

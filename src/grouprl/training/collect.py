@@ -111,17 +111,51 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
         if any(x is None for x in sampled)
         else torch.cat([_pad_to(x, T, 0.0, False) for x in sampled]),  # type: ignore[arg-type]
         meta=None if any(r.meta is None for r in parts) else [m for r in parts for m in r.meta],  # type: ignore[union-attr]
-        pad_N=None
-        if all(r.pad_N is None for r in parts)
+        pad_N=_flags(parts, "pad_N"),
+        sft_N=_flags(parts, "sft_N"),
+        offpolicy_N=_flags(parts, "offpolicy_N"),
+        fixed_adv_N=None
+        if all(r.fixed_adv_N is None for r in parts)
         else torch.cat(
             [
-                r.pad_N.cpu()
-                if r.pad_N is not None
-                else torch.zeros(r.num_rollouts, dtype=torch.bool)
+                r.fixed_adv_N.cpu()
+                if r.fixed_adv_N is not None
+                else torch.full((r.num_rollouts,), float("nan"))
                 for r in parts
             ]
         ),
+        **_behavior_prompts(parts, pad_token_id),
     )
+
+
+def _flags(parts: list[Rollouts], name: str) -> Tensor | None:
+    """The parts' bool [N] row flags `name` joined (False where a part has none)."""
+    if all(getattr(r, name) is None for r in parts):
+        return None
+    return torch.cat(
+        [
+            getattr(r, name).cpu()
+            if getattr(r, name) is not None
+            else torch.zeros(r.num_rollouts, dtype=torch.bool)
+            for r in parts
+        ]
+    )
+
+
+def _behavior_prompts(parts: list[Rollouts], pad_token_id: int) -> dict[str, Tensor | None]:
+    """The parts' sampling prompts joined (a part without them: its own prompts)."""
+    if all(r.behavior_prompt_ids_NP is None for r in parts):
+        return {"behavior_prompt_ids_NP": None, "behavior_prompt_mask_NP": None}
+    views = [r.behavior_view() for r in parts]
+    P = max(v.prompt_ids_NP.shape[1] for v in views)
+    return {
+        "behavior_prompt_ids_NP": torch.cat(
+            [_pad_to(v.prompt_ids_NP, P, pad_token_id, True) for v in views]
+        ),
+        "behavior_prompt_mask_NP": torch.cat(
+            [_pad_to(v.prompt_mask_NP, P, 0.0, True) for v in views]
+        ),
+    }
 
 
 # per-call counters of RewardSet that add up across refill rounds; other metrics (e.g.
@@ -223,8 +257,9 @@ class StrategyContext:
     sampling, prompt rendering."""
 
     step: int
-    # (plain examples, generation texts, completions per text) -> scored batch of them
-    sample: Callable[[list[PromptExample], list[str], int], ScoredBatch]
+    # (plain examples, generation texts, completions per text[, temperature=]) -> scored
+    # batch of them; temperature: this call's own sampling temperature (default: the run's)
+    sample: Callable[..., ScoredBatch]
     render: Callable[[Any], str]  # prompt (string or messages) -> model text
     pad_token_id: int
     # (token-id contexts, continuations per context) -> [(ids, sampler log-probs or None)],
@@ -236,6 +271,7 @@ class StrategyContext:
     group_size: int = 0  # rollout.num_generations (a strategy may sample fewer first)
     # (texts, max new tokens) -> one completion of each, as text (e.g. SAGE's hints)
     write: Callable[[list[str], int], list[str]] | None = None
+    max_new_tokens: int = 0  # rollout.max_new_tokens (a strategy's budgets are shares of it)
 
 
 class Collector:
@@ -376,6 +412,7 @@ class Collector:
                 tokenizer=getattr(self.engine, "tokenizer", None),
                 group_size=self.sampling.num_generations,
                 write=self._write,
+                max_new_tokens=self.sampling.max_new_tokens,
             )
             batch, metrics = self.strategy(batch, ctx)
             for k, v in metrics.items():  # counts add up over refill rounds; shares and
@@ -432,10 +469,20 @@ class Collector:
             reward_metrics=_merge_reward_metrics(metrics),
         )
 
-    def _sample_texts(self, examples: list[PromptExample], texts: list[str], n: int) -> ScoredBatch:
+    def _sample_texts(
+        self,
+        examples: list[PromptExample],
+        texts: list[str],
+        n: int,
+        *,
+        temperature: float | None = None,
+    ) -> ScoredBatch:
         """n completions of each text, scored against the plain `examples` (a strategy's
         hinted prompts: the rewards see the example's own prompt and columns)."""
-        ro = self._generate(texts, self._params(replace(self.sampling, num_generations=n)))
+        params = replace(self.sampling, num_generations=n)
+        if temperature is not None:
+            params = replace(params, temperature=temperature)
+        ro = self._generate(texts, self._params(params))
         self._sampled += ro.num_rollouts
         return self._scored(examples, ro)
 
@@ -522,6 +569,29 @@ class Collector:
         if not parts:  # every group was dropped: train on the last batch (its advantages are 0)
             return batch, stats
         return concat_batches(parts, self.pad_token_id), stats
+
+    def probe(
+        self, n: int, *, chunk: int = 64, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[list[str], list[float]]:
+        """n samples of every training prompt with the current policy, scored: each prompt's
+        key and its number of successes (reward > 0, NaN is none), for an estimator's
+        offline start (SPO). Prompts go `chunk` at a time; `progress(done, total)`."""
+        keys: list[str] = []
+        wins: list[float] = []
+        total = len(self.dataset)
+        for start in range(0, total, chunk):
+            idx = list(range(start, min(start + chunk, total)))
+            examples = [self.dataset[i] for i in idx]
+            params = self._params(replace(self.sampling, num_generations=n))
+            ro = self._generate([ex.text for ex in examples], params)
+            self._sampled += ro.num_rollouts
+            rewards_N, _ = self._score(examples, ro)
+            ok_BN = (rewards_N.view(len(idx), n) > 0).float()  # NaN > 0 is False
+            keys += [str(i) for i in idx]
+            wins += ok_BN.sum(dim=1).tolist()
+            if progress is not None:
+                progress(idx[-1] + 1, total)
+        return keys, wins
 
     def _greedy_baseline(self, batch: ScoredBatch) -> Tensor:
         """ReMax's baseline: the combined reward of one greedy completion per prompt."""

@@ -238,6 +238,9 @@ class Learner:
         loss mask, both normalizers spanning the whole batch (`TrainBatch`)."""
         cfg, comp = self.cfg.train, self.components
         spare = None
+        # rows a strategy sampled from another prompt (Guide-GRPO): decided on the whole
+        # batch, so that every process runs the same forwards
+        in_context = tb.rollouts.behavior_prompt_ids_NP is not None
         if self.dist.active:  # this rank's groups; normalizers stay those of the whole batch
             G = tb.rollouts.group_size
             mine = self.dist.shard(tb.rollouts.num_rollouts // G)
@@ -251,6 +254,14 @@ class Learner:
         if old_logp_NT is None and cfg.num_iterations > 1:
             old_logp_NT = self.prepass(ro, False, spare=spare)["old_logp_NT"]
         ref_logp = self._ref_logp(ro, spare)
+        # π_old of such rows is the sampling policy in the context they were sampled from:
+        # ratio = π_θ(o | training prompt) / π_old(o | sampling prompt)
+        behavior_N = ro.behavior_N if in_context else None
+        behavior_logp = (
+            self.prepass(ro.behavior_view(), False, spare=spare)["old_logp_NT"]
+            if behavior_N is not None
+            else None
+        )
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, float] = defaultdict(float)
         scalar_stats: dict[str, list[float]] = defaultdict(list)
@@ -274,9 +285,12 @@ class Learner:
                 )
                 assert ent is not None
                 mask_mb = mask[s]
+                old = old_logp_NT[s] if old_logp_NT is not None else logp.detach()
+                if behavior_logp is not None and behavior_N is not None:
+                    old = torch.where(behavior_N[s].to(old.device)[:, None], behavior_logp[s], old)
                 inp = PolicyInputs(
                     logp_NT=logp,
-                    old_logp_NT=old_logp_NT[s] if old_logp_NT is not None else logp.detach(),
+                    old_logp_NT=old,
                     mask_NT=mask_mb,
                     adv_N=tb.adv_N[s],
                     entropy_NT=ent if comp.needs_entropy_grad else ent.detach(),
@@ -289,9 +303,11 @@ class Learner:
                     norm=tb.policy_norm,
                     step=step * cfg.num_iterations + it,
                     item_index_NT=tb.item_index_NT[s] if tb.item_index_NT is not None else None,
+                    sft_N=mb.sft_N,
+                    offpolicy_N=mb.offpolicy_N,
                 )
                 policy = comp.loss(inp)
-                extra = self._mismatch(policy, inp, mb.sampling_logp_NT, minmax)
+                extra, mm_mask = self._mismatch(policy, inp, mb.sampling_logp_NT, minmax)
                 inp.norm = tb.reg_norm
                 regs = [reg(inp) for reg in comp.regularizers]
                 loss = self._aggregate(policy, tb.policy_mask_NT[s], tb.policy_norm)
@@ -300,7 +316,7 @@ class Learner:
                 loss.backward()
                 total_loss += float(loss.detach())
                 n_tok = float(mask_mb.sum())
-                stats = {"entropy": ent.detach(), **extra}
+                stats = {"entropy": ent.detach()}
                 for term in [policy, *regs]:
                     stats.update(term.stats_NT)
                     for k, v in term.stats.items():
@@ -308,6 +324,9 @@ class Learner:
                 for k, v in stats.items():
                     sums[k] += float((v.detach() * mask_mb).sum())
                     counts[k] += n_tok
+                for k, v in extra.items():  # over the tokens with sampler log-probs
+                    sums[k] += float((v.detach() * mm_mask).sum())
+                    counts[k] += float(mm_mask.sum())
             self.strategy.sync_gradients(self.model)
             grad_norm = self._step(step, sums, counts)
         if self.dist.active:
@@ -328,12 +347,22 @@ class Learner:
         inp: PolicyInputs,
         sampling_logp_NT: Tensor | None,
         minmax: dict[str, float],
-    ) -> dict[str, Tensor]:
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """With the sampler's own log-probs: the mismatch metrics, and the configured
-        importance weights applied to the per-token policy term (algorithms/mismatch.py). Returns per-token stats to average over the loss mask."""
+        importance weights applied to the per-token policy term (algorithms/mismatch.py).
+        Returns per-token stats and the tokens to average them over."""
         if sampling_logp_NT is None:
-            return {}
-        mm = mismatch_stats(inp.old_logp_NT, sampling_logp_NT, inp.mask_NT)
+            return {}, inp.mask_NT
+        # tokens with no sampler log-prob (NaN: a strategy's inserted rows) and
+        # demonstration rows (sampled in another context, no policy term) are left out:
+        # ratio 1, no stats
+        known_NT = torch.isfinite(sampling_logp_NT) & (inp.mask_NT != 0)
+        if inp.sft_N is not None:
+            known_NT &= ~inp.sft_N.to(known_NT.device)[:, None]
+        old_NT = inp.old_logp_NT.detach()
+        sampling_logp_NT = torch.where(known_NT, sampling_logp_NT, old_NT)
+        mask_NT = inp.mask_NT * known_NT.to(inp.mask_NT.dtype)
+        mm = mismatch_stats(inp.old_logp_NT, sampling_logp_NT, mask_NT)
         lo, hi = float(mm["mismatch/ratio_min"]), float(mm["mismatch/ratio_max"])
         minmax["mismatch/ratio_min"] = min(minmax.get("mismatch/ratio_min", lo), lo)
         minmax["mismatch/ratio_max"] = max(minmax.get("mismatch/ratio_max", hi), hi)
@@ -347,9 +376,11 @@ class Learner:
                     "mask_NT": inp.mask_NT,
                 }
             ).to(policy.per_token_NT.dtype)
+            # tokens with no sampler log-prob are trained as they are (weight 1)
+            w_NT = torch.where(known_NT | (inp.mask_NT == 0), w_NT, torch.ones_like(w_NT))
             policy.per_token_NT = policy.per_token_NT * w_NT
             extra["mismatch/weight_mean"] = w_NT
-        return extra
+        return extra, mask_NT
 
     def _merge_stats(
         self,

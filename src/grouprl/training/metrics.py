@@ -15,12 +15,14 @@ def reward_metrics(batch: ScoredBatch, names: list[str]) -> dict[str, float]:
     B, G = batch.num_groups, batch.rollouts.group_size
     out = dict(group_reward_stats(batch.rewards_N.view(B, G)))
     out.update(batch.reward_metrics)
-    real_N = batch.rollouts.real_N.to(batch.rewards_NK.device)
-    if batch.rollouts.pad_N is not None:  # padding rows' NaN rewards are not unscorable ones
+    real_N = batch.rollouts.sample_N.to(batch.rewards_NK.device)
+    ro = batch.rollouts
+    if ro.pad_N is not None or ro.sft_N is not None:  # padding and demonstration rows' NaN
+        # rewards are not unscorable ones
         r = batch.rewards_N[real_N.to(batch.rewards_N.device)]
         out["reward/nan_frac"] = float((~torch.isfinite(r)).double().mean()) if r.numel() else 0.0
     for k, name in enumerate(names):
-        col = batch.rewards_NK[real_N, k]  # padding rows (no completion) are not samples
+        col = batch.rewards_NK[real_N, k]  # padding/demonstration rows are not samples
         valid = col[~torch.isnan(col)]
         out[f"rewards/{name}/mean"] = float(valid.mean()) if valid.numel() else float("nan")
         out[f"rewards/{name}/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
@@ -31,7 +33,7 @@ def reward_metrics(batch: ScoredBatch, names: list[str]) -> dict[str, float]:
 
 def completion_metrics(batch: ScoredBatch) -> dict[str, float]:
     ro = batch.rollouts
-    real_N = ro.real_N
+    real_N = ro.sample_N
     lengths = ro.lengths_N[real_N]
     out = {
         "completions/mean_length": float(lengths.mean()),
@@ -41,6 +43,8 @@ def completion_metrics(batch: ScoredBatch) -> dict[str, float]:
     }
     if ro.pad_N is not None:  # groups of different sizes (a budget sampler)
         out["completions/real_rows"] = float(real_N.sum())
+    if ro.sft_N is not None:
+        out["completions/sft_rows"] = float(ro.sft_N.sum())
     if ro.meta is not None and all("turns" in m for m in ro.meta):  # multi-turn rollouts
         n = max(len(ro.meta), 1)
         out["turns/mean"] = sum(m["num_turns"] for m in ro.meta) / n

@@ -24,7 +24,7 @@ from torch import Tensor
 from grouprl.algorithms.types import BatchNorm
 from grouprl.components import Components
 from grouprl.rewards.answers import extract_answer
-from grouprl.rollout.base import Rollouts
+from grouprl.rollout.base import Rollouts, rollouts_from_rows
 from grouprl.training.collect import ScoredBatch
 
 # (rollouts, with_entropy, temperature_scale=1.0) -> {"old_logp_NT": [N, T], "entropy_NT":
@@ -176,10 +176,58 @@ def _segment_values(s: StepInputs) -> list[Any]:
     return rows
 
 
+def _budget_rows(s: StepInputs) -> list[Any]:
+    rows = s.batch.extra.get("budget")
+    if rows is None:
+        raise ValueError(
+            "budget_rows_N: no budget rows in the batch; the brpo advantage needs "
+            "rollout.strategy anytime_budget"
+        )
+    return rows
+
+
 def _rescorer(s: StepInputs) -> Callable[[float], Tensor]:
     """scale -> the sampled tokens' log-probs at scale × the sampling temperature (CPU),
     one no-grad forward per call: the component pays only for the scales it asks for."""
     return lambda scale: s._prepass(_ro(s), False, temperature_scale=scale)["old_logp_NT"].cpu()
+
+
+def _row_tokens(s: StepInputs) -> list[tuple[list[int], list[int], list[float]]]:
+    """Each row's prompt ids (no padding), real completion ids and their loss mask."""
+    ro = _ro(s)
+    out = []
+    for n in range(ro.num_rollouts):
+        real = ro.attention_mask_NT[n].bool()
+        out.append(
+            (
+                ro.prompt_ids_NP[n][ro.prompt_mask_NP[n].bool()].tolist(),
+                ro.completion_ids_NT[n][real].tolist(),
+                ro.loss_mask_NT[n][real].float().tolist(),
+            )
+        )
+    return out
+
+
+def _token_scorer(s: StepInputs) -> Callable[[list[tuple[list[int], list[int]]]], list]:
+    """rows -> the sampling policy's log-prob of each of their completion tokens: one no-grad
+    forward per call over just those rows (single_stream's log-prob drift)."""
+
+    def score(rows: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        if not rows:
+            return []
+        ro = rollouts_from_rows(
+            [list(p) for p, _ in rows],
+            [list(c) for _, c in rows],
+            texts=[""] * len(rows),
+            group_size=1,
+            pad_token_id=0,  # masked everywhere
+            truncated=[False] * len(rows),
+            device=_ro(s).prompt_ids_NP.device,
+        )
+        lp = s._prepass(ro, False)["old_logp_NT"].cpu()
+        return [lp[i, : len(c)].tolist() for i, (_, c) in enumerate(rows)]
+
+    return score
 
 
 def _item_index_NT(s: StepInputs) -> Tensor:
@@ -212,6 +260,7 @@ PROVIDERS: dict[str, Callable[[StepInputs], Any]] = {
     "answers_BG": _answers_BG,
     "item_rel_BGK": _item_rel_BGK,
     "segment_values_N": lambda s: _segment_values(s),
+    "budget_rows_N": lambda s: _budget_rows(s),
     "item_index_NT": _item_index_NT,
     "seq_logp_BG": lambda s: (
         (s.prepass()["old_logp_NT"] * _ro(s).loss_mask_NT).sum(1).view(s.B, s.G)
@@ -219,6 +268,8 @@ PROVIDERS: dict[str, Callable[[StepInputs], Any]] = {
     "entropy_NT": lambda s: s.prepass().get("entropy_NT"),
     "capo_curvature_NT": lambda s: s._prepass(_ro(s), True, second="curvature")["entropy_NT"],
     "rescore_NT": lambda s: _rescorer(s),
+    "row_tokens_N": lambda s: _row_tokens(s),
+    "token_scorer": lambda s: _token_scorer(s),
     "old_logp_NT": lambda s: s.prepass()["old_logp_NT"],
     "adv_BG": lambda s: s.adv_BG,
     "adv_N": _adv_N,
@@ -259,8 +310,19 @@ def make_train_batch(
         if token_weight_NT is None or denominator == "all"
         else loss_mask * (token_weight_NT > 0)
     )
+    if ro.sft_N is not None:  # demonstration rows: no policy term (the sft_rows regularizer)
+        policy_mask = policy_mask * (~ro.sft_N.to(dev))[:, None].to(policy_mask.dtype)
+        sft = ro.sft_N.to(dev)
+        adv_N = torch.where(
+            sft[:, None] if adv_N.dim() == 2 else sft, torch.zeros_like(adv_N), adv_N
+        )
     num_groups = ro.num_rollouts // ro.group_size
-    num_seqs = int(ro.real_N.sum()) if ro.pad_N is not None else None  # padding rows are no samples
+    # padding and demonstration rows are no samples
+    num_seqs = (
+        int((ro.real_N & ~ro.sft_N.to(ro.real_N.device)).sum())
+        if ro.sft_N is not None
+        else (int(ro.real_N.sum()) if ro.pad_N is not None else None)
+    )
     return TrainBatch(
         rollouts=ro,
         adv_N=adv_N,
@@ -331,10 +393,14 @@ def plan_batch(
         if sel.adv_N is not None:
             adv_N = sel.adv_N.float()
         metrics.update(sel.stats)
+    if ro.fixed_adv_N is not None:  # a strategy's rows outside the group statistics (AEPO)
+        fixed = ro.fixed_adv_N.cpu().to(adv_N.dtype)
+        fixed = fixed[:, None].expand_as(adv_N) if adv_N.dim() == 2 else fixed
+        adv_N = torch.where(torch.isnan(fixed), adv_N, fixed)
     for reg in calibrating:  # e.g. entropy-band bounds from the first batch's distribution
         reg.calibrate(inputs["entropy_NT"], loss_mask, token_weight)
 
-    real = ro.real_N.cpu()  # padding rows (ragged groups) are no samples
+    real = ro.sample_N.cpu()  # padding rows (ragged groups) and demonstrations are no samples
     metrics["advantage/abs_mean"] = float(adv_N[real].abs().mean()) if bool(real.any()) else 0.0
     if token_weight is not None:
         kept = (token_weight > 0).float() * loss_mask

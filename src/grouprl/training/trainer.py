@@ -297,6 +297,13 @@ class Trainer:
                 f"rollout.strategy: {spec['name']!r} continues rollouts from token ids, which "
                 f"rollout.engine {self.cfg.rollout.engine!r} cannot; use rollout.engine hf or vllm"
             )
+        if strategy.makes_sft_rows and not any(
+            c.trains_sft_rows for c in self.components.regularizer_caps
+        ):
+            raise ConfigError(
+                f"rollout.strategy: {spec['name']!r} adds demonstration rows that only a "
+                "regularizer with trains_sft_rows trains; add regularizers: [{name: sft_rows}]"
+            )
         return strategy
 
     def _log_startup(self) -> None:
@@ -381,6 +388,27 @@ class Trainer:
             if self.ema is not None and self.step:
                 # the checkpoint resume_run restored (it skips a damaged newest one)
                 self.ema.load(checkpoint_dir(self.run_dir, self.step), self.learner.model)
+
+    def _offline_probe(self) -> None:
+        """An estimator declared `offline_probe` with `offline_samples` K > 0 (single_stream's
+        `offline_init`) starts from K samples per training prompt of the initial policy,
+        drawn here, before the first step (a resumed run has its state from the checkpoint)."""
+        adv = self.components.advantage
+        if not adv.caps.offline_probe or adv.instance is None:
+            return
+        k = int(adv.instance.offline_samples)
+        if k <= 0:
+            return
+        n = len(self.collector.dataset)
+        if self.dist.is_main:
+            log.info("offline probe: %d samples of each of %d prompts (%d rollouts)", k, n, k * n)
+
+        def report(done: int, total: int) -> None:
+            if self.dist.is_main and (done == total or done % 1024 < 64):
+                log.info("offline probe: %d/%d prompts", done, total)
+
+        keys, wins = self.collector.probe(k, progress=report)
+        adv.instance.init_offline(keys, wins, k)
 
     def _save(self, *, at_step_start: bool = False) -> Path:
         """A checkpoint of step `self.step`; `at_step_start` saves the data cursor and RNG of
@@ -467,6 +495,8 @@ class Trainer:
         )
         t2 = time.perf_counter()
         train_stats = self.learner.update(train_batch, step=self.step)
+        if self.collector.strategy is not None:  # e.g. AEPO steers by the update's entropy
+            self.collector.strategy.observe(train_stats)
         if self.ema is not None and self.ema.after_step(self.model, self.step + 1):
             train_stats["ema_reference/updated"] = 1.0
         waited = self.pipeline.wait()  # the engine is idle before its weights change
@@ -533,6 +563,8 @@ class Trainer:
                 (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
             self.dist.barrier()
             self._maybe_resume()
+            if self.step == 0:
+                self._offline_probe()
             if self.step:  # the engine was built from the weights before the resume
                 self.learner.publish_weights(self.engine, self.step)
             ref = self.learner.ref_model

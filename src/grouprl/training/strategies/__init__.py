@@ -7,7 +7,10 @@ from typing import Any
 from grouprl.training.strategies import (
     anchors,  # noqa: F401  (offpolicy_anchors)
     augment,  # noqa: F401  (difficulty_aug)
+    budgets,  # noqa: F401  (anytime_budget)
     continuation,  # noqa: F401  (dataset_reset, serial_exit, segment_mc)
+    entropy,  # noqa: F401  (aepo)
+    guided,  # noqa: F401  (guide_hints, icpo, expo)
     hints,  # noqa: F401  (scaf_hints, sage_hints, icl_seed, igrpo)
 )
 from grouprl.training.strategies.base import ROLLOUT_STRATEGIES, Strategy

@@ -129,6 +129,10 @@ class Strategy:
 
     needs_continuation = False  # continues rollouts from token ids (engines with sample_token_ids)
     samples_per_prompt: int | None = None  # first sampling per prompt, when not G
+    makes_sft_rows = False  # adds rows trained by likelihood only (Rollouts.sft_N; ExPO)
+
+    def observe(self, update_metrics: dict[str, float]) -> None:
+        """The metrics of the update that just ran (a strategy may steer by them)."""
 
 
 @ROLLOUT_STRATEGIES.register("plain")
