@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from grouprl.components import load_config
 from grouprl.config import ModelConfig, load_recipe, recipe_info, recipe_names
 from grouprl.data.datasets import load_prompts
 from grouprl.data.tasks import get_task
@@ -81,6 +82,7 @@ NOTES: dict[str, list[tuple[str, str]]] = {
         ("reg_grpo/mse", "regression MSE"),
         ("reg_grpo/log_ratio", "ρ (log-ratio to the sampler)"),
     ],
+    "aepo": [("aepo/temperature", "extras' temperature"), ("aepo/kept_rows", "kept extras/step")],
 }
 
 
@@ -110,6 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train on the first N training problems only (default 0: all 6480, about half "
         "an epoch in 200 steps); a small N makes prompts come back, which is what the "
         "prompt samplers (vas, cures, vade, spo_priority, hard_mining) need",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override applied to every recipe run (repeatable), as on the command "
+        "line of `grouprl train`: e.g. --set rollout.strategy.target=0.3",
     )
     p.add_argument("--json", default="", help="also write the raw results to this JSON file")
     p.add_argument("--keep-dir", default="", help="keep the SFT model and the run directories here")
@@ -208,13 +218,14 @@ def run_recipe(
     steps: int,
     where: Path,
     train_prompts: int = 0,
+    overrides: list[str] | None = None,
 ) -> dict:
     out: dict[str, Any] = {"recipe": name, "confidence": recipe_info(name)["confidence"]}
     t0 = time.perf_counter()
     try:
         cfg = recipe_config(name, model_dir, where / "runs" / name, steps, s)
         rows = task.train_rows[:train_prompts] if train_prompts else None
-        trainer = Trainer(cfg, train_dataset=rows)
+        trainer = Trainer(load_config(cfg, list(overrides or [])), train_dataset=rows)
         res = trainer.train()
         train_s = time.perf_counter() - t0
         ev = heldout(trainer.model, trainer.tokenizer, task, s)
@@ -396,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         for i, name in enumerate(args.recipe_list, 1):
-            r = run_recipe(name, model_dir, task, s, args.steps, where, args.train_prompts)
+            r = run_recipe(
+                name, model_dir, task, s, args.steps, where, args.train_prompts, args.set
+            )
             results.append(r)
             if r["status"] == "ok":
                 print(
