@@ -115,3 +115,35 @@ def test_anytime_budget_checks_its_parameters():
         build_strategy({"name": "anytime_budget", "prior": "exp"})
     s = build_strategy({"name": "anytime_budget", "budgets": [0.1, 0.2, 1.0]})
     assert s.budgets(8) == [1, 2, 8]  # rounded, at least 1, kept increasing
+
+
+def test_anytime_budget_keeps_the_sampler_log_probs_and_truncation(tmp_path, tiny_model_dir):
+    """Under train.async one_step the HF engine reports its own log-probs: every thinking
+    and summary row carries them (so the mismatch correction stays on)."""
+    cfg = base_config(tmp_path / "b", tiny_model_dir, max_steps=2)
+    cfg["train"]["async"] = "one_step"
+    cfg["rollout"]["max_new_tokens"] = 6
+    cfg["rollout"]["strategy"] = {
+        "name": "anytime_budget",
+        "budgets": [0.5, 1.0],
+        "summary_cue": "=",
+        "think_end": "",
+        "summary_tokens": 2,
+    }
+    cfg["advantage"] = {"name": "brpo"}
+    tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[coin_reward])
+    seen = record_collections(tr)
+    res = tr.train()
+    tr.close()
+    batch, _ = seen[-1]
+    ro = batch.rollouts
+    assert ro.sampling_logp_NT is not None
+    real = ro.attention_mask_NT.bool()
+    assert bool((ro.sampling_logp_NT[real] <= 0).all())
+    assert "mismatch/kl" in res.history[-1]
+    # a summary cut at summary_tokens (2) without EOS is truncated, one ending in EOS is not
+    info, eos = batch.extra["budget"], tr.tokenizer.eos_token_id
+    for n, row in enumerate(info):
+        if row["role"] == "summary":
+            ids = ro.completion_ids_NT[n][real[n]].tolist()
+            assert bool(ro.truncated_N[n]) == (not ids or ids[-1] != eos)

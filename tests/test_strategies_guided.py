@@ -6,6 +6,7 @@ advantage outside their group's statistics."""
 
 from __future__ import annotations
 
+import json
 import re
 import string
 
@@ -20,6 +21,7 @@ from grouprl.models.forward import completion_logprobs
 from grouprl.models.tiny import build_char_tokenizer
 from grouprl.rollout.base import Rollouts, SamplingParams
 from grouprl.training.collect import concat_rollouts
+from grouprl.training.metrics import reward_metrics
 from grouprl.training.plan import make_train_batch
 from grouprl.training.strategies import build_strategy
 from grouprl.training.strategies.entropy import AEPO, group_advantages
@@ -357,7 +359,11 @@ def test_aepo_samples_hotter_below_the_target_and_keeps_positive_extras():
     col = collector(rows, aepo, eng, G=2)
     batch, metrics = col.collect(2)
     assert eng.calls[-1][1] == 1.2  # no entropy read yet: 0, as the code starts
+    aepo.observe({"entropy": 0.9})
+    col.collect(2)
+    assert eng.calls[-1][1] == 1.2  # observed, but no collection began since: unchanged
     aepo.observe({"entropy": 0.2})
+    col.begin()  # the training thread, before a collection (the pipeline does this)
     batch, metrics = col.collect(2)
     assert eng.calls[-1] == (["5+7="], 1.2)  # ⌈0.5·2⌉ = 1 prompt, hotter
     # the extra "12" (advantage > 0.05) replaces the batch's first row, at most replace_low
@@ -366,13 +372,15 @@ def test_aepo_samples_hotter_below_the_target_and_keeps_positive_extras():
         1.0,
         pytest.approx(float("nan"), nan_ok=True),
     ]
-    assert torch.isnan(batch.rewards_N[0])
+    assert torch.isnan(batch.rewards_N[0]) and torch.isnan(batch.rewards_NK[0]).all()
+    assert reward_metrics(batch, ["exact_match"])["reward/nan_frac"] == 0.0  # not unscorable
     aepo.observe({"entropy": 0.9})  # above the target: colder
+    col.begin()
     col.collect(2)
     assert eng.calls[-1][1] == 0.8
     restored = AEPO()
-    restored.load_state_dict(aepo.state_dict())
-    assert restored.entropy == 0.9
+    restored.load_state_dict(json.loads(json.dumps(aepo.state_dict())))
+    assert restored.entropy == aepo.entropy == 0.9 and restored.observed == 0.9
 
 
 # ------------------------------------------------------------------ end to end
@@ -444,3 +452,18 @@ def test_ppo_clip_shapes_off_policy_rows_by_hand():
 
 def test_policy_inputs_know_demonstration_and_off_policy_rows():
     assert {"sft_N", "offpolicy_N"} <= set(PolicyInputs.__dataclass_fields__)
+
+
+def test_strategies_that_add_rows_refuse_num_train_samples_and_aepo_refuses_refills(
+    tmp_path, tiny_model_dir
+):
+    cfg = base_config(tmp_path / "n", tiny_model_dir, max_steps=1)
+    cfg["rollout"]["strategy"] = {"name": "guide_hints"}
+    cfg["rollout"]["num_train_samples"] = 2
+    with pytest.raises(ConfigError, match="num_train_samples"):
+        Trainer(cfg, train_dataset=arith_rows())
+    cfg = base_config(tmp_path / "r", tiny_model_dir, max_steps=1)
+    cfg["rollout"]["strategy"] = {"name": "aepo"}
+    cfg["sample_filters"] = [{"name": "dynamic_sampling"}]
+    with pytest.raises(ConfigError, match="refilling sample filter"):
+        Trainer(cfg, train_dataset=arith_rows())

@@ -336,6 +336,11 @@ class Collector:
         ):
             self.strategy.load_state_dict(saved)
 
+    def begin(self) -> None:
+        """In the training thread, right before a collection starts (see Strategy.begin)."""
+        if self.strategy is not None:
+            self.strategy.begin()
+
     def collect(
         self, B: int, *, seed: int | None = None, step: int = 0
     ) -> tuple[ScoredBatch, dict[str, float]]:

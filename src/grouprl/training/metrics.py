@@ -17,7 +17,8 @@ def reward_metrics(batch: ScoredBatch, names: list[str]) -> dict[str, float]:
     out.update(batch.reward_metrics)
     real_N = batch.rollouts.sample_N.to(batch.rewards_NK.device)
     ro = batch.rollouts
-    if ro.pad_N is not None or ro.sft_N is not None:  # padding and demonstration rows' NaN
+    if ro.pad_N is not None or ro.sft_N is not None or ro.fixed_adv_N is not None:
+        # padding, demonstration and fixed-advantage rows' NaN
         # rewards are not unscorable ones
         r = batch.rewards_N[real_N.to(batch.rewards_N.device)]
         out["reward/nan_frac"] = float((~torch.isfinite(r)).double().mean()) if r.numel() else 0.0

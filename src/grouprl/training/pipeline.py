@@ -72,6 +72,7 @@ class Pipeline:
 
     def collect_now(self, B: int, step: int) -> tuple[ScoredBatch, dict[str, float]]:
         """Step `step`'s batch, collected in this thread."""
+        self.collector.begin()
         batch, metrics, _ = self._collect(B, step)
         return batch, metrics
 
@@ -81,6 +82,7 @@ class Pipeline:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="grouprl-collect")
         cursor = self.collector.state_dict()
+        self.collector.begin()  # here, in the training thread: no race with the update
         self._pending = _Pending(step, cursor, self._pool.submit(self._collect, B, step))
 
     def take(self, step: int) -> tuple[ScoredBatch, dict[str, float], float] | None:

@@ -127,6 +127,13 @@ class Trainer:
             check_run_dir(self.run_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
         self.dist.barrier()
         self.components: Components = build_components(cfg)
+        adv = self.components.advantage
+        if adv.caps.offline_probe and adv.instance is not None and cfg.data.environment:
+            if int(adv.instance.offline_samples) > 0:
+                raise ConfigError(
+                    "advantage.offline_init: the offline probe samples single-turn "
+                    "completions; it cannot run with data.environment (set offline_init: 0)"
+                )
         self.rewards = build_rewards(cfg)
         self.rewards.configure_health(
             cfg.train.reward_failure_limit, cfg.train.reward_failure_window
@@ -297,6 +304,18 @@ class Trainer:
                 f"rollout.strategy: {spec['name']!r} continues rollouts from token ids, which "
                 f"rollout.engine {self.cfg.rollout.engine!r} cannot; use rollout.engine hf or vllm"
             )
+        if self.cfg.rollout.num_train_samples > 0:
+            raise ConfigError(
+                f"rollout.strategy: {spec['name']!r} with rollout.num_train_samples "
+                f"{self.cfg.rollout.num_train_samples}: keeping the first rows of each group "
+                "would drop the rows the strategy adds; set rollout.num_train_samples: 0"
+            )
+        if not strategy.refill_safe and any(f.caps.refills for f in self.components.sample_filters):
+            raise ConfigError(
+                f"rollout.strategy: {spec['name']!r} cannot run with a refilling sample filter "
+                "(its rows would be judged by the groups they land in, round after round); "
+                "remove the filter or the strategy"
+            )
         if strategy.makes_sft_rows and not any(
             c.trains_sft_rows for c in self.components.regularizer_caps
         ):
@@ -407,7 +426,9 @@ class Trainer:
             if self.dist.is_main and (done == total or done % 1024 < 64):
                 log.info("offline probe: %d/%d prompts", done, total)
 
-        keys, wins = self.collector.probe(k, progress=report)
+        self._tell_rewards(0)
+        with self.learner.sampling(self.engine):  # every process in step (fsdp2 gathers)
+            keys, wins = self.collector.probe(k, progress=report)
         adv.instance.init_offline(keys, wins, k)
 
     def _save(self, *, at_step_start: bool = False) -> Path:

@@ -130,9 +130,15 @@ class Strategy:
     needs_continuation = False  # continues rollouts from token ids (engines with sample_token_ids)
     samples_per_prompt: int | None = None  # first sampling per prompt, when not G
     makes_sft_rows = False  # adds rows trained by likelihood only (Rollouts.sft_N; ExPO)
+    refill_safe = True  # may run once per round of a refilling sample filter (DAPO)
 
     def observe(self, update_metrics: dict[str, float]) -> None:
         """The metrics of the update that just ran (a strategy may steer by them)."""
+
+    def begin(self) -> None:
+        """Called in the training thread right before a collection starts: what `observe`
+        recorded becomes what the collection reads, so a collection running in the
+        background (train.async one_step) never sees an update that finished after it began."""
 
 
 @ROLLOUT_STRATEGIES.register("plain")

@@ -20,10 +20,14 @@ SUMMARY_CUE = "\n</think>\n\n**Final Answer**\n"
 
 def thinking_length(ids: list[int], decode: Callable[[list[int]], str], think_end: str) -> int:
     """Tokens of `ids` before `think_end` starts (all of them without it), EOS excluded."""
+    if not think_end:
+        return len(ids)
     text = ""
     for k, tid in enumerate(ids):
-        text += decode([tid])
-        if think_end and think_end in text:
+        piece = decode([tid])
+        text += piece
+        # only the tail can hold a new match: linear in the completion's length
+        if think_end in text[-(len(piece) + len(think_end)) :]:
             return k
     return len(ids)
 
@@ -98,31 +102,40 @@ class AnytimeBudget(Strategy):
         S = len(budgets)
         p = budget_prior(budgets, self.prior)
         cue = tok(self.summary_cue, add_special_tokens=False)["input_ids"]
-        chains = []  # (prompt ids, thinking ids, cuts) per row
+        eos = _eos_ids(tok)
+        chains = []  # (prompt ids, thinking ids, cuts, thinking sampler log-probs) per row
         for n in range(ro.num_rollouts):
             prompt = ro.prompt_ids_NP[n][ro.prompt_mask_NP[n].bool()].tolist()
-            ids = ro.completion_ids_NT[n][ro.attention_mask_NT[n].bool()].tolist()
-            think = ids[: thinking_length(ids, tok.decode, self.think_end)]
-            think = [t for t in think if t not in _eos_ids(tok)][: budgets[-1]]
-            chains.append((prompt, think, [min(b, len(think)) for b in budgets]))
-        contexts = [pr + th[:c] + cue for pr, th, cuts in chains for c in cuts]
-        answers = [a[0][: self.summary_tokens] for a in ctx.continue_ids(contexts, 1)]
-        prompts, comps, texts, info = [], [], [], []
+            real = ro.attention_mask_NT[n].bool()
+            ids = ro.completion_ids_NT[n][real].tolist()
+            k = min(thinking_length(ids, tok.decode, self.think_end), budgets[-1])
+            while k > 0 and ids[k - 1] in eos:  # an EOS ends the completion, not the thinking
+                k -= 1
+            lp = None if ro.sampling_logp_NT is None else ro.sampling_logp_NT[n][real][:k].tolist()
+            chains.append((prompt, ids[:k], [min(b, k) for b in budgets], lp))
+        contexts = [pr + th[:c] + cue for pr, th, cuts, _ in chains for c in cuts]
+        answers = [(a[: self.summary_tokens], lp) for a, lp in ctx.continue_ids(contexts, 1)]
+        prompts, comps, texts, info, logps, truncated = [], [], [], [], [], []
         for b in range(B):
             for g in range(G):  # the thinking rows
-                pr, th, cuts = chains[b * G + g]
+                n = b * G + g
+                pr, th, cuts, lp = chains[n]
                 prompts.append(pr)
                 comps.append(th)
                 texts.append(tok.decode(th, skip_special_tokens=True))
                 info.append({"role": "think", "g": g, "cuts": cuts, "p": p})
+                logps.append(lp)
+                truncated.append(bool(ro.truncated_N[n]))  # it ran out of tokens while thinking
             for g in range(G):  # the summaries, chain-major
-                pr, th, cuts = chains[b * G + g]
+                pr, th, cuts, _ = chains[b * G + g]
                 for s, c in enumerate(cuts):
                     prompts.append(pr + th[:c] + cue)
-                    ans = answers[(b * G + g) * S + s]
+                    ans, lp = answers[(b * G + g) * S + s]
                     comps.append(ans)
                     texts.append(tok.decode(ans, skip_special_tokens=True))
                     info.append({"role": "summary", "g": g, "s": s})
+                    logps.append(None if lp is None else list(lp)[: len(ans)])
+                    truncated.append(not ans or ans[-1] not in eos)
         W = G * (1 + S)
         built = rollouts_from_rows(
             prompts,
@@ -130,7 +143,9 @@ class AnytimeBudget(Strategy):
             texts=texts,
             group_size=W,
             pad_token_id=ctx.pad_token_id,
-            truncated=[False] * len(comps),
+            truncated=truncated,
+            # the sampler's log-probs when every row has them (vLLM, train.async)
+            logps=logps if all(x is not None for x in logps) else None,
             device=ro.completion_ids_NT.device,
         )
         scored = ctx.score(batch.examples, built)

@@ -41,13 +41,18 @@ class AEPO(Strategy):
             statistics: Rollouts.fixed_adv_N) and replace the first rows of the batch:
             at most replace_low (60) rows when H <= target, replace_high (30) otherwise
 
-    The entropy read is the previous update's, as in the code (which starts from 0: the
-    first step samples hotter); it is saved in checkpoints with the strategy's state. The
+    The entropy read is the last update's before the collection began (`begin`): the
+    previous step's, or with train.async one_step the one before (the collection overlaps
+    the update), as the code does in its order (it starts from 0: the first step samples
+    hotter); saved in checkpoints with the strategy's state. Not with a refilling sample
+    filter (its rows would be judged by the groups they land in). The
     code's H is −mean log π of the sampled tokens at T = 1; ours is the `entropy` metric,
     the mean of the policy's per-token entropy at the sampling temperature (the same in
     expectation when sampling at T = 1). The code samples n = G = 5 extras per prompt and
     recomputes π_old at T = 1; AEPO turns the KL term off.
     """
+
+    refill_safe = False  # its rows replace the batch's first rows, in whatever group
 
     def __init__(
         self,
@@ -77,19 +82,24 @@ class AEPO(Strategy):
         self.target, self.prompt_frac, self.min_adv = target, prompt_frac, min_adv
         self.temperature_high, self.temperature_low = temperature_high, temperature_low
         self.replace_low, self.replace_high = replace_low, replace_high
-        self.entropy: float | None = None
+        self.entropy: float | None = None  # what the running collection reads
+        self.observed: float | None = None  # the latest update's, for the next collection
 
     def observe(self, update_metrics: dict[str, float]) -> None:
         value = update_metrics.get("entropy")
         if value is not None and math.isfinite(value):
-            self.entropy = float(value)
+            self.observed = float(value)
+
+    def begin(self) -> None:
+        self.entropy = self.observed
 
     def state_dict(self) -> dict[str, Any]:
-        return {"entropy": self.entropy}
+        return {"entropy": self.entropy, "observed": self.observed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        value = state.get("entropy")
-        self.entropy = None if value is None else float(value)
+        for key in ("entropy", "observed"):
+            value = state.get(key)
+            setattr(self, key, None if value is None else float(value))
 
     def __call__(self, batch: ScoredBatch, ctx: StrategyContext) -> tuple[ScoredBatch, dict]:
         B, G = batch.num_groups, batch.rollouts.group_size
@@ -122,7 +132,9 @@ class AEPO(Strategy):
                 if ro.sampling_logp_NT is None
                 else torch.full_like(ro.sampling_logp_NT, float("nan")),
             ),
+            # outside every group's statistics, also for estimators reading rewards_BGK
             rewards_N=torch.full_like(new.rewards_N, float("nan")),
+            rewards_NK=torch.full_like(new.rewards_NK, float("nan")),
         )
         rows = list(range(len(kept)))  # the batch's first rows, as AEPO's code replaces
         batch = replace_rows(batch, new, rows, kept, ctx.pad_token_id)
