@@ -9,7 +9,8 @@ killed with SIGKILL while sampling), DIST_RUN_ASYNC (train.async, and no checkpo
 the end, so every step but the first is collected ahead), DIST_RUN_SERVER (engine vllm in server
 mode at that URL), DIST_RUN_LORA (model.lora.r: LoRA adapters, and a KL term), DIST_RUN_REWARD_FAIL_RANK (the
 reward raises on that rank; failure window of 1 call), DIST_RUN_ROLLOUT_STRATEGY (a JSON
-rollout.strategy; rows get `hints` and `solution` columns)."""
+rollout.strategy; rows get `hints` and `solution` columns), DIST_RUN_COUNT_DIR (each process
+appends how many completions it scored to a file there)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,10 @@ class Scripted:
 def has_seven(completions, **_):
     if os.environ.get("DIST_RUN_REWARD_FAIL_RANK") == os.environ.get("RANK", "-"):
         raise RuntimeError("judge unreachable from this rank")
+    if os.environ.get("DIST_RUN_COUNT_DIR"):  # how many completions this process scored
+        path = Path(os.environ["DIST_RUN_COUNT_DIR"]) / f"rank{os.environ.get('RANK', '0')}"
+        with path.open("a") as f:
+            f.write(f"{len(completions)}\n")
     return [float("7" in c) + 0.1 * len(c) for c in completions]
 
 

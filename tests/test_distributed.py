@@ -344,7 +344,8 @@ def test_two_ranks_match_one_with_ragged_groups(tmp_path, model_dir):
     ],
 )
 def test_two_ranks_match_one_with_off_policy_rows(tmp_path, model_dir, recipe, strategy):
-    out = {}
+    """...and every completion, the strategy's included, is scored by one process only."""
+    out, scored = {}, {}
     for name, ranks, strat in (("one", 1, "auto"), ("ddp", 2, "ddp"), ("fsdp2", 2, "fsdp2")):
         d = tmp_path / name
         d.mkdir()
@@ -353,12 +354,15 @@ def test_two_ranks_match_one_with_off_policy_rows(tmp_path, model_dir, recipe, s
             ranks,
             DIST_RUN_STRATEGY=strat,
             DIST_RUN_ROLLOUT_STRATEGY=json.dumps(strategy),
+            DIST_RUN_COUNT_DIR=str(d),
         )
         assert res.returncode == 0, res.stderr[-3000:]
         out[name] = _params(d)
+        scored[name] = sum(int(x) for f in d.glob("rank*") for x in f.read_text().split())
     lines = (tmp_path / "one" / "run" / "metrics.jsonl").read_text().splitlines()
     steps = [m for m in map(json.loads, lines) if "loss" in m]
     key = "hint/rescued_groups" if recipe == "guide_hints" else "completions/sft_rows"
     assert sum(m.get(key, 0.0) for m in steps) >= 1  # the rows under test were there
+    assert scored["ddp"] == scored["fsdp2"] == scored["one"], scored
     assert _diff(out["one"], out["ddp"]) <= 1e-5
     assert _diff(out["one"], out["fsdp2"]) <= 1e-5

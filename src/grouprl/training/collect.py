@@ -503,8 +503,32 @@ class Collector:
 
     def _scored(self, examples: list[PromptExample], ro: Rollouts) -> ScoredBatch:
         """`ro` (G rows per example) scored against `examples`, as a batch of no dataset
-        index (a strategy's extra rollouts); on the policy's device. Every process scores
-        all of them (the same rows on every process: the same decisions)."""
+        index (a strategy's extra rollouts); on the policy's device. With several processes
+        each scores its share of the examples' groups and all get every score (the same
+        rows everywhere: the same decisions), so a judge is paid once per row."""
+        if not self.dist.active or not examples:
+            return self._scored_here(examples, ro)
+        G = ro.num_rollouts // len(examples)
+        mine = self.dist.shard(len(examples))
+        part = None
+        if len(mine):
+            rows = torch.arange(mine.start * G, mine.stop * G)
+            part = self._scored_here([examples[i] for i in mine], ro.select(rows))
+            part = replace(
+                part,
+                rollouts=part.rollouts.to("cpu"),
+                rewards_NK=part.rewards_NK.cpu(),
+                rewards_N=part.rewards_N.cpu(),
+            )
+        parts = [p for p in self.dist.gather(part) if p is not None]
+        batch = concat_batches(parts, self.pad_token_id)
+        # rewards stay where scoring put them (the CPU), as on one process
+        return replace(
+            batch, rollouts=replace(batch.rollouts.to(self.device), group_size=ro.group_size)
+        )
+
+    def _scored_here(self, examples: list[PromptExample], ro: Rollouts) -> ScoredBatch:
+        """`_scored` in this process alone."""
         ro = ro.to(self.device)
         rewards_N, res = self._score(examples, ro)
         return ScoredBatch(
