@@ -22,7 +22,16 @@ from grouprl.algorithms import ADVANTAGES, AGGREGATIONS, LOSSES, REGULARIZERS
 from grouprl.algorithms.advantages import ADVANTAGE_MODIFIERS
 from grouprl.algorithms.selection import SAMPLE_FILTERS, TOKEN_MASKS
 from grouprl.components import load_config
-from grouprl.config import Config, ConfigError, config_key, dump_config, recipe_names, yaml_load
+from grouprl.config import (
+    Config,
+    ConfigError,
+    config_key,
+    dump_config,
+    load_recipe,
+    recipe_names,
+    required_keys,
+    yaml_load,
+)
 from grouprl.rewards import REWARDS
 
 FUZZ = settings(
@@ -249,7 +258,8 @@ def _nonempty(s: str) -> bool:
 valid_changes = st.fixed_dictionaries(
     {},
     optional={
-        "recipe": st.sampled_from(recipe_names()),
+        # valid without more input: not the recipes that need the user's reward model
+        "recipe": st.sampled_from([n for n in recipe_names() if not required_keys(load_recipe(n))]),
         "model": st.fixed_dictionaries(
             {},
             optional={

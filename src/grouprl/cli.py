@@ -398,6 +398,14 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         print(
             f"# {args.name}: {info['description']}\n# source: {info['source']} ({info['confidence']})"
         )
+        from grouprl.config import load_config as load_schema
+        from grouprl.config import load_recipe, required_keys
+
+        if required_keys(load_recipe(args.name)):  # the user supplies a model or a URL
+            cfg = load_schema({"recipe": args.name}, check=False, allow_required=True)
+            print("# the <required: ...> values must be set to train with it")
+            print(dump_config(cfg))
+            return 0
         print(dump_config(load_config({"recipe": args.name}, check=True)))
         return 0
     from rich.console import Console

@@ -706,13 +706,33 @@ def read_yaml_file(path: Path) -> dict[str, Any]:
     return user
 
 
+# a recipe value the user must give (a reward model's path, a judge's URL): "<required: what>"
+REQUIRED = "<required"
+
+
+def required_keys(data: Any, where: str = "") -> list[tuple[str, str]]:
+    """(dotted key, what) of every value still marked "<required: what>" in `data`."""
+    if isinstance(data, str) and data.startswith(REQUIRED):
+        return [(where, data[len(REQUIRED) :].strip(" :>"))]
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list):
+        items = ((str(i), v) for i, v in enumerate(data))
+    else:
+        return []
+    return [hit for k, v in items for hit in required_keys(v, f"{where}.{k}" if where else k)]
+
+
 def load_config(
     source: str | Path | dict[str, Any] | None = None,
     overrides: list[str] | None = None,
     *,
     check: bool = True,
+    allow_required: bool = False,
 ) -> Config:
-    """Build a Config from a YAML path or dict, its recipe, and `key=value` overrides."""
+    """Build a Config from a YAML path or dict, its recipe, and `key=value` overrides. A
+    recipe value marked "<required: ...>" that nothing set is a ConfigError naming the key
+    (unless `allow_required`: `grouprl recipes NAME` prints such a recipe)."""
     if source is None:
         user: dict[str, Any] = {}
     elif isinstance(source, dict):
@@ -750,6 +770,13 @@ def load_config(
         set_path(merged, path_, value)
     if recipe:
         merged["recipe"] = recipe
+    missing = required_keys(merged)
+    if missing and not allow_required:
+        lines = "; ".join(f"{key} ({what})" for key, what in missing)
+        example = " ".join(f"{key}=..." for key, _ in missing)
+        raise ConfigError(
+            f"recipe {recipe}: set {lines}, in your YAML or on the command line: {example}"
+        )
     cfg = _build(Config, merged, "")
     cfg.recipe_overrides = recipe_overrides(recipe_cfg, merged)
     cfg.trl_mappings = trl_lines
