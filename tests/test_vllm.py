@@ -278,6 +278,66 @@ def test_five_steps_improve_the_reward_like_the_hf_engine(tmp_path):
     assert "mismatch/kl" not in hist["hf"][0]
 
 
+@pytest.mark.parametrize(
+    "strategy,extra",
+    [
+        ({"name": "guide_hints", "hint_template": "{hint}", "replace_num": 4}, {}),
+        (
+            {"name": "expo", "explain_template": "{answer}", "require_correct": False},
+            {"regularizers": [{"name": "sft_rows"}]},
+        ),
+        ({"name": "aepo"}, {}),
+        (
+            {
+                "name": "anytime_budget",
+                "budgets": [0.5, 1.0],
+                "summary_cue": "=",
+                "think_end": "",
+                "summary_tokens": 2,
+            },
+            {"advantage": {"name": "brpo"}},
+        ),
+    ],
+    ids=["guide_hints", "expo", "aepo", "anytime_budget"],
+)
+def test_off_policy_strategies_train_with_vllm(tmp_path, strategy, extra):
+    """Rows sampled in another context (a hint, the answer, another temperature) or continued
+    from token ids: vLLM samples them, their unknown sampler log-probs stay out of the
+    mismatch metrics (still ~0 in fp32), and the update is finite."""
+    from grouprl.training.trainer import Trainer
+
+    model, tok = tiny(seed=3)
+    cfg = {
+        "rollout": {
+            "engine": "vllm",
+            "num_generations": 4,
+            "max_new_tokens": 6,
+            "strategy": strategy,
+        },
+        "advantage": {"name": "grpo"},
+        "loss": {"name": "ppo_clip", "aggregation": "token_mean"},
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 2,
+            "prompts_per_step": 4,
+            "micro_batch_size": 64,
+            "save_every": 0,
+            "progress": False,
+        },
+        **extra,
+    }
+    rows = [
+        {"prompt": f"{a}+{b}=", "answer": str(a + b), "hints": str(a + b)}
+        for a in range(10, 30)
+        for b in (3, 4)
+    ]
+    with Trainer(cfg, model=model, tokenizer=tok, train_dataset=rows, reward_funcs=[sevens]) as tr:
+        history = tr.train().history
+    for m in history:
+        assert torch.isfinite(torch.tensor(m["loss"])), m
+        assert abs(m["mismatch/kl"]) < 1e-3, m  # only rows with known sampler log-probs
+
+
 def test_lora_adapters_reach_vllm_merged(tmp_path):
     """LoRA with the colocated engine: after every step vLLM gets the base weights with the
     adapters merged in (under the base names), so its log-probs stay the trainer's."""
