@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,7 +28,23 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+# A rank process that aborts in C++ at start-up ("terminate called without an active
+# exception", SIGABRT) was seen once in ~10 CI runs of the LoRA + fsdp2 case and never
+# reproduced (8 runs in a row passed): such a run is started once more. A crash that
+# happens again, or any other failure, still fails the test.
+ABORT = "terminate called without an active exception"
+
+
 def _run(args: list[str], ranks: int, **env_vars: str) -> subprocess.CompletedProcess:
+    res = _run_once(args, ranks, **env_vars)
+    if res.returncode != 0 and ABORT in res.stderr and "exitcode  : -6" in res.stderr:
+        if "resume" not in args:  # a fresh run starts in an empty run folder again
+            shutil.rmtree(Path(args[1]) / "run", ignore_errors=True)
+        res = _run_once(args, ranks, **env_vars)
+    return res
+
+
+def _run_once(args: list[str], ranks: int, **env_vars: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", **env_vars}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, str(SCRIPT), *args]
