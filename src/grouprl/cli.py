@@ -414,9 +414,15 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     table = Table(title="grouprl recipes (grouprl recipes NAME prints the resolved config)")
     for col in ("name", "what it changes", "paper", "confidence"):
         table.add_column(col, overflow="fold")
+    from grouprl.config import load_recipe, required_keys
+
     for name in recipe_names():
         info = recipe_info(name)
-        table.add_row(name, info["changes"], info["source"], info["confidence"])
+        needs = required_keys(load_recipe(name))
+        changes = info["changes"]
+        if needs:  # values only the user can give
+            changes += " [you set: " + ", ".join(key for key, _ in needs) + "]"
+        table.add_row(name, changes, info["source"], info["confidence"])
     Console(width=max(100, Console().width)).print(table)
     return 0
 

@@ -18,6 +18,7 @@ prompt's plain pass rate, not the hinted one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -147,3 +148,17 @@ class Plain(Strategy):
 
     def __call__(self, batch: ScoredBatch, ctx: StrategyContext) -> tuple[ScoredBatch, dict]:
         return batch, {}
+
+
+def thinking_length(ids: list[int], decode: Callable[[list[int]], str], think_end: str) -> int:
+    """Tokens of `ids` before `think_end` starts (all of them without it), EOS excluded."""
+    if not think_end:
+        return len(ids)
+    text = ""
+    for k, tid in enumerate(ids):
+        piece = decode([tid])
+        text += piece
+        # only the tail can hold a new match: linear in the completion's length
+        if think_end in text[-(len(piece) + len(think_end)) :]:
+            return k
+    return len(ids)

@@ -4,7 +4,6 @@ early as well as at the end (the `brpo` advantage turns the scores into credit).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -12,24 +11,10 @@ import torch
 from grouprl.algorithms.budgets import BUDGET_PRIORS, budget_prior
 from grouprl.rollout.base import rollouts_from_rows
 from grouprl.training.collect import ScoredBatch, StrategyContext
-from grouprl.training.strategies.base import ROLLOUT_STRATEGIES, Strategy
+from grouprl.training.strategies.base import ROLLOUT_STRATEGIES, Strategy, thinking_length
 from grouprl.training.strategies.continuation import _eos_ids
 
 SUMMARY_CUE = "\n</think>\n\n**Final Answer**\n"
-
-
-def thinking_length(ids: list[int], decode: Callable[[list[int]], str], think_end: str) -> int:
-    """Tokens of `ids` before `think_end` starts (all of them without it), EOS excluded."""
-    if not think_end:
-        return len(ids)
-    text = ""
-    for k, tid in enumerate(ids):
-        piece = decode([tid])
-        text += piece
-        # only the tail can hold a new match: linear in the completion's length
-        if think_end in text[-(len(piece) + len(think_end)) :]:
-            return k
-    return len(ids)
 
 
 @ROLLOUT_STRATEGIES.register("anytime_budget")

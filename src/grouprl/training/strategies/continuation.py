@@ -16,6 +16,7 @@ from grouprl.training.strategies.base import (
     Strategy,
     _hint_levels,
     replace_rows,
+    thinking_length,
 )
 
 
@@ -185,13 +186,7 @@ class SerialExit(Strategy):
             row = g * first
             prompt = ro.prompt_ids_NP[row][ro.prompt_mask_NP[row].bool()].tolist()
             cot = ro.completion_ids_NT[row][ro.attention_mask_NT[row].bool()].tolist()
-            text = ""
-            n_think = len(cot)
-            for k, tid in enumerate(cot):  # thinking ends where think_end starts
-                text += tok.decode([tid])
-                if self.think_end and self.think_end in text:
-                    n_think = k
-                    break
+            n_think = thinking_length(cot, tok.decode, self.think_end)
             m = min(G - 1, max(n_think - 1, 0))
             cand = torch.randperm(max(n_think - 1, 0), generator=rng)[:m] + 1  # P in 1..n−1
             plan.append((g, prompt, cot, sorted(int(x) for x in cand)))
