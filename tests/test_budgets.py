@@ -67,21 +67,29 @@ def test_brpo_puts_segment_advantages_on_thinking_tokens_and_one_per_summary():
     assert float(adv[2:, 3:].abs().sum()) == 0.0
 
 
-def test_anytime_budget_builds_thinking_and_summary_rows(tmp_path, tiny_model_dir):
-    cfg = base_config(tmp_path / "a", tiny_model_dir, max_steps=2)
+def anytime_run(out, model_dir, *, summary_tokens, mode="off"):
+    """2 steps of anytime_budget (budgets 3 and 6 of 6 tokens, cue "=") + brpo: the trainer,
+    the collected batches and the result."""
+    cfg = base_config(out, model_dir, max_steps=2)
+    cfg["train"]["async"] = mode
     cfg["rollout"]["max_new_tokens"] = 6
     cfg["rollout"]["strategy"] = {
         "name": "anytime_budget",
         "budgets": [0.5, 1.0],
         "summary_cue": "=",
         "think_end": "",
-        "summary_tokens": 3,
+        "summary_tokens": summary_tokens,
     }
     cfg["advantage"] = {"name": "brpo"}
     tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[coin_reward])
     seen = record_collections(tr)
     res = tr.train()
     tr.close()
+    return tr, seen, res
+
+
+def test_anytime_budget_builds_thinking_and_summary_rows(tmp_path, tiny_model_dir):
+    tr, seen, res = anytime_run(tmp_path / "a", tiny_model_dir, summary_tokens=3)
     batch, metrics = seen[-1]
     ro, info = batch.rollouts, batch.extra["budget"]
     G = tr.cfg.rollout.num_generations
@@ -120,21 +128,7 @@ def test_anytime_budget_checks_its_parameters():
 def test_anytime_budget_keeps_the_sampler_log_probs_and_truncation(tmp_path, tiny_model_dir):
     """Under train.async one_step the HF engine reports its own log-probs: every thinking
     and summary row carries them (so the mismatch correction stays on)."""
-    cfg = base_config(tmp_path / "b", tiny_model_dir, max_steps=2)
-    cfg["train"]["async"] = "one_step"
-    cfg["rollout"]["max_new_tokens"] = 6
-    cfg["rollout"]["strategy"] = {
-        "name": "anytime_budget",
-        "budgets": [0.5, 1.0],
-        "summary_cue": "=",
-        "think_end": "",
-        "summary_tokens": 2,
-    }
-    cfg["advantage"] = {"name": "brpo"}
-    tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[coin_reward])
-    seen = record_collections(tr)
-    res = tr.train()
-    tr.close()
+    tr, seen, res = anytime_run(tmp_path / "b", tiny_model_dir, summary_tokens=2, mode="one_step")
     batch, _ = seen[-1]
     ro = batch.rollouts
     assert ro.sampling_logp_NT is not None

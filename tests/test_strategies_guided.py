@@ -119,6 +119,22 @@ def _trainer(tmp_path, tiny_model_dir, **extra):
     return tr
 
 
+def _group(enc, comp_NT, mask_NT, **fields):
+    """One group of len(comp_NT) rows: the tokenized prompts `enc`, given completions."""
+    N = comp_NT.shape[0]
+    return Rollouts(
+        prompt_ids_NP=enc["input_ids"],
+        prompt_mask_NP=enc["attention_mask"].float(),
+        completion_ids_NT=comp_NT,
+        attention_mask_NT=mask_NT,
+        loss_mask_NT=mask_NT.clone(),
+        truncated_N=torch.zeros(N, dtype=torch.bool),
+        completions=["a"] * N,
+        group_size=N,
+        **fields,
+    )
+
+
 def _grads(tr, ro, adv):
     tr.model.zero_grad(set_to_none=True)
     stats = tr.learner.update(make_train_batch(ro, adv, max_new_tokens=4), step=0)
@@ -145,16 +161,7 @@ def test_a_row_sampled_with_a_hint_has_its_ratio_against_the_hinted_context(
     comp = torch.tensor([[1, 2, 3], [4, 5, 6], [1, 5, 2]])
     mask = torch.ones(3, 3)
     mask[1, 2] = 0
-    ro = Rollouts(
-        prompt_ids_NP=hint["input_ids"],
-        prompt_mask_NP=hint["attention_mask"].float(),
-        completion_ids_NT=comp,
-        attention_mask_NT=mask,
-        loss_mask_NT=mask.clone(),
-        truncated_N=torch.zeros(3, dtype=torch.bool),
-        completions=["a"] * 3,
-        group_size=3,
-    ).trained_with(enc["input_ids"], enc["attention_mask"].float())
+    ro = _group(hint, comp, mask).trained_with(enc["input_ids"], enc["attention_mask"].float())
     assert ro.behavior_N.tolist() == [False, False, True]
     adv = torch.tensor([1.0, -0.5, 0.7])
     _, got = _grads(tr, ro, adv)
@@ -181,17 +188,7 @@ def test_demonstration_rows_get_only_the_sft_rows_term(tmp_path, tiny_model_dir)
     enc = tok(["12+3="] * 3, return_tensors="pt")
     comp = torch.tensor([[1, 2, 3], [4, 5, 6], [1, 5, 2]])
     mask = torch.ones(3, 3)
-    ro = Rollouts(
-        prompt_ids_NP=enc["input_ids"],
-        prompt_mask_NP=enc["attention_mask"].float(),
-        completion_ids_NT=comp,
-        attention_mask_NT=mask,
-        loss_mask_NT=mask.clone(),
-        truncated_N=torch.zeros(3, dtype=torch.bool),
-        completions=["a"] * 3,
-        group_size=3,
-        sft_N=torch.tensor([False, False, True]),
-    )
+    ro = _group(enc, comp, mask, sft_N=torch.tensor([False, False, True]))
     adv = torch.tensor([1.0, -1.0, 5.0])  # row 2's advantage must not count
     stats, got = _grads(tr, ro, adv)
     tr.model.zero_grad(set_to_none=True)

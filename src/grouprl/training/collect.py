@@ -114,29 +114,22 @@ def concat_rollouts(parts: list[Rollouts], pad_token_id: int) -> Rollouts:
         pad_N=_flags(parts, "pad_N"),
         sft_N=_flags(parts, "sft_N"),
         offpolicy_N=_flags(parts, "offpolicy_N"),
-        fixed_adv_N=None
-        if all(r.fixed_adv_N is None for r in parts)
-        else torch.cat(
-            [
-                r.fixed_adv_N.cpu()
-                if r.fixed_adv_N is not None
-                else torch.full((r.num_rollouts,), float("nan"))
-                for r in parts
-            ]
-        ),
+        fixed_adv_N=_flags(parts, "fixed_adv_N", fill=float("nan")),
         **_behavior_prompts(parts, pad_token_id),
     )
 
 
-def _flags(parts: list[Rollouts], name: str) -> Tensor | None:
-    """The parts' bool [N] row flags `name` joined (False where a part has none)."""
+def _flags(parts: list[Rollouts], name: str, fill: bool | float = False) -> Tensor | None:
+    """The parts' [N] row values `name` joined (`fill` where a part has none: False for the
+    bool flags, NaN for fixed advantages)."""
     if all(getattr(r, name) is None for r in parts):
         return None
+    dtype = torch.bool if isinstance(fill, bool) else torch.float32
     return torch.cat(
         [
             getattr(r, name).cpu()
             if getattr(r, name) is not None
-            else torch.zeros(r.num_rollouts, dtype=torch.bool)
+            else torch.full((r.num_rollouts,), fill, dtype=dtype)
             for r in parts
         ]
     )

@@ -286,7 +286,7 @@ class Learner:
                 assert ent is not None
                 mask_mb = mask[s]
                 old = old_logp_NT[s] if old_logp_NT is not None else logp.detach()
-                if behavior_logp is not None and behavior_N is not None:
+                if behavior_N is not None and behavior_logp is not None:
                     old = torch.where(behavior_N[s].to(old.device)[:, None], behavior_logp[s], old)
                 inp = PolicyInputs(
                     logp_NT=logp,

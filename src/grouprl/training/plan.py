@@ -318,11 +318,8 @@ def make_train_batch(
         )
     num_groups = ro.num_rollouts // ro.group_size
     # padding and demonstration rows are no samples
-    num_seqs = (
-        int((ro.real_N & ~ro.sft_N.to(ro.real_N.device)).sum())
-        if ro.sft_N is not None
-        else (int(ro.real_N.sum()) if ro.pad_N is not None else None)
-    )
+    trained_N = ro.real_N if ro.sft_N is None else ro.real_N & ~ro.sft_N.to(ro.real_N.device)
+    num_seqs = int(trained_N.sum()) if ro.pad_N is not None or ro.sft_N is not None else None
     return TrainBatch(
         rollouts=ro,
         adv_N=adv_N,

@@ -162,3 +162,12 @@ def thinking_length(ids: list[int], decode: Callable[[list[int]], str], think_en
         if think_end in text[-(len(piece) + len(think_end)) :]:
             return k
     return len(ids)
+
+
+def require_continuation(ctx: StrategyContext, name: str) -> None:
+    """Refuse a run whose engine cannot continue token ids (the strategy `name` needs it)."""
+    if ctx.continue_ids is None or ctx.tokenizer is None or ctx.score is None:
+        raise ValueError(
+            f"rollout.strategy: {name} continues from token ids; use an engine that declares "
+            "it (rollout.engine hf or vllm)"
+        )

@@ -11,7 +11,12 @@ import torch
 from grouprl.algorithms.budgets import BUDGET_PRIORS, budget_prior
 from grouprl.rollout.base import rollouts_from_rows
 from grouprl.training.collect import ScoredBatch, StrategyContext
-from grouprl.training.strategies.base import ROLLOUT_STRATEGIES, Strategy, thinking_length
+from grouprl.training.strategies.base import (
+    ROLLOUT_STRATEGIES,
+    Strategy,
+    require_continuation,
+    thinking_length,
+)
 from grouprl.training.strategies.continuation import _eos_ids
 
 SUMMARY_CUE = "\n</think>\n\n**Final Answer**\n"
@@ -76,11 +81,7 @@ class AnytimeBudget(Strategy):
         return out
 
     def __call__(self, batch: ScoredBatch, ctx: StrategyContext) -> tuple[ScoredBatch, dict]:
-        if ctx.continue_ids is None or ctx.tokenizer is None or ctx.score is None:
-            raise ValueError(
-                "rollout.strategy: anytime_budget continues from token ids; use an engine that "
-                "declares it (rollout.engine hf or vllm)"
-            )
+        require_continuation(ctx, "anytime_budget")
         tok, ro = ctx.tokenizer, batch.rollouts
         B, G = batch.num_groups, ro.group_size
         budgets = self.budgets(ctx.max_new_tokens or int(ro.completion_ids_NT.shape[1]))

@@ -16,6 +16,7 @@ from grouprl.training.strategies.base import (
     Strategy,
     _hint_levels,
     replace_rows,
+    require_continuation,
     thinking_length,
 )
 
@@ -61,11 +62,7 @@ class DatasetReset(Strategy):
         B, G = batch.num_groups, batch.rollouts.group_size
         if ctx.step < self.warmup_steps:
             return batch, {}
-        if ctx.continue_ids is None or ctx.tokenizer is None or ctx.score is None:
-            raise ValueError(
-                "rollout.strategy: dataset_reset continues from token ids; use an engine "
-                "that declares it (rollout.engine hf or vllm)"
-            )
+        require_continuation(ctx, "dataset_reset")
         tok = ctx.tokenizer
         k = min(self.reset_num, G)
         rng = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.step)
@@ -171,11 +168,7 @@ class SerialExit(Strategy):
         self.answer_tokens, self.success_at, self.seed = answer_tokens, success_at, seed
 
     def __call__(self, batch: ScoredBatch, ctx: StrategyContext) -> tuple[ScoredBatch, dict]:
-        if ctx.continue_ids is None or ctx.tokenizer is None or ctx.score is None:
-            raise ValueError(
-                "rollout.strategy: serial_exit continues from token ids; use an engine that "
-                "declares it (rollout.engine hf or vllm)"
-            )
+        require_continuation(ctx, "serial_exit")
         tok, ro = ctx.tokenizer, batch.rollouts
         B, first = batch.num_groups, ro.group_size  # first: the chains sampled per prompt
         G = ctx.group_size or first
@@ -303,11 +296,7 @@ class SegmentMC(Strategy):
         return cuts[: self.max_cuts]
 
     def __call__(self, batch: ScoredBatch, ctx: StrategyContext) -> tuple[ScoredBatch, dict]:
-        if ctx.continue_ids is None or ctx.tokenizer is None or ctx.score is None:
-            raise ValueError(
-                "rollout.strategy: segment_mc continues from token ids; use an engine that "
-                "declares it (rollout.engine hf or vllm)"
-            )
+        require_continuation(ctx, "segment_mc")
         tok, ro = ctx.tokenizer, batch.rollouts
         B, G = batch.num_groups, ro.group_size
         r_BG = batch.rewards_N.view(B, G).double()

@@ -34,11 +34,10 @@ TRAIN_PROMPTS = ("plain", "sampled")
 def plain_prompts(batch: ScoredBatch, groups: list[int], per_group: int) -> tuple:
     """The training prompts (ids, mask) of `per_group` new rows for each of `groups`: each
     group's own prompt, as its first row holds it."""
-    src = torch.tensor([g * batch.rollouts.group_size for g in groups for _ in range(per_group)])
     ro = batch.rollouts.behavior_view()  # a row's own sampling prompt is its plain prompt
-    return ro.prompt_ids_NP[src.to(ro.prompt_ids_NP.device)], ro.prompt_mask_NP[
-        src.to(ro.prompt_mask_NP.device)
-    ]
+    G, dev = ro.group_size, ro.prompt_ids_NP.device
+    src = torch.tensor([g * G for g in groups for _ in range(per_group)], device=dev)
+    return ro.prompt_ids_NP[src], ro.prompt_mask_NP[src]
 
 
 def _check_train_prompt(train_prompt: str) -> None:
