@@ -2,31 +2,42 @@
 
 Usage:
     python benchmarks/decoder.py [--cells 64x32 512x32 512x256 2048x32 64x1024]
-        [--B 4] [--G 8] [--reps 2] [--threads 2]
+        [--B 4] [--G 8] [--reps 2] [--threads 2] [--draw inverse_cdf|multinomial]
+    python benchmarks/decoder.py --draw-only [--vocab 4096 151936] [--rows 32]
 
 The random Qwen2 of `attention_backends.py` (hidden 256, 4 layers, vocabulary 4096, fp32), B prompts of P random ids, G samples each of exactly C tokens (the EOS is outside
 the vocabulary). Compared: `rollout/decode.py::sample_groups` (rollout.decoder shared) and
 the `generate` path as `HFEngine` runs it (prefill once, cache repeated G times, then
-`model.generate`). `--reps` rounds alternating the two; the minimum of each and the ratio.
+`model.generate`). `--reps` rounds alternating the two; the minimum of each and the ratio. `--draw` is the
+shared decoder's `rollout.draw`.
+
+`--draw-only`: one decode step's token draw alone, `rollout.draw` inverse_cdf vs
+multinomial (softmax included, 50 calls each, alternating, min/median/max per call) on
+`--rows` random logit rows of each `--vocab` size.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 from attention_backends import bench_model  # this folder's script
 from transformers import GenerationConfig
 
-from grouprl.rollout.decode import sample_groups
+from grouprl.rollout.decode import draw_inverse_cdf, sample_groups
 from grouprl.rollout.hf import HFEngine
+
+DRAW = "inverse_cdf"
 
 
 def _shared(
     model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, G: int, C: int, eos: list[int]
 ) -> None:
-    sample_groups(model, ids, mask, G=G, max_new_tokens=C, eos_ids=eos, pad_id=0, temperature=1.0)
+    sample_groups(
+        model, ids, mask, G=G, max_new_tokens=C, eos_ids=eos, pad_id=0, temperature=1.0, draw=DRAW
+    )
 
 
 def _generate(
@@ -44,6 +55,30 @@ def _generate(
         )
 
 
+def draw_only(vocabs: list[int], rows: int, calls: int = 50) -> None:
+    """Time one step's draw: softmax + inverse-CDF lookup vs softmax + torch.multinomial."""
+    fns = {
+        "inverse_cdf": lambda x: draw_inverse_cdf(torch.softmax(x, -1)),
+        "multinomial": lambda x: torch.multinomial(torch.softmax(x, -1), 1),
+    }
+    print("| vocabulary | rows | inverse_cdf ms | multinomial ms | ratio min / med / max |")
+    print("|---|---|---|---|---|")
+    for V in vocabs:
+        logits = torch.randn(rows, V)
+        ms: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(calls):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(logits)
+                ms[name].append((time.perf_counter() - t0) * 1e3)
+        ratios = sorted(a / b for a, b in zip(ms["inverse_cdf"], ms["multinomial"], strict=True))
+        i, m = statistics.median(ms["inverse_cdf"]), statistics.median(ms["multinomial"])
+        print(
+            f"| {V} | {rows} | {i:.2f} | {m:.2f} | {ratios[0]:.3f} / "
+            f"{statistics.median(ratios):.3f} / {ratios[-1]:.3f} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -53,8 +88,17 @@ def main() -> None:
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--draw", default="inverse_cdf", choices=["inverse_cdf", "multinomial"])
+    ap.add_argument("--draw-only", action="store_true")
+    ap.add_argument("--vocab", nargs="*", type=int, default=[4096, 151936])
+    ap.add_argument("--rows", type=int, default=32)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.draw_only:
+        draw_only(args.vocab, args.rows)
+        return
+    global DRAW
+    DRAW = args.draw
     model = bench_model().eval()
     B, G, eos = args.B, args.G, [model.config.vocab_size]  # never sampled: exactly C tokens
     print("| P | C | shared s | generate s | shared / generate |")

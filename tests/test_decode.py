@@ -19,7 +19,7 @@ PROMPTS = ["12+34=", "7+8=", "123+456="]  # uneven lengths: left padding
 def _both(model, tok, params, seed, eos=None):
     outs = []
     for decoder in ("generate", "shared"):
-        eng = HFEngine(model, tok, decoder=decoder)
+        eng = HFEngine(model, tok, decoder=decoder, draw="multinomial")
         if eos is not None:
             eng.eos_ids = lambda: eos  # type: ignore[method-assign]
         torch.manual_seed(seed)
@@ -106,3 +106,69 @@ def test_neither_decoder_applies_the_models_own_generation_config():
     a, b = _both(model, tok, params, seed=1)
     assert torch.equal(a.completion_ids_NT, b.completion_ids_NT)
     assert torch.equal(a.completion_ids_NT, plain.completion_ids_NT)
+
+
+def test_inverse_cdf_draws_each_token_with_its_probability():
+    # 200k draws from one row with a zero, a tiny and a large probability, against the exact
+    # chances: every count within 5 standard deviations, the zero never drawn
+    p_V = torch.tensor([0.0, 0.5, 1e-3, 0.2, 0.0, 0.299])
+    n = 200_000
+    gen = torch.Generator().manual_seed(0)
+    got = decode.draw_inverse_cdf(p_V.expand(n, -1) * 3.0, gen)  # unnormalised rows
+    counts = torch.bincount(got, minlength=6).double()
+    want = p_V.double() * n
+    sd = (n * p_V.double() * (1 - p_V.double())).sqrt()
+    assert counts[0] == 0 and counts[4] == 0
+    assert bool(((counts - want).abs() <= 5 * sd + 1e-9).all()), counts
+
+
+def test_inverse_cdf_rounding_up_to_the_total_takes_the_last_drawable_token(monkeypatch):
+    p_nV = torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(2, 1))
+    assert decode.draw_inverse_cdf(p_nV).tolist() == [1, 2]
+
+
+def test_default_draw_samples_the_models_distribution():
+    # the decoder's first token over many seeded draws against the model's own softmax
+    model, tok = tiny_model("qwen2")
+    ids = torch.tensor([[3, 14, 15, 9]])
+    with torch.no_grad():
+        p_V = torch.softmax(model(input_ids=ids).logits[0, -1].float() / 0.5, -1)
+    G = 4000
+    gen = torch.Generator().manual_seed(2)
+    comp = decode.sample_groups(
+        model,
+        ids,
+        torch.ones_like(ids),
+        G=G,
+        max_new_tokens=1,
+        eos_ids=[],
+        pad_id=0,
+        temperature=0.5,
+        generator=gen,
+    )
+    counts = torch.bincount(comp[:, 0], minlength=p_V.numel()).double()
+    sd = (G * p_V.double() * (1 - p_V.double())).sqrt()
+    assert bool(((counts - G * p_V.double()).abs() <= 5 * sd + 1.0).all())
+
+
+def test_a_seed_gives_the_same_samples_with_either_draw_and_they_differ():
+    model, tok = tiny_model("qwen2")
+    params = SamplingParams(num_generations=4, temperature=1.0, max_new_tokens=12, seed=5)
+    runs = {
+        draw: [
+            HFEngine(model, tok, decoder="shared", draw=draw).generate(PROMPTS, params)
+            for _ in range(2)
+        ]
+        for draw in decode.DRAWS
+    }
+    for a, b in runs.values():
+        assert torch.equal(a.completion_ids_NT, b.completion_ids_NT)
+    inv, mult = runs["inverse_cdf"][0], runs["multinomial"][0]
+    assert not torch.equal(inv.completion_ids_NT, mult.completion_ids_NT)
+
+
+def test_unknown_draw_is_refused():
+    model, tok = tiny_model("qwen2")
+    with pytest.raises(ValueError, match="rollout.draw"):
+        HFEngine(model, tok, draw="gumbel")

@@ -21,13 +21,17 @@ def even_first_digit(prompts, completions, **kw):
     return [1.0 if c[:1] in "02468" and c[:1] else 0.0 for c in completions]
 
 
-def recipe_trainer(tmp_path, model_dir, recipe: str, **train):
+def rare_first_digit(prompts, completions, **kw):
+    return [1.0 if c[:1] in "02" and c[:1] else 0.0 for c in completions]
+
+
+def recipe_trainer(tmp_path, model_dir, recipe: str, reward=even_first_digit, **train):
     cfg = base_config(tmp_path / recipe, model_dir, **train)
     for key in ("advantage", "loss", "regularizers"):
         cfg.pop(key)
     cfg["recipe"] = recipe
     cfg["rollout"]["num_generations"] = 4
-    return Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[even_first_digit])
+    return Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[reward])
 
 
 def test_forking_tokens_trains_on_about_a_fifth_of_the_tokens(tmp_path, tiny_model_dir):
@@ -82,8 +86,9 @@ def test_dr_grpo_penalizes_long_wrong_answers_as_much_per_token():
 
 
 def test_dapo_trains_only_on_groups_with_signal(tmp_path, tiny_model_dir):
-    grpo = recipe_trainer(tmp_path, tiny_model_dir, "grpo", max_steps=3).train()
-    dapo = recipe_trainer(tmp_path, tiny_model_dir, "dapo", max_steps=3).train()
+    # a reward the start earns ~1 time in 5: groups of 4 with all-equal rewards are common
+    grpo = recipe_trainer(tmp_path, tiny_model_dir, "grpo", rare_first_digit, max_steps=4).train()
+    dapo = recipe_trainer(tmp_path, tiny_model_dir, "dapo", rare_first_digit, max_steps=4).train()
     assert max(h["frac_reward_zero_std"] for h in grpo.history) > 0  # the budget had dead groups
     assert all(h["frac_reward_zero_std"] == 0 for h in dapo.history)
     assert sum(h["dynamic_sampling/dropped_groups"] for h in dapo.history) > 0

@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 
 from grouprl.config import ConfigError
 from grouprl.rollout.base import ROLLOUT_ENGINES, Rollouts, SamplingParams, completion_mask_from_eos
-from grouprl.rollout.decode import check_decoder, sample_groups
+from grouprl.rollout.decode import DRAWS, check_decoder, sample_groups
 
 if TYPE_CHECKING:
     from grouprl.config import RolloutConfig
@@ -62,14 +62,18 @@ class HFEngine:
         max_prompt_length: int | None = None,
         share_prefill: bool = True,
         decoder: str = "auto",
+        draw: str = "inverse_cdf",
     ) -> None:
         if decoder not in DECODERS:
             raise ValueError(f"rollout.decoder: {decoder!r} is not one of {', '.join(DECODERS)}")
+        if draw not in DRAWS:
+            raise ValueError(f"rollout.draw: {draw!r} is not one of {', '.join(DRAWS)}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_length = max_prompt_length
         self.share_prefill = share_prefill
         self.decoder = decoder
+        self.draw = draw
         self._shared_ok: dict[type, bool] = {}
 
     @classmethod
@@ -87,6 +91,7 @@ class HFEngine:
             max_prompt_length=max_prompt_length,
             share_prefill=rollout_cfg.share_prefill,
             decoder=rollout_cfg.decoder,
+            draw=rollout_cfg.draw,
         )
 
     @torch.no_grad()
@@ -274,6 +279,7 @@ class HFEngine:
                     top_p=params.top_p,
                     generator=gen,
                     logp_out_NT=logp_NT,
+                    draw=self.draw,
                 )
             else:
                 if params.seed is not None:
