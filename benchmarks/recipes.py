@@ -229,6 +229,8 @@ def run_recipe(
         res = trainer.train()
         train_s = time.perf_counter() - t0
         ev = heldout(trainer.model, trainer.tokenizer, task, s)
+        start_model, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(model_dir)))
+        kl = kl_to_start(trainer.model, start_model, trainer.tokenizer, task, s)
     except Exception as exc:  # report, never hide: one line, the run goes on
         msg = (str(exc).strip().splitlines() or [""])[0]
         out.update(status="failed", error=f"{type(exc).__name__}: {msg}"[:300])
@@ -249,6 +251,7 @@ def run_recipe(
         zero_std=_mean(h, "frac_reward_zero_std"),
         kept=_mean(h, "selection/kept_token_frac"),
         abs_adv=_mean(h, "advantage/abs_mean"),
+        kl_start=kl,
         step_s=_mean(h, "time/step", last=None),
         rollouts=_mean(h, "rollouts/sampled", last=None),
         train_s=train_s,
@@ -256,6 +259,31 @@ def run_recipe(
         notes={label: _mean(h, key) for key, label in NOTES.get(name, [])},
     )
     return out
+
+
+@torch.no_grad()
+def kl_to_start(
+    model: Any, start: Any, tok: Any, task: Any, s: DemoSettings, n: int = 200
+) -> float:
+    """KL(π‖π_start) per completion, estimated on held-out prompts: the mean over samples of
+    π of Σ_t log π(o_t) − log π_start(o_t) (4 samples per prompt, the training temperature,
+    the log-probs at that temperature as the trainer computes them)."""
+    from grouprl.models.forward import completion_logprobs
+    from grouprl.rollout.base import SamplingParams
+    from grouprl.rollout.hf import HFEngine
+
+    prompts = [r["prompt"] for r in task.eval_rows[:n]]
+    params = SamplingParams(
+        num_generations=4, temperature=s.temperature, max_new_tokens=s.max_new_tokens, seed=s.seed
+    )
+    was = model.training
+    model.eval()
+    ro = HFEngine(model, tok).generate(prompts, params)
+    args = (ro.prompt_ids_NP, ro.prompt_mask_NP, ro.completion_ids_NT, ro.attention_mask_NT)
+    lp, _ = completion_logprobs(model, *args, temperature=s.temperature)
+    lp0, _ = completion_logprobs(start, *args, temperature=s.temperature)
+    model.train(was)
+    return float(((lp - lp0) * ro.attention_mask_NT).sum(1).mean())
 
 
 def _num(x: float, fmt: str = "{:.2f}") -> str:
@@ -290,7 +318,9 @@ def render(results: list[dict], start: dict, meta: dict) -> str:
         f"extra rewards), seed {meta['seed']}. Held-out pass@1: {meta['eval_problems']} unseen "
         f"problems × {meta['eval_samples']} samples at temperature {meta['temperature']}, as "
         "`grouprl demo` measures it. Training columns are means over the last "
-        f"{LAST} steps; `s/step` is the mean `time/step` over all steps.",
+        f"{LAST} steps; `s/step` is the mean `time/step` over all steps. `KL to start`: "
+        "KL(π‖π_start) per completion after training, Σ_t log π − log π_start averaged over "
+        "4 samples of π on each of 200 held-out prompts.",
         "",
     ]
     if meta["skipped"]:
@@ -305,13 +335,13 @@ def render(results: list[dict], start: dict, meta: dict) -> str:
     lines += [
         "| recipe | confidence | held-out pass@1 % (95% CI) | Δ vs SFT (points) | "
         "train reward | mean length | entropy | zero-std groups | mean \\|A\\| | kept tokens | s/step | "
-        "recipe-specific |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "KL to start | recipe-specific |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r["status"] != "ok":
             lines.append(
-                f"| `{r['recipe']}` | {r['confidence']} | **failed** | – | – | – | – | – | – | – | – | "
+                f"| `{r['recipe']}` | {r['confidence']} | **failed** | – | – | – | – | – | – | – | – | – | "
                 f"`{r['error'].replace('|', '/')}` |"
             )
             continue
@@ -327,7 +357,8 @@ def render(results: list[dict], start: dict, meta: dict) -> str:
             f"({_pct(r['pass1_lo'])}–{_pct(r['pass1_hi'])}) | {delta:+.1f} | "
             f"{_num(r['reward'])} | {_num(r['length'])} | {_num(r['entropy'], '{:.3f}')} | "
             f"{_num(r['zero_std']) if r['recipe'] != 'single_stream' else 'n/a (G=1)'} | "
-            f"{_num(r['abs_adv'])} | {_num(r['kept'])} | {_num(r['step_s'])} | {notes} |"
+            f"{_num(r['abs_adv'])} | {_num(r['kept'])} | {_num(r['step_s'])} | "
+            f"{_num(r.get('kl_start', math.nan), '{:.3f}')} | {notes} |"
         )
     return "\n".join(lines)
 
