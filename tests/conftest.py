@@ -131,3 +131,40 @@ def strategy_collector(tok, rows, strategy, engine, G=3, sampler=None):
         strategy=strategy,
         render=prompt_renderer(tok),
     )
+
+
+def _weighted_grads(model, logp, mask):
+    model.zero_grad(set_to_none=True)
+    # a loss weighting every token differently, so mixed-up positions would show
+    w = torch.linspace(0.5, 1.5, logp.numel()).view_as(logp)
+    (logp * mask * w).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_packed_matches_repeated(model, args, backend: str) -> None:
+    """Shared-prefix log-probs and entropy within 1e-5 of the repeated layout's on the batch
+    `args` (prompt ids, prompt mask, completion ids, completion mask), and their gradients
+    within 1e-4 relative. FlexAttention has no CPU backward: on CPU only its values."""
+    from grouprl.models.forward import completion_logprobs
+
+    with_grad = backend != "flex" or torch.cuda.is_available()
+    with torch.set_grad_enabled(with_grad):
+        ref, ref_h = completion_logprobs(model, *args, temperature=0.9, with_entropy=True)
+        got, got_h = completion_logprobs(
+            model,
+            *args,
+            temperature=0.9,
+            with_entropy=True,
+            shared_prefix=True,
+            attn_backend=backend,
+        )
+    assert (ref - got).abs().max() <= 1e-5
+    assert (ref_h - got_h).abs().max() <= 1e-5
+    if not with_grad:
+        return
+    mask = args[3]
+    g_ref, g_got = _weighted_grads(model, ref, mask), _weighted_grads(model, got, mask)
+    assert set(g_ref) == set(g_got)
+    for n, g in g_ref.items():
+        rel = (g - g_got[n]).norm() / g.norm().clamp(min=1e-12)
+        assert rel <= 1e-4, (n, float(rel))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, arith_rows, base_config, tiny_model
+from conftest import ARCHS, arith_rows, assert_packed_matches_repeated, base_config, tiny_model
 
 from grouprl.models.forward import completion_logprobs
 from grouprl.models.head import chunked_head_logprobs
@@ -38,15 +38,12 @@ CASES = {
         ["1+1=", "123+456=", "55+5="],
         [["2", "22"], ["579", "5", "57"], ["60", "6"]],
     ),
+    # 7 + 7 tokens fit beside 18: the two short groups share a packed row
+    "two groups in one row": (
+        ["1+1=", "123+456=", "5+5="],
+        [["2", "22"], ["579", "5", "57", "5791"], ["10", "1"]],
+    ),
 }
-
-
-def grads(model, logp, mask):
-    model.zero_grad(set_to_none=True)
-    # a loss weighting every token differently, so mixed-up positions would show
-    w = torch.linspace(0.5, 1.5, logp.numel()).view_as(logp)
-    (logp * mask * w).sum().backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("backend", ["two_part", "sdpa", "flex"])
@@ -55,28 +52,9 @@ def grads(model, logp, mask):
 def test_logprobs_and_gradients_match_repeated_layout(arch, case, backend):
     model, tok = tiny_model(arch)
     args = batch(tok, *CASES[case])
-    mask = args[3]
-    # FlexAttention has no CPU backward: on CPU its values are checked, its gradients on GPU
-    with_grad = backend != "flex" or torch.cuda.is_available()
-    with torch.set_grad_enabled(with_grad):
-        ref, ref_h = completion_logprobs(model, *args, temperature=0.9, with_entropy=True)
-        got, got_h = completion_logprobs(
-            model,
-            *args,
-            temperature=0.9,
-            with_entropy=True,
-            shared_prefix=True,
-            attn_backend=backend,
-        )
-    assert (ref - got).abs().max() <= 1e-5
-    assert (ref_h - got_h).abs().max() <= 1e-5
-    if not with_grad:
-        return
-    g_ref, g_got = grads(model, ref, mask), grads(model, got, mask)
-    assert set(g_ref) == set(g_got)
-    for n, g in g_ref.items():
-        rel = (g - g_got[n]).norm() / g.norm().clamp(min=1e-12)
-        assert rel <= 1e-4, (n, float(rel))
+    if case == "two groups in one row":
+        assert pack_groups(*args).input_ids_RL.shape == (2, 18)
+    assert_packed_matches_repeated(model, args, backend)
 
 
 def test_right_padded_prompts_pack_the_same():

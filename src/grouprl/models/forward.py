@@ -46,8 +46,9 @@ class PolicyLogProbs(nn.Module):
 
     Holds the HF causal LM as the submodule `model`. `shared_prefix` packs rows that share a
     prompt (consecutive, identical prompt ids and mask) and encodes the prompt once;
-    `chunk_size` is the LM-head chunk (0: automatic); `attn_backend` the packed attention
-    (auto, sdpa or flex).
+    `pack_rows` lets several such groups share a packed row where they fit (off: one group
+    per row); `chunk_size` is the LM-head chunk (0: automatic); `attn_backend` the packed
+    attention (auto, two_part, sdpa or flex).
     """
 
     def __init__(
@@ -57,10 +58,12 @@ class PolicyLogProbs(nn.Module):
         shared_prefix: bool = False,
         chunk_size: int = 0,
         attn_backend: str = "auto",
+        pack_rows: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
         self.shared_prefix = shared_prefix
+        self.pack_rows = pack_rows
         self.chunk_size = chunk_size
         self.attn_backend = attn_backend
         # what the second output holds: the entropy, or CAPO's head curvature (head.py)
@@ -141,7 +144,9 @@ class PolicyLogProbs(nn.Module):
         real_NT: Tensor,
     ) -> Tensor:
         """Hidden states [M, d] that predict the real completion tokens, in the packed layout."""
-        layout = pack_groups(prompt_ids_NP, prompt_mask_NP, completion_ids_NT, real_NT)
+        layout = pack_groups(
+            prompt_ids_NP, prompt_mask_NP, completion_ids_NT, real_NT, pack_rows=self.pack_rows
+        )
         layout.backend = resolve_backend(
             self.attn_backend, completion_ids_NT.device, head_dim_of(self.model)
         )
@@ -167,6 +172,7 @@ def completion_logprobs(
     attn_backend: str | None = None,
     entropy_grad: bool = False,
     second: str | None = None,
+    pack_rows: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs [N, T] of each real completion token given its prompt, optionally entropy
     (`second="curvature"`: CAPO's head curvature in its place, `head.head_curvature`).
@@ -174,8 +180,8 @@ def completion_logprobs(
     The functional face of `PolicyLogProbs`: `model` is an HF causal LM (wrapped for this
     call), a `PolicyLogProbs`, or a `DistributedDataParallel` around one, which is then
     called so its hooks run. The layout arguments (`shared_prefix`, `chunk_size`,
-    `attn_backend`) default to the module's settings (PolicyLogProbs' defaults for a bare
-    model); given, they decide for this call. Values are 0 where attention_mask_NT is 0;
+    `attn_backend`, `pack_rows`) default to the module's settings (PolicyLogProbs' defaults
+    for a bare model); given, they decide for this call. Values are 0 where attention_mask_NT is 0;
     with `shared_prefix` they equal the repeated layout's up to float rounding.
     """
     policy = _policy_of(model)
@@ -187,6 +193,7 @@ def completion_logprobs(
         chunk_size=chunk_size,
         attn_backend=attn_backend,
         second=second,
+        pack_rows=pack_rows,
     ):
         return model(
             prompt_ids_NP,

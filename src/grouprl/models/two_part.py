@@ -1,4 +1,4 @@
-"""Two-part attention for the packed layout: the prompt once, each completion on its own.
+"""Two-part attention for the packed layout: each prompt once, each completion on its own.
 
 Prefix Grouper (arXiv 2506.05433) splits the attention of a group `[prompt; c_1; ...; c_G]`
 into two parts instead of one dense mask over the whole packed row:
@@ -9,11 +9,14 @@ into two parts instead of one dense mask over the whole packed row:
   keys are `[prompt; c_j]`: the prompt's keys are shared (broadcast to the G rows, their
   gradients summed back, as the repeated layout sums over its G prompt copies).
 
-Cost per packed row: P^2 + G*C*(P + C) scores instead of (P + G*C)^2, and a boolean mask of
-G*C*(P + C) instead of (P + G*C)^2. When completions are longer than the (equal-length,
-no sliding window) prompts, each completion row runs as plain causal attention over
-[prompt; c_j] instead, which skips the masked half of c_j x c_j. The rule is `packing.allowed` (tests check both
-backends against the repeated layout).
+A packed row may hold several groups one after another, so the unit of the plan is a group
+of a row (a "unit"): its prompt slots and its completion grid are gathered per unit, and the
+outputs scattered back to their columns. Cost per group: P^2 + G*C*(P + C) scores instead
+of (P + G*C)^2, and a boolean mask of G*C*(P + C) instead of (P + G*C)^2; nothing is
+quadratic in the row. When completions are longer than the (equal-length, no sliding
+window) prompts, each completion row runs as plain causal attention over [prompt; c_j]
+instead, which skips the masked half of c_j x c_j. The rule is `packing.allowed` (tests
+check every backend against the repeated layout).
 """
 
 from __future__ import annotations
@@ -27,66 +30,85 @@ from torch import Tensor
 
 @dataclass
 class TwoPartPlan:
-    """Where the parts of each packed row are: R rows, prompts of up to Pm tokens, up to Gm
-    completions of up to Cm tokens.
+    """Where the parts of each unit (a group of a packed row) are: U units, prompts of up to Pm
+    tokens, up to Gm completions of up to Cm tokens.
 
-    prompt_len_R:  real prompt tokens of each row (columns 0..P_r-1).
-    comp_col_RM:   packed column of completion g's token i at M index g*Cm + i (0 if absent).
-    comp_real_RM:  whether that slot holds a real token.
-    mask_B1CK:     per sliding window, may completion slot (row R*Gm, query c) attend to key
-                   k of [prompt columns 0..Pm-1; its completion's slots]: `packing.allowed`,
-                   filled in by the layout (`PackedLayout.two_part_plan`).
+    row_U:          packed row of each unit.
+    prompt_col_UP:  packed column of prompt token i of unit u (absent: the unit's first column).
+    prompt_real_UP: whether that prompt slot holds a real token.
+    comp_col_UM:    packed column of completion g's token i at M index g*Cm + i (absent: the
+                    unit's first column, its first prompt token).
+    comp_real_UM:   whether that slot holds a real token.
+    mask_B1CK:      per sliding window, may completion slot (row U*Gm, query c) attend to key
+                    k of [its prompt's slots; its completion's slots]: `packing.allowed`,
+                    filled in by the layout (`PackedLayout.two_part_plan`).
     """
 
-    prompt_len_R: Tensor
-    comp_col_RM: Tensor
-    comp_real_RM: Tensor
+    row_U: Tensor
+    prompt_col_UP: Tensor
+    prompt_real_UP: Tensor
+    comp_col_UM: Tensor
+    comp_real_UM: Tensor
     Gm: int
     Cm: int
     mask_B1CK: dict[int | None, Tensor] = field(default_factory=dict)
 
     @property
     def Pm(self) -> int:
-        return int(self.prompt_len_R.max()) if len(self.prompt_len_R) else 0
+        return self.prompt_col_UP.shape[1]
 
     @classmethod
-    def of(cls, segment_RL: Tensor) -> TwoPartPlan:
-        """The plan of a packed layout from its segment ids (-1 pad, 0 prompt, j completion j)."""
-        R, L = segment_RL.shape
-        dev = segment_RL.device
-        prompt_len_R = (segment_RL == 0).sum(1)
-        Gm = max(int(segment_RL.max()) if segment_RL.numel() else 0, 1)
-        is_comp = segment_RL >= 1
-        # per (row, completion): its length and first column (completions are contiguous)
-        seg_RL = segment_RL.clamp(min=0)
-        len_RG = torch.zeros(R, Gm + 1, dtype=torch.long, device=dev)
-        len_RG.scatter_add_(1, seg_RL, is_comp.long())
-        len_RG = len_RG[:, 1:]
-        Cm = max(int(len_RG.max()) if len_RG.numel() else 0, 1)
-        start_RG = prompt_len_R[:, None] + len_RG.cumsum(1) - len_RG
-        i_C = torch.arange(Cm, device=dev)
-        real_RGC = i_C[None, None, :] < len_RG[:, :, None]
-        col_RGC = torch.where(real_RGC, start_RG[:, :, None] + i_C, 0)
+    def of(cls, unit_RL: Tensor, part_RL: Tensor) -> TwoPartPlan:
+        """The plan of a packed layout from each token's unit (-1 padding, else 0..U-1) and part
+        (0 prompt, j completion j). A unit's tokens are contiguous: its prompt, then its
+        completions in order."""
+        R, L = unit_RL.shape
+        dev = unit_RL.device
+        real_RL = unit_RL >= 0
+        u_T, p_T = unit_RL[real_RL], part_RL[real_RL]
+        col_T = torch.arange(L, device=dev).expand(R, L)[real_RL]
+        row_T = torch.arange(R, device=dev)[:, None].expand(R, L)[real_RL]
+        U = int(u_T.max()) + 1 if len(u_T) else 0
+        Gm = max(int(p_T.max()) if len(p_T) else 0, 1)
+        count_UG = torch.zeros(U, Gm + 1, dtype=torch.long, device=dev)
+        count_UG.index_put_((u_T, p_T), torch.ones_like(u_T), accumulate=True)
+        start_U = torch.full((U,), L, dtype=torch.long, device=dev)
+        start_U = start_U.scatter_reduce(0, u_T, col_T, "amin")
+        row_U = torch.zeros(U, dtype=torch.long, device=dev).scatter(0, u_T, row_T)
+        prompt_len_U, len_UG = count_UG[:, 0], count_UG[:, 1:]
+        Pm = int(prompt_len_U.max()) if U else 0
+        Cm = max(int(len_UG.max()) if len_UG.numel() else 0, 1)
+
+        def slots(first_UG: Tensor, len_UG: Tensor, width: int) -> tuple[Tensor, Tensor]:
+            """Columns [U, G, width] of runs starting at first_UG (absent: the unit's start)."""
+            i_W = torch.arange(width, device=dev)
+            real_UGW = i_W < len_UG[:, :, None]
+            col_UGW = torch.where(real_UGW, first_UG[:, :, None] + i_W, start_U[:, None, None])
+            return col_UGW, real_UGW
+
+        prompt_col, prompt_real = slots(start_U[:, None], prompt_len_U[:, None], Pm)
+        first_UG = (start_U + prompt_len_U)[:, None] + len_UG.cumsum(1) - len_UG
+        comp_col, comp_real = slots(first_UG, len_UG, Cm)
         return cls(
-            prompt_len_R=prompt_len_R,
-            comp_col_RM=col_RGC.reshape(R, Gm * Cm),
-            comp_real_RM=real_RGC.reshape(R, Gm * Cm),
+            row_U=row_U,
+            prompt_col_UP=prompt_col[:, 0],
+            prompt_real_UP=prompt_real[:, 0],
+            comp_col_UM=comp_col.reshape(U, Gm * Cm),
+            comp_real_UM=comp_real.reshape(U, Gm * Cm),
             Gm=Gm,
             Cm=Cm,
         )
 
 
-def _gather_M(x_RHLd: Tensor, col_RM: Tensor) -> Tensor:
-    """x at the completion slots: [R, H, L, d] -> [R, H, M, d]."""
-    R, H, _, d = x_RHLd.shape
-    idx = col_RM[:, None, :, None].expand(R, H, col_RM.shape[1], d)
-    return x_RHLd.gather(2, idx)
+def _take(x_RHLd: Tensor, row_U: Tensor, col_UK: Tensor) -> Tensor:
+    """x at the slots of each unit: [R, H, L, d] -> [U, H, K, d]."""
+    return x_RHLd[row_U[:, None], :, col_UK].transpose(1, 2)
 
 
-def _grid(x_RHMd: Tensor, Gm: int, Cm: int) -> Tensor:
-    """[R, H, Gm*Cm, d] -> [R*Gm, H, Cm, d]: each completion a row of its own."""
-    R, H, _, d = x_RHMd.shape
-    return x_RHMd.view(R, H, Gm, Cm, d).transpose(1, 2).reshape(R * Gm, H, Cm, d)
+def _grid(x_UHMd: Tensor, Gm: int, Cm: int) -> Tensor:
+    """[U, H, Gm*Cm, d] -> [U*Gm, H, Cm, d]: each completion a row of its own."""
+    U, H, _, d = x_UHMd.shape
+    return x_UHMd.reshape(U, H, Gm, Cm, d).transpose(1, 2).reshape(U * Gm, H, Cm, d)
 
 
 def two_part_attention(
@@ -98,7 +120,7 @@ def two_part_attention(
     scaling: float | None = None,
     sliding_window: int | None = None,
 ) -> Tensor:
-    """Attention output [R, H, L, d] of a packed micro-batch, computed in two parts.
+    """Attention output [R, H, L, d] of a packed micro-batch, computed in two parts per unit.
 
     query [R, H, L, d], key/value [R, Hkv, L, d] (grouped-query heads allowed); `plan` holds
     the mask for `sliding_window`. Columns that are padding get an output nothing reads.
@@ -107,11 +129,14 @@ def two_part_attention(
     Hkv = key_RHLd.shape[1]
     gqa = Hkv != H
     Pm, Gm, Cm = plan.Pm, plan.Gm, plan.Cm
+    U = len(plan.row_U)
     dev = query_RHLd.device
+    row_U = plan.row_U
 
-    # 1. the prompt: causal over its first Pm columns (a shorter prompt's extra columns are
-    #    completion tokens whose outputs part 2 overwrites)
-    q_p, k_p, v_p = query_RHLd[:, :, :Pm], key_RHLd[:, :, :Pm], value_RHLd[:, :, :Pm]
+    # 1. each prompt: causal over its slots (absent slots come last, so no real query sees them)
+    q_p, k_p, v_p = (
+        _take(x, row_U, plan.prompt_col_UP) for x in (query_RHLd, key_RHLd, value_RHLd)
+    )
     if sliding_window is None:
         out_p = F.scaled_dot_product_attention(
             q_p, k_p, v_p, is_causal=True, scale=scaling, enable_gqa=gqa
@@ -125,35 +150,38 @@ def two_part_attention(
         )
 
     # 2. the completions: each a row whose keys are [its prompt; its own tokens]
-    col_RM = plan.comp_col_RM
-    q_c = _grid(_gather_M(query_RHLd, col_RM), Gm, Cm)  # [R*Gm, H, Cm, d]
-    k_c = _grid(_gather_M(key_RHLd, col_RM), Gm, Cm)
-    v_c = _grid(_gather_M(value_RHLd, col_RM), Gm, Cm)
+    col_UM = plan.comp_col_UM
+    q_c, k_c, v_c = (
+        _grid(_take(x, row_U, col_UM), Gm, Cm) for x in (query_RHLd, key_RHLd, value_RHLd)
+    )
 
-    def shared(x_RHPd: Tensor) -> Tensor:  # the prompt's keys for each of the Gm rows
-        return x_RHPd[:, None].expand(R, Gm, Hkv, Pm, d).reshape(R * Gm, Hkv, Pm, d)
+    def shared(x_UHPd: Tensor) -> Tensor:  # the prompt's keys for each of the Gm rows
+        return x_UHPd[:, None].expand(U, Gm, Hkv, Pm, d).reshape(U * Gm, Hkv, Pm, d)
 
     keys = torch.cat([shared(k_p), k_c], dim=2)
     values = torch.cat([shared(v_p), v_c], dim=2)
-    equal_prompts = bool((plan.prompt_len_R == Pm).all())
+    equal_prompts = bool(plan.prompt_real_UP.all())
     if sliding_window is None and Cm > Pm and equal_prompts:
         # long completions: the rows [prompt; c_j] with plain causal attention, which skips
         # the masked half of c_j x c_j (the prompt's queries are recomputed, their outputs
         # dropped: P*(P+C)/2 extra against C*C/2 saved)
-        q_rows = torch.cat([q_p[:, None].expand(R, Gm, H, Pm, d).reshape(R * Gm, H, Pm, d), q_c], 2)
+        q_rows = torch.cat([q_p[:, None].expand(U, Gm, H, Pm, d).reshape(U * Gm, H, Pm, d), q_c], 2)
         out_c = F.scaled_dot_product_attention(
             q_rows, keys, values, is_causal=True, scale=scaling, enable_gqa=gqa
         )[:, :, Pm:]
     else:
-        mask = plan.mask_B1CK[sliding_window]  # [R*Gm, 1, Cm, Pm+Cm]
+        mask = plan.mask_B1CK[sliding_window]  # [U*Gm, 1, Cm, Pm+Cm]
         out_c = F.scaled_dot_product_attention(
             q_c, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa
         )
-    out_c = out_c.view(R, Gm, H, Cm, d).transpose(1, 2).reshape(R, H, Gm * Cm, d)
+    out_c = out_c.reshape(U, Gm, H, Cm, d).transpose(1, 2).reshape(U, H, Gm * Cm, d)
 
-    # 3. one output: the prompt part, then every real completion slot written at its column
-    #    (absent slots go to a spare column L, dropped)
-    out = torch.cat([out_p, query_RHLd.new_zeros(R, H, L + 1 - Pm, d)], dim=2)
-    dest_RM = torch.where(plan.comp_real_RM, col_RM, L)
-    out = out.scatter(2, dest_RM[:, None, :, None].expand(R, H, Gm * Cm, d), out_c)
-    return out[:, :, :L]
+    # 3. one output: every real prompt and completion slot written at its column (absent
+    #    slots go to a spare column L, dropped)
+    dest_UP = torch.where(plan.prompt_real_UP, plan.prompt_col_UP, L)
+    dest_UM = torch.where(plan.comp_real_UM, col_UM, L)
+    rows = row_U[:, None].expand(U, Pm + Gm * Cm)
+    cols = torch.cat([dest_UP, dest_UM], dim=1)
+    vals_UKHd = torch.cat([out_p, out_c], dim=2).transpose(1, 2)
+    out_RLHd = query_RHLd.new_zeros(R, L + 1, H, d).index_put((rows, cols), vals_UKHd)
+    return out_RLHd[:, :L].transpose(1, 2)

@@ -27,7 +27,7 @@ from grouprl.models.forward import PolicyLogProbs, completion_logprobs
 from grouprl.models.lora import is_adapted, merged_state_dict
 from grouprl.models.whole import whole
 from grouprl.rollout.base import RolloutEngine, Rollouts
-from grouprl.training.batching import micro_batches, token_micro_batches
+from grouprl.training.batching import micro_batches, packed_micro_batches, token_micro_batches
 from grouprl.training.distributed import Dist
 from grouprl.training.optim import build_optimizer, build_scheduler
 from grouprl.training.parallel import build_strategy
@@ -145,9 +145,9 @@ class Learner:
         G = ro.group_size if (self.components.whole_groups or self.shared_prefix) else 1
         prompt_N = ro.prompt_mask_NP.sum(1).long()
         comp_N = ro.attention_mask_NT.sum(1).long()
-        if self.shared_prefix:  # a group is one packed row [prompt; c_1; ...; c_G]
-            length_U = (prompt_N[::G] + comp_N.view(-1, G).sum(1)).tolist()
-            return token_micro_batches(length_U, 1, G, budget)
+        if self.shared_prefix:  # groups [prompt; c_1; ...; c_G], several to a packed row
+            pid, pmask = ro.prompt_ids_NP, ro.prompt_mask_NP
+            return packed_micro_batches(pid, pmask, comp_N.tolist(), G, budget)
         length_U = (prompt_N + comp_N).view(-1, G).amax(1).tolist()
         return token_micro_batches(length_U, G, G, budget)
 
