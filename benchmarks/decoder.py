@@ -4,6 +4,7 @@ Usage:
     python benchmarks/decoder.py [--cells 64x32 512x32 512x256 2048x32 64x1024]
         [--B 4] [--G 8] [--reps 2] [--threads 2] [--draw inverse_cdf|multinomial]
     python benchmarks/decoder.py --draw-only [--vocab 4096 151936] [--rows 32]
+    python benchmarks/decoder.py --compile [--cells 64x256]
 
 The random Qwen2 of `attention_backends.py` (hidden 256, 4 layers, vocabulary 4096, fp32), B prompts of P random ids, G samples each of exactly C tokens (the EOS is outside
 the vocabulary). Compared: `rollout/decode.py::sample_groups` (rollout.decoder shared) and
@@ -14,6 +15,10 @@ shared decoder's `rollout.draw`.
 `--draw-only`: one decode step's token draw alone, `rollout.draw` inverse_cdf vs
 multinomial (softmax included, 50 calls each, alternating, min/median/max per call) on
 `--rows` random logit rows of each `--vocab` size.
+
+`--compile`: the shared decoder with the model eager vs wrapped in `torch.compile(dynamic=
+True)` (inductor), the compiled one's first call (compilation included) reported apart;
+then `--reps` rounds alternating the two.
 """
 
 from __future__ import annotations
@@ -79,6 +84,29 @@ def draw_only(vocabs: list[int], rows: int, calls: int = 50) -> None:
         )
 
 
+def compile_cmp(model: torch.nn.Module, cells: list[str], B: int, G: int, reps: int) -> None:
+    """Eager vs torch.compile'd model under the shared decoder."""
+    eos = [model.config.vocab_size]
+    compiled = torch.compile(model, dynamic=True)
+    print("| P | C | eager s | compiled s | compiled / eager | first compiled call s |")
+    print("|---|---|---|---|---|---|")
+    for cell in cells:
+        P, C = (int(x) for x in cell.split("x"))
+        ids = torch.randint(0, 4000, (B, P))
+        mask = torch.ones_like(ids)
+        t0 = time.perf_counter()
+        _shared(compiled, ids, mask, G, C, eos)
+        first = time.perf_counter() - t0
+        times: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for _ in range(reps):
+            for name, m in (("eager", model), ("compiled", compiled)):
+                t0 = time.perf_counter()
+                _shared(m, ids, mask, G, C, eos)
+                times[name].append(time.perf_counter() - t0)
+        e, c = min(times["eager"]), min(times["compiled"])
+        print(f"| {P} | {C} | {e:.2f} | {c:.2f} | {c / e:.2f} | {first:.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -92,6 +120,7 @@ def main() -> None:
     ap.add_argument("--draw-only", action="store_true")
     ap.add_argument("--vocab", nargs="*", type=int, default=[4096, 151936])
     ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.draw_only:
@@ -100,6 +129,9 @@ def main() -> None:
     global DRAW
     DRAW = args.draw
     model = bench_model().eval()
+    if args.compile:
+        compile_cmp(model, args.cells, args.B, args.G, args.reps)
+        return
     B, G, eos = args.B, args.G, [model.config.vocab_size]  # never sampled: exactly C tokens
     print("| P | C | shared s | generate s | shared / generate |")
     print("|---|---|---|---|---|")

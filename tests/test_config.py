@@ -214,6 +214,22 @@ def test_odd_overrides():
         load_config({}, [5])
 
 
+@pytest.mark.parametrize("raw", ["|", ">", "#", "#x", "&a"])
+def test_a_character_yaml_reads_as_nothing_stays_that_character(raw):
+    # YAML reads `|` / `>` as empty block scalars, `#...` as a comment, `&a` as an anchor
+    # of nothing: an override of a marker such as think_end=| meant the character
+    cfg = load_config(
+        {"rollout": {"strategy": {"name": "serial_exit"}}}, [f"rollout.strategy.think_end={raw}"]
+    )
+    assert cfg.rollout.strategy["think_end"] == raw
+
+
+@pytest.mark.parametrize("raw,want", [("null", None), ("~", None), ("''", ""), ("", "")])
+def test_spelled_out_nothing_is_still_nothing(raw, want):
+    cfg = load_config({}, [f"rollout.strategy.think_end={raw}"])
+    assert cfg.rollout.strategy["think_end"] == want
+
+
 def test_unreadable_file_names_the_file(tmp_path):
     p = tmp_path / "run.yaml"
     p.write_bytes(b"train: {seed: 1}\n# caf\xe9\n")

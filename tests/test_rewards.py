@@ -114,6 +114,15 @@ def test_exact_match():
     assert exact_match([""] * 5, comps, answer=gold) == [1.0, 1.0, 1.0, None, 1.0]
     assert exact_match([""] * 3, comps[:3], answer=gold[:3], normalize=False) == [1.0, 0.0, 0.0]
     assert exact_match([""], ["42"], answer=[42]) == [1.0]
+    # after a think marker: the text after its last occurrence; none: 0
+    thought = ["7+8=15</think> 15", "</think>1</think>15", "15", "15</think>16", "</think>"]
+    assert exact_match([""] * 5, thought, answer=["15"] * 5, after="</think>") == [
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+    ]
 
 
 # ---------------------------------------------------------------- math_accuracy
@@ -290,7 +299,9 @@ def test_builtin_params_are_checked_and_bound():
         RegistryError, match=r'no parameter \'normalise\' \(did you mean "normalize"\?\)'
     ):
         load_reward_fn(RewardSpec(name="exact_match", params={"normalise": False}))
-    with pytest.raises(RegistryError, match="no parameter 'scale'; accepted: answer, normalize"):
+    with pytest.raises(
+        RegistryError, match="no parameter 'scale'; accepted: after, answer, normalize"
+    ):
         load_reward_fn(RewardSpec(name="exact_match", params={"scale": 2}))
 
 

@@ -340,6 +340,21 @@ def test_dataset_reset_needs_a_continuing_engine():
 
 
 # ------------------------------------------------------------------ S-GRPO serial exits
+def test_thinking_length_stops_where_a_multi_token_marker_starts():
+    from grouprl.models.tiny import build_char_tokenizer
+    from grouprl.training.strategies.base import thinking_length
+
+    tok = build_char_tokenizer("ab12</think>")
+    ids = tok("ab</think>12", add_special_tokens=False)["input_ids"]
+    assert thinking_length(ids, tok.decode, "</think>") == 2  # "a", "b"; the marker is 8 tokens
+    assert thinking_length(ids, tok.decode, "|") == len(ids)  # no marker: all of it
+    assert thinking_length(ids, tok.decode, "") == len(ids)
+    # a token that holds the marker's first character with text before it is not thinking
+    pieces = ["ab", "c</th", "ink>", "1"]
+    assert thinking_length([0, 1, 2, 3], lambda t: pieces[t[0]], "</think>") == 1
+    assert thinking_length([0, 1, 2, 3], lambda t: pieces[t[0]], "ab") == 0
+
+
 def test_decay_exit_rewards_by_hand():
     from grouprl.training.strategies.continuation import decay_exit_rewards
 

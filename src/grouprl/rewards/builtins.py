@@ -236,13 +236,15 @@ def exact_match(
     answer: list | None = None,
     *,
     normalize: bool = True,
+    after: str = "",
     **kw: Any,
 ) -> list[float | None]:
     """1.0 if the completion equals the gold answer, else 0.0 (ours; a common baseline).
 
     Both sides are stripped of surrounding whitespace; with `normalize` (default) they
-    are also casefolded and inner whitespace runs collapse to one space. A None gold
-    gives None.
+    are also casefolded and inner whitespace runs collapse to one space. `after` (e.g.
+    "</think>"): only the text after its last occurrence is compared, a completion without
+    it scores 0 (the answer of a think-then-answer format). A None gold gives None.
     """
     golds = _gold("exact_match", "'answer'", answer)
 
@@ -250,10 +252,18 @@ def exact_match(
         s = s.strip()
         return " ".join(s.casefold().split()) if normalize else s
 
-    return [
-        None if gold is None else float(norm(completion_text(c)) == norm(str(gold)))
-        for c, gold in zip(completions, golds, strict=True)
-    ]
+    def answer_of(text: str) -> str | None:
+        if not after:
+            return text
+        return text.rsplit(after, 1)[1] if after in text else None
+
+    out: list[float | None] = []
+    for c, gold in zip(completions, golds, strict=True):
+        got = answer_of(completion_text(c))
+        out.append(
+            None if gold is None else float(got is not None and norm(got) == norm(str(gold)))
+        )
+    return out
 
 
 # ---------------------------------------------------------------- length shaping

@@ -18,6 +18,7 @@ prompt's plain pass rate, not the hinted one.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -151,16 +152,21 @@ class Plain(Strategy):
 
 
 def thinking_length(ids: list[int], decode: Callable[[list[int]], str], think_end: str) -> int:
-    """Tokens of `ids` before `think_end` starts (all of them without it), EOS excluded."""
+    """Tokens of `ids` before the one where `think_end` starts (all of them without it), EOS
+    excluded. A marker may span several tokens ("</think>" over "<", "/", "think", ">"):
+    the count stops at the token holding its first character."""
     if not think_end:
         return len(ids)
-    text = ""
-    for k, tid in enumerate(ids):
+    text, starts = "", []  # starts[k]: the character where token k begins
+    for tid in ids:
         piece = decode([tid])
+        starts.append(len(text))
         text += piece
         # only the tail can hold a new match: linear in the completion's length
-        if think_end in text[-(len(piece) + len(think_end)) :]:
-            return k
+        tail = max(len(text) - len(piece) - len(think_end) + 1, 0)
+        at = text.find(think_end, tail)
+        if at >= 0:
+            return bisect_right(starts, at) - 1
     return len(ids)
 
 
