@@ -83,6 +83,15 @@ def anytime_run(out, model_dir, *, summary_tokens, mode="off"):
     cfg["advantage"] = {"name": "brpo"}
     tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[coin_reward])
     seen = record_collections(tr)
+    engine = tr.collector.engine
+    real = engine.sample_token_ids
+    tr.asked_tokens = []  # max_new_tokens of every continuation call
+
+    def spy(contexts, params):
+        tr.asked_tokens.append(params.max_new_tokens)
+        return real(contexts, params)
+
+    engine.sample_token_ids = spy
     res = tr.train()
     tr.close()
     return tr, seen, res
@@ -114,6 +123,8 @@ def test_anytime_budget_builds_thinking_and_summary_rows(tmp_path, tiny_model_di
             last = b * W + G + g * S + S - 1
             assert batch.rewards_N[n] == batch.rewards_N[last]
     assert all(math.isfinite(h["loss"]) for h in res.history)
+    # the summaries are generated to summary_tokens, not to max_new_tokens and then cut
+    assert tr.asked_tokens and set(tr.asked_tokens) == {3}
 
 
 def test_anytime_budget_checks_its_parameters():

@@ -255,9 +255,10 @@ class StrategyContext:
     sample: Callable[..., ScoredBatch]
     render: Callable[[Any], str]  # prompt (string or messages) -> model text
     pad_token_id: int
-    # (token-id contexts, continuations per context) -> [(ids, sampler log-probs or None)],
-    # through each one's first EOS (engines that declare `multi_turn`); None otherwise
-    continue_ids: Callable[[list[list[int]], int], list[tuple[list[int], Any]]] | None = None
+    # (token-id contexts, continuations per context[, max new tokens]) -> [(ids, sampler
+    # log-probs or None)], through each one's first EOS or the cap (default and upper bound:
+    # rollout.max_new_tokens; engines that declare `multi_turn`); None otherwise
+    continue_ids: Callable[..., list[tuple[list[int], Any]]] | None = None
     # (plain examples, rollouts of them, G per example) -> scored batch
     score: Callable[[list[PromptExample], Rollouts], ScoredBatch] | None = None
     tokenizer: Any = None
@@ -484,9 +485,16 @@ class Collector:
         self._sampled += ro.num_rollouts
         return self._scored(examples, ro)
 
-    def _continue_ids(self, contexts: list[list[int]], n: int) -> list[tuple[list[int], Any]]:
-        """n continuations of each token-id context (all processes get all, in order)."""
-        params = self._params(replace(self.sampling, num_generations=n))
+    def _continue_ids(
+        self, contexts: list[list[int]], n: int, max_tokens: int | None = None
+    ) -> list[tuple[list[int], Any]]:
+        """n continuations of each token-id context (all processes get all, in order), of at
+        most `max_tokens` (within rollout.max_new_tokens): a short answer is not generated
+        long and then cut."""
+        cap = self.sampling.max_new_tokens
+        if max_tokens is not None:
+            cap = max(min(cap, int(max_tokens)), 1)
+        params = self._params(replace(self.sampling, num_generations=n, max_new_tokens=cap))
         self._sampled += len(contexts) * n
         if not self.dist.active:
             return self.engine.sample_token_ids(contexts, params)

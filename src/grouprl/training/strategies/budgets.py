@@ -100,7 +100,7 @@ class AnytimeBudget(Strategy):
             lp = None if ro.sampling_logp_NT is None else ro.sampling_logp_NT[n][real][:k].tolist()
             chains.append((prompt, ids[:k], [min(b, k) for b in budgets], lp))
         contexts = [pr + th[:c] + cue for pr, th, cuts, _ in chains for c in cuts]
-        answers = [(a[: self.summary_tokens], lp) for a, lp in ctx.continue_ids(contexts, 1)]
+        answers = ctx.continue_ids(contexts, 1, self.summary_tokens)
         prompts, comps, texts, info, logps, truncated = [], [], [], [], [], []
         for b in range(B):
             for g in range(G):  # the thinking rows

@@ -184,16 +184,14 @@ class SerialExit(Strategy):
             cand = torch.randperm(max(n_think - 1, 0), generator=rng)[:m] + 1  # P in 1..n−1
             plan.append((g, prompt, cot, sorted(int(x) for x in cand)))
         contexts = [pr + cot[:pj] + exit_ids for _, pr, cot, exits in plan for pj in exits]
-        answers = ctx.continue_ids(contexts, 1) if contexts else []
+        answers = ctx.continue_ids(contexts, 1, self.answer_tokens or None) if contexts else []
         # rows per group: the exits, then the full answer; groups short of exits (thinking
         # too short) repeat the full answer, counted once in the reward walk
         prompts, comps, masks, texts, sources = [], [], [], [], []
         it = iter(answers)
-        cap = self.answer_tokens
         for g, pr, cot, exits in plan:
             for pj in exits:
                 ans = next(it)[0]
-                ans = ans[:cap] if cap else ans
                 ids = cot[:pj] + exit_ids + ans
                 prompts.append(pr)
                 comps.append(ids)
