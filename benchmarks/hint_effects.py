@@ -78,6 +78,15 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "icl_seed": {"exemplar_template": "{question}{answer}" + SHOT},
     "icpo": {"demo_template": "{question}{solution}" + SHOT},
     "igrpo": {"refine_template": "[{draft}]"},
+    # hard groups: a prefix of an answer-guided trace as the hint; easy ones: misleading
+    # one-digit hints as the "distractors" (this format has no room for sentences)
+    "difficulty_aug": {
+        "answer_template": "[{answer}]",
+        "hint_template": "[{hint}]",
+        "distractors": ["[0]", "[9]"],
+        "max_distractors": 1,  # several are joined by a space, not in this vocabulary
+        "distractor_template": "{distractors}",
+    },
 }
 # the metrics that show each method at work: (key, label); means over the run's steps
 SHOWN: dict[str, list[tuple[str, str]]] = {
@@ -91,6 +100,10 @@ SHOWN: dict[str, list[tuple[str, str]]] = {
     "icl_seed": [("icl/seeded_groups", "seeded groups/step"), ("icl/corpus_size", "corpus")],
     "icpo": [("icpo/kept_frac", "steered rows kept")],
     "igrpo": [("igrpo/draft_reward_mean", "draft"), ("igrpo/refined_reward_mean", "refined")],
+    "difficulty_aug": [
+        ("aug/easier_groups", "made easier/step"),
+        ("aug/harder_groups", "made harder/step"),
+    ],
 }
 
 
