@@ -73,7 +73,10 @@ step), `train.log_completions_every: 0`, `train.progress: false`, rewards with `
 Measurement: every (cell, side, repeat) runs in a fresh worker process (this script with
 `--worker grouprl|trl`, result read back as JSON), alternating grouprl, TRL, grouprl, TRL,
 ... `--repeats` times per cell; workers get `torch.set_num_threads(--threads)`,
-OMP_NUM_THREADS = --threads and OMP_WAIT_POLICY=PASSIVE (steadier on a shared machine).
+OMP_NUM_THREADS = --threads and OMP_WAIT_POLICY = `--omp-wait-policy` (default PASSIVE,
+steadier on a shared machine, but it puts the OpenMP threads to sleep between parallel
+regions: a decode loop of small ops then pays a wake-up per op, and both sides' generation
+took ~2x longer than under `--omp-wait-policy unset`, the OpenMP runtime's own default).
 Each worker runs up to `--steps` steps (the first is warm-up, not counted); it stops early
 when its training time would pass `--time-budget` seconds (at least one measured step) and
 is killed after `--worker-timeout` seconds (the cell then gets a row saying why, as does a
@@ -537,7 +540,9 @@ def run_worker(
     for item in args.grouprl_set:
         cmd += ["--grouprl-set", item]
     env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.pop("OMP_WAIT_POLICY", None)
+    if args.omp_wait_policy != "unset":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
     env.update(
         OMP_NUM_THREADS=str(args.threads),
         MKL_NUM_THREADS=str(args.threads),
@@ -588,7 +593,7 @@ def header(args, title: str) -> list[str]:
         f"Command: `{cmd}`",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {args.threads} torch threads per "
-        f"worker, load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"worker, OMP_WAIT_POLICY {args.omp_wait_policy}, load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
         f"Python {platform.python_version()}, torch {pkg_version('torch')}, transformers "
         f"{pkg_version('transformers')}, trl {pkg_version('trl')}, tokenizers "
         f"{pkg_version('tokenizers')}",
@@ -770,6 +775,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="steps per worker, first = warm-up")
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--omp-wait-policy",
+        choices=["passive", "active", "unset"],
+        default="passive",
+        help="OMP_WAIT_POLICY of the workers (unset: the OpenMP runtime's default)",
+    )
     ap.add_argument(
         "--time-budget", type=float, default=300.0, help="a worker stops stepping past this (s)"
     )
