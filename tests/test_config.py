@@ -224,7 +224,10 @@ def test_a_character_yaml_reads_as_nothing_stays_that_character(raw):
     assert cfg.rollout.strategy["think_end"] == raw
 
 
-@pytest.mark.parametrize("raw,want", [("null", None), ("~", None), ("''", ""), ("", "")])
+@pytest.mark.parametrize(
+    "raw,want",
+    [("null", None), ("~", None), ("''", ""), ("", ""), ("null  # none", None), ("!!null", None)],
+)
 def test_spelled_out_nothing_is_still_nothing(raw, want):
     cfg = load_config({}, [f"rollout.strategy.think_end={raw}"])
     assert cfg.rollout.strategy["think_end"] == want

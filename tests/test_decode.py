@@ -172,3 +172,18 @@ def test_unknown_draw_is_refused():
     model, tok = tiny_model("qwen2")
     with pytest.raises(ValueError, match="rollout.draw"):
         HFEngine(model, tok, draw="gumbel")
+
+
+def test_inverse_cdf_never_returns_a_token_of_probability_zero(monkeypatch):
+    # a cumulative sum that steps by an ulp over a zero (a GPU's float32 scan can): the zero
+    # at index 1 is not returned, the last drawable token is
+    p_nV = torch.tensor([[0.5, 0.0, 0.5]])
+    c = torch.tensor([[0.5, 0.5 + 6e-8, 1.0]])
+    monkeypatch.setattr(torch.Tensor, "cumsum", lambda self, dim: c)
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full((1, 1), 0.50000002))
+    assert decode.draw_inverse_cdf(p_nV).tolist() == [2]
+
+
+def test_inverse_cdf_refuses_a_distribution_that_is_not_finite():
+    with pytest.raises(ValueError, match="rollout.draw"):
+        decode.draw_inverse_cdf(torch.tensor([[float("nan")] * 4]))

@@ -364,15 +364,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml_load(raw) if raw.strip() else ""
     except Exception as exc:  # YAMLError, or a ValueError of a tag such as `!!int x`
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
-    if value in (None, "") and raw.strip() not in _EMPTY_SPELLINGS:
-        # YAML reads `|` and `>` as empty block scalars and `#...` as a comment: a user who
-        # typed a character meant that character
+    if value in (None, "") and raw.strip()[:1] in _SWALLOWED:
+        # YAML reads `|` and `>` as empty block scalars, `#...` as a comment and `&a` as an
+        # anchor of nothing: a user who typed such a character meant that character
         value = raw.strip()
     return key.split("."), value
 
 
-# what an override may write to mean "no value": YAML's nulls and the quoted empty string
-_EMPTY_SPELLINGS = ("null", "Null", "NULL", "~", "''", '""')
+# first characters with which YAML turns a typed value into nothing
+_SWALLOWED = ("|", ">", "#", "&")
 
 
 def set_path(data: dict[str, Any], path: list[str], value: Any) -> None:

@@ -104,12 +104,61 @@ def draw_inverse_cdf(probs_nV: Tensor, generator: torch.Generator | None = None)
     exceeds it. float32 throughout (a CPU cumsum accumulates in float64 and rounds each
     entry once), so a token's chance is its probability to within ~1e-7."""
     c_nV = probs_nV.float().cumsum(-1)
-    u_n1 = torch.rand((c_nV.shape[0], 1), device=c_nV.device, generator=generator)
     total_n1 = c_nV[:, -1:].contiguous()
+    if not bool((torch.isfinite(total_n1) & (total_n1 > 0)).all()):
+        raise ValueError("rollout.draw: a row's sampling distribution is not finite (NaN logits?)")
+    u_n1 = torch.rand((c_nV.shape[0], 1), device=c_nV.device, generator=generator)
     idx_n = torch.searchsorted(c_nV, u_n1 * total_n1, right=True).squeeze(1)
-    # u * total can round up to total: the last drawable token
+    # u * total can round up to total, and a GPU's float32 cumsum may step by an ulp over a
+    # zero: then the last drawable token (a token of probability 0 is never returned)
     last_n = torch.searchsorted(c_nV, total_n1).squeeze(1)
-    return torch.where(idx_n < c_nV.shape[1], idx_n, last_n)
+    idx_n = idx_n.clamp(max=c_nV.shape[1] - 1)
+    drawable_n = probs_nV.gather(1, idx_n[:, None]).squeeze(1) > 0
+    return torch.where(drawable_n, idx_n, last_n)
+
+
+def _step_multinomial(
+    procs: LogitsProcessorList,
+    seq_NL: Tensor,
+    L: int,
+    logits_nV: Tensor,
+    slot_n: Tensor,
+    greedy: bool,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """HF's sampler step: every row of the batch [N], finished ones included (their logits
+    zero), one `torch.multinomial` over all of them."""
+    full_NV = logits_nV.new_zeros((seq_NL.shape[0], logits_nV.shape[1]))
+    full_NV[slot_n] = logits_nV
+    scores_NV = procs(seq_NL[:, :L], full_NV)
+    if greedy:
+        return scores_NV.argmax(-1)
+    return torch.multinomial(F.softmax(scores_NV, dim=-1), 1, generator=generator).squeeze(1)
+
+
+def _step_inverse_cdf(
+    procs: LogitsProcessorList,
+    seq_NL: Tensor,
+    L: int,
+    logits_nV: Tensor,
+    slot_n: Tensor,
+    greedy: bool,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """The running rows only, one uniform each (`draw_inverse_cdf`); [N], the rows not
+    running hold 0 (the caller forces finished rows to the pad token)."""
+    scores_nV = procs(seq_NL[slot_n, :L], logits_nV)
+    nxt_N = torch.zeros(seq_NL.shape[0], dtype=seq_NL.dtype, device=seq_NL.device)
+    if greedy:
+        nxt_N[slot_n] = scores_nV.argmax(-1)
+    else:
+        nxt_N[slot_n] = draw_inverse_cdf(F.softmax(scores_nV, dim=-1), generator)
+    return nxt_N
+
+
+# rollout.draw: how one decode step draws its tokens
+_DRAW_STEPS = {"inverse_cdf": _step_inverse_cdf, "multinomial": _step_multinomial}
+assert set(_DRAW_STEPS) == set(DRAWS)
 
 
 def _layer(module: torch.nn.Module) -> int:
@@ -276,22 +325,7 @@ def sample_groups(
             last_pos_B = pos_BP[:, -1]
             T = 0
             for t in range(max_new_tokens):
-                if draw == "multinomial":  # HF's step: every row, finished ones included
-                    full = logits.new_zeros((N, logits.shape[1]))
-                    full[slot_n] = logits
-                    scores = procs(seq[:, : P + t], full)
-                    if greedy:
-                        nxt = scores.argmax(-1)
-                    else:
-                        probs = F.softmax(scores, dim=-1)
-                        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                else:  # the running rows only
-                    scores = procs(seq[slot_n, : P + t], logits)
-                    nxt = torch.full((N,), pad_id, dtype=out_NT.dtype, device=dev)
-                    if greedy:
-                        nxt[slot_n] = scores.argmax(-1)
-                    else:
-                        nxt[slot_n] = draw_inverse_cdf(F.softmax(scores, dim=-1), generator)
+                nxt = _DRAW_STEPS[draw](procs, seq, P + t, logits, slot_n, greedy, generator)
                 if logp_out_NT is not None:
                     scaled = logits.float() / (temperature if temperature > 0 else 1.0)
                     logp_out_NT[slot_n, t] = (
