@@ -174,7 +174,7 @@ class RolloutConfig:
     # its probe passes on the model
     decoder: str = choice("auto", "auto", "shared", "generate")
     # how the shared decoder draws a token: inverse_cdf = one uniform per row looked up in the
-    # cumulative distribution (CPU: ~20x less work than multinomial per step); multinomial =
+    # cumulative distribution (CPU: 14-19x faster than multinomial per step); multinomial =
     # HF's draw, the same samples as `generate` for a seed. `generate` always draws HF's way.
     draw: str = choice("inverse_cdf", "inverse_cdf", "multinomial")
     # importance weights for a sampler whose log-probs differ from the trainer's (vLLM):

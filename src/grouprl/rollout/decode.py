@@ -19,8 +19,8 @@ pad token). How a token is drawn from the warped distribution is `draw`:
 - `inverse_cdf` (the default): one uniform number per running row, looked up in the
   cumulative distribution. The same distribution (tested), far less work on a CPU:
   `torch.multinomial` there draws one exponential variate per vocabulary entry, 2.2 ms per
-  step for 32 rows of 4,096 and 90 ms for a 151,936 vocabulary (`benchmarks/decoder.py
-  --draw-only`), against 0.1 and 3.5 ms.
+  step for 32 rows of 4,096 and 88 ms for a 151,936 vocabulary (`benchmarks/decoder.py
+  --draw-only`), against 0.11 and 6.2 ms (medians).
 """
 
 from __future__ import annotations
