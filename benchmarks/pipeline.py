@@ -2,14 +2,15 @@
 
 Usage:
     python benchmarks/pipeline.py [--cells 64x128 512x32] [--repeats 3] [--steps 6]
-        [--threads 2] [--out FILE.md]
+        [--threads 2] [--omp-wait-policy passive|active|unset] [--out FILE.md]
 
 Each run is a fresh grouprl worker of benchmarks/vs_trl.py (its model, prompts, reward and
 settings: a random-weight Qwen2, hidden 256 x 4 layers, 4 prompts x G=8 completions of
 exactly C tokens per step, fp32), with `train.async` set to off or one_step; the two modes
 alternate within each repeat. A step's time is the wall time between two step ends; the
 first two steps of a run are left out (the first is never overlapped, and the second still
-pays warm-up). Reported: median seconds per step of each mode, and the ratio one_step / off
+pays warm-up), and so is one_step's last step, which samples nothing ahead (its worker runs
+one step more to keep the count). Reported: median seconds per step of each mode, and the ratio one_step / off
 per repeat (min / median / max), plus what one_step's steps waited for their batch.
 
 What to expect: one_step overlaps sampling with the update, which pays off where the two
@@ -33,6 +34,7 @@ import vs_trl  # noqa: E402  (the worker, model and prompts of the TRL benchmark
 def run_mode(args, work: Path, model_dir: Path, P: int, C: int, mode: str) -> list[float]:
     ns = argparse.Namespace(
         threads=args.threads,
+        omp_wait_policy=args.omp_wait_policy,
         time_budget=args.time_budget,
         worker_timeout=args.worker_timeout,
         grouprl_src=None,
@@ -41,7 +43,7 @@ def run_mode(args, work: Path, model_dir: Path, P: int, C: int, mode: str) -> li
     out, why = vs_trl.run_worker("grouprl", ns, work, model_dir, P, C, args.steps, 1e-6)
     if out is None:
         raise SystemExit(f"{mode} P={P} C={C}: {why}")
-    return [s["wall"] for s in out["steps"][2:]]
+    return [s["wall"] for s in vs_trl.measured(out["steps"], skip=2)]
 
 
 def main() -> None:
@@ -50,6 +52,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--omp-wait-policy",
+        choices=("passive", "active", "unset"),
+        default="passive",
+        help="OMP_WAIT_POLICY of the workers, as in vs_trl.py (unset: the runtime's default)",
+    )
     ap.add_argument("--time-budget", type=float, default=600.0)
     ap.add_argument("--worker-timeout", type=float, default=900.0)
     ap.add_argument("--out", type=Path)

@@ -77,7 +77,9 @@ OMP_NUM_THREADS = --threads and OMP_WAIT_POLICY = `--omp-wait-policy` (default P
 steadier on a shared machine, but it puts the OpenMP threads to sleep between parallel
 regions: a decode loop of small ops then pays a wake-up per op, and both sides' generation
 took ~2x longer than under `--omp-wait-policy unset`, the OpenMP runtime's own default).
-Each worker runs up to `--steps` steps (the first is warm-up, not counted); it stops early
+Each worker runs up to `--steps` steps (the first is warm-up, not counted; a grouprl side with
+`train.async=one_step` runs one more and drops its last, which samples nothing ahead and so
+is shorter than a steady step: the "drain" step); it stops early
 when its training time would pass `--time-budget` seconds (at least one measured step) and
 is killed after `--worker-timeout` seconds (the cell then gets a row saying why, as does a
 worker that fails). With `--grid-budget M`, a cell (cells run cheapest first, by P + C)
@@ -130,6 +132,32 @@ MODEL_SHAPE = dict(
     max_position_embeddings=4096,  # >= the largest P + C of the default grid (3072)
     tie_word_embeddings=True,
 )
+
+
+def forward_flops(tokens: float, pairs: float, head_tokens: float) -> float:
+    """Matmul FLOPs of one forward of the benchmark's model: the layers' weights on `tokens`,
+    attention scores and values on `pairs` (query, key) pairs, the LM head on `head_tokens`."""
+    h, layers = MODEL_SHAPE["hidden_size"], MODEL_SHAPE["num_hidden_layers"]
+    kv = h // MODEL_SHAPE["num_attention_heads"] * MODEL_SHAPE["num_key_value_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * MODEL_SHAPE["intermediate_size"]
+    return (
+        2 * layers * per_layer * tokens + 4 * layers * h * pairs + 2 * h * MODEL_VOCAB * head_tokens
+    )
+
+
+def work_ratio(P: int, C: int) -> float:
+    """grouprl's matmul FLOPs over TRL's for one step of the same work (forward of the sampled
+    tokens, then forward + backward of the update, ~3x a forward, the same factor on both
+    sides): each prompt encoded once per group (sampling and update) against once per
+    completion. The floor of the step ratio for any implementation of the shared-prefix
+    computation that is no cheaper per FLOP than TRL's."""
+    B = PROMPTS_PER_STEP
+    decode_pairs = ROWS * (C * P + C * (C + 1) / 2)  # completion tokens over [prompt; own past]
+    prompt_pairs = P * (P + 1) / 2
+    shared = forward_flops(B * P + ROWS * C, B * prompt_pairs + decode_pairs, ROWS * C)
+    repeated = forward_flops(ROWS * (P + C), ROWS * prompt_pairs + decode_pairs, ROWS * C)
+    return shared / repeated
+
 
 # ----------------------------------------------------------------------------- shared pieces
 
@@ -320,10 +348,14 @@ def run_grouprl(args, prompts: list[str]) -> dict:
 
         engine.generate = checked_generate
         clock = StepClock(args.time_budget)
+        overlaps = tr.pipeline.overlaps
+        if overlaps:  # one step more: the last one samples nothing ahead (dropped, "drain")
+            tr.cfg.train.max_steps += 1
 
         def on_step(step: int, metrics: dict) -> None:
             if clock.tick(float(metrics["time/collect"])):
                 tr.cfg.train.max_steps = step  # the loop ends after this step
+            clock.steps[-1]["drain"] = overlaps and not tr.pipeline.holds_next
             clock.steps[-1]["reward"] = _REWARD_MEANS[-1] if _REWARD_MEANS else float("nan")
             clock.steps[-1]["grad_norm"] = float(metrics["grad_norm"])
 
@@ -607,9 +639,14 @@ def fmt(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if x == x else "-"
 
 
+def measured(steps: list[dict], skip: int = 1) -> list[dict]:
+    """The steps that count: the first `skip` (warm-up) and a drain step left out."""
+    return [s for s in steps[skip:] if not s.get("drain")]
+
+
 def summarize(results: list[dict]) -> dict:
-    """Measured steps (warm-up dropped) of all repeats of one side of one cell."""
-    steps = [s for r in results for s in r["steps"][1:]]
+    """Measured steps (warm-up and drain dropped) of all repeats of one side of one cell."""
+    steps = [s for r in results for s in measured(r["steps"])]
     med = statistics.median
     return {
         "n": len(steps),
@@ -619,7 +656,7 @@ def summarize(results: list[dict]) -> dict:
         "cpu": med(s["cpu"] for s in steps),
         "cpu_ratio": med(s["cpu"] / s["wall"] for s in steps),
         "rss": max(r["peak_rss_mib"] for r in results),
-        "per_repeat": [med(s["wall"] for s in r["steps"][1:]) for r in results],
+        "per_repeat": [med(s["wall"] for s in measured(r["steps"])) for r in results],
     }
 
 
@@ -650,11 +687,12 @@ def grid(args) -> str:
     ratios = [
         "",
         "grouprl / TRL (below 1: grouprl faster). Pair ratio = the two workers of one repeat, "
-        "median step each.",
+        "median step each. work = grouprl's matmul FLOPs over TRL's for the step (`work_ratio`: "
+        "the prompt encoded once per group instead of once per completion).",
         "",
         "| P | C | step med/med | pair ratio min / med / max | gen | update | CPU s/step "
-        "| peak RSS |",
-        "|---|---|---|---|---|---|---|---|",
+        "| peak RSS | work |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     t_start, last_pair = time.perf_counter(), 0.0
     for P, C in cells:
@@ -666,7 +704,7 @@ def grid(args) -> str:
                 f"previous cell's pair of workers took {last_pair / 60:.1f} min)"
             )
             lines.append(f"| {P} | {C} | both | 0 | {why} | | | | | | | |")
-            ratios.append(f"| {P} | {C} | {why} | | | | | |")
+            ratios.append(f"| {P} | {C} | {why} | | | | | | |")
             continue
         print(f"cell P={P} C={C}", file=sys.stderr, flush=True)
         res: dict[str, list[dict]] = {"grouprl": [], "trl": []}
@@ -691,7 +729,7 @@ def grid(args) -> str:
         n_pairs = min(len(res["grouprl"]), len(res["trl"]))
         if failure and n_pairs == 0:
             lines.append(f"| {P} | {C} | both | 0 | not run: {failure} | | | | | | | |")
-            ratios.append(f"| {P} | {C} | not run: {failure} | | | | | |")
+            ratios.append(f"| {P} | {C} | not run: {failure} | | | | | | |")
             print(f"  {failure}", file=sys.stderr, flush=True)
             continue
         summ = {side: summarize(res[side][:n_pairs]) for side in res}
@@ -718,7 +756,7 @@ def grid(args) -> str:
             f"| {P} | {C} | {statistics.median(g['wall']) / statistics.median(t['wall']):.2f} "
             f"| {min(pairs):.2f} / {statistics.median(pairs):.2f} / {max(pairs):.2f} "
             f"| {g['gen'] / t['gen']:.2f} | {g['update'] / t['update']:.2f} "
-            f"| {g['cpu'] / t['cpu']:.2f} | {g['rss'] / t['rss']:.2f} |"
+            f"| {g['cpu'] / t['cpu']:.2f} | {g['rss'] / t['rss']:.2f} | {work_ratio(P, C):.2f} |"
         )
     total = (time.perf_counter() - t_start) / 60
     return "\n".join(lines + ratios + ["", f"Grid wall time: {total:.1f} min."])

@@ -75,9 +75,12 @@ def test_each_batch_is_sampled_from_the_weights_one_update_before(tmp_path, tiny
         reward_funcs=REWARDS,
     )
     rec = Recorder(tr)
+    ahead: list[bool] = []  # did the step sample the next batch (the last one does not)
+    tr.callbacks.append(lambda step, metrics: ahead.append(tr.pipeline.holds_next))
     res = tr.train()
     tr.close()
     assert res.steps == 4 and len(rec.batches) == 4
+    assert ahead == [True, True, True, False]
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["async/staleness"] for x in lines] == [0.0, 1.0, 1.0, 1.0]
     for k, ro in enumerate(rec.batches):

@@ -151,11 +151,37 @@ def test_the_gradient_check_sees_what_equal_values_hide():
 
 
 def support_probe_batch():
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, V, (1, 5), generator=g).repeat(3, 1)
-    comp = torch.randint(0, V, (3, 4), generator=g)
-    mask = (torch.arange(4) < torch.tensor([3, 4, 2])[:, None]).float()
-    return prompt, torch.ones_like(prompt, dtype=torch.float32), comp, mask
+    return support.probe_batch(V)
+
+
+def test_self_check_batch_packs_two_groups_into_one_row():
+    # the layout training uses: groups share a packed row where they fit
+    layout = packing.pack_groups(*support_probe_batch())
+    units = packing.unit_ids(layout.segment_RL)
+    assert int(units.max()) + 1 == 3 and layout.segment_RL.shape[0] == 2
+
+
+def test_self_check_catches_a_group_that_sees_another_of_its_row(monkeypatch):
+    # completions also see the prompt of the group before theirs in the same packed row: one
+    # group per row (the old self-check batch) cannot show it. The dense-mask backend: two_part
+    # gathers each group's own keys only, so no rule can leak there
+    import grouprl.models.forward as forward
+
+    model, _ = tiny_model("qwen2")
+    monkeypatch.setattr(forward, "resolve_backend", lambda *a: "sdpa")
+    assert check_support(model)[0]
+    rule = packing.allowed
+
+    def leaky(seg_q, seg_k, q, k, pos_q, pos_k, window):
+        other = packing.group_of(seg_k) == packing.group_of(seg_q) - 1
+        prompt = packing.part_of(seg_k) == 0
+        return rule(seg_q, seg_k, q, k, pos_q, pos_k, window) | (
+            other & prompt & (k <= q) & (seg_k >= 0) & (packing.part_of(seg_q) >= 1)
+        )
+
+    monkeypatch.setattr(packing, "allowed", leaky)
+    ok, reason = check_support(model)
+    assert not ok and "differ by" in reason, reason
 
 
 @pytest.mark.parametrize("name", ACCEPTED)

@@ -210,3 +210,16 @@ def test_clinical_sft_traces_keep_their_rewards_after_dropout():
     acc = REWARDS.get("choice_accuracy")
     assert acc(P, out, answer=golds) == acc(P, C, answer=golds) == [1.0] * len(C)
     assert sum(map(len, out)) < 0.8 * sum(map(len, C))  # shorter targets
+
+
+def test_other_think_tags():
+    """A format whose thought sits between other tags ("|" ends it here): the tags are
+    parameters, matched literally (a regex character in them means itself)."""
+    fn = thought_dropout(ratio=1.0, empty="[]|", think_start="[", think_end="]|")
+    _, out = fn(0, "q", "[1+2 is 3]|3 [x]|")
+    assert out == "[]|3 []|"
+    assert is_empty_thought("[ ]|3", start="[", end="]|")
+    assert not is_empty_thought("[a]|3", start="[", end="]|")
+    assert not is_empty_thought("<think></think>3", start="[", end="]|")
+    with pytest.raises(ValueError, match="non-empty"):
+        thought_dropout(think_end="")

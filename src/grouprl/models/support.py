@@ -7,9 +7,11 @@ completion into the next one packed after it. So `check_support` accepts a model
 softcapping), (2) every entry of its config's `layer_types` is a full or sliding attention
 layer, (3) no module of its decoder looks like a state-carrying mixer (SSM, mamba,
 convolution, recurrence, linear attention, gated delta rule, RWKV), and (4) a numeric
-self-check in fp32 (eval mode) with three completions of several tokens gives the same
-log-probs packed as repeated, so a completion that can see another one shows up, and the
-same gradients for the first decoder layer's parameters: a parameter the repeated layout
+self-check in fp32 (eval mode) gives the same log-probs packed as repeated on a batch laid
+out as training packs it (`probe_batch`: three groups of completions of several tokens, the
+two short ones sharing a packed row, left-padded prompts), so a completion that can see
+another one, or a group that can see another group of its row, shows up, and the same
+gradients for the first decoder layer's parameters: a parameter the repeated layout
 uses but the packed one bypasses (a learned bias built into the attention mask, as Doge's
 dynamic mask, whose values agree at initialization) shows there even when values agree.
 """
@@ -31,8 +33,9 @@ ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 # modules that keep state across tokens.
 _STATE_WORDS = frozenset({"ssm", "mamba", "conv", "recurrent", "rnn", "lstm", "rwkv", "hyena"})
 _STATE_PHRASES = ("linearattention", "gateddelta", "deltanet", "lightningattention", "retention")
-# Self-check batch: one random prompt, three completions (lengths 3, 4, 2) packed together.
-_PROMPT_LEN, _LENGTHS = 5, (3, 4, 2)
+# Self-check batch: (prompt length, completion lengths) per group. The first group fills a
+# packed row (5 + 9 = 14 tokens); the other two (5 and 6 tokens) share the second row.
+_GROUPS: tuple[tuple[int, tuple[int, ...]], ...] = ((5, (3, 4, 2)), (2, (2, 1)), (3, (1, 2)))
 _GRAD_RTOL = 1e-3  # fp32 gradients of the two layouts agree to ~1e-6 relative on real models
 
 
@@ -80,23 +83,42 @@ def _stateful_module(decoder: nn.Module) -> str | None:
     return None
 
 
+def probe_batch(vocab: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The self-check's batch (prompt_ids_NP, prompt_mask_NP, completion_ids_NT,
+    attention_mask_NT) of `_GROUPS`: random ids under `vocab` (seed 0), prompts left-padded
+    to the longest, completions right-padded; distinct prompts (lengths differ), so each
+    group is its own."""
+    g = torch.Generator().manual_seed(0)
+    P = max(p for p, _ in _GROUPS)
+    T = max(max(ls) for _, ls in _GROUPS)
+    prompts, pmasks, lengths = [], [], []
+    for p_len, ls in _GROUPS:
+        ids = torch.zeros(P, dtype=torch.long)
+        ids[P - p_len :] = torch.randint(0, vocab, (p_len,), generator=g)
+        mask = (torch.arange(P) >= P - p_len).float()
+        prompts += [ids] * len(ls)
+        pmasks += [mask] * len(ls)
+        lengths += ls
+    comp_NT = torch.randint(0, vocab, (len(lengths), T), generator=g)
+    mask_NT = (torch.arange(T) < torch.tensor(lengths)[:, None]).float()
+    out = [torch.stack(prompts), torch.stack(pmasks), comp_NT, mask_NT]
+    return [t.to(device) for t in out]
+
+
 def _self_check(model: nn.Module, tolerance: float) -> tuple[bool, str]:
-    """Packed vs repeated log-probs in fp32 on a batch where a leak between completions shows."""
+    """Packed vs repeated log-probs in fp32 on a batch where a leak between completions, or
+    between groups of a packed row, shows."""
     param = next(model.parameters())
     probe = model if param.dtype == torch.float32 else copy.deepcopy(model).float()
     vocab = probe.get_input_embeddings().weight.shape[0]
-    g = torch.Generator().manual_seed(0)
-    G, T = len(_LENGTHS), max(_LENGTHS)
-    prompt_NP = torch.randint(0, vocab, (1, _PROMPT_LEN), generator=g).repeat(G, 1)
-    comp_NT = torch.randint(0, vocab, (G, T), generator=g)
-    mask_NT = (torch.arange(T) < torch.tensor(_LENGTHS)[:, None]).float()
-    args = [t.to(param.device) for t in (prompt_NP, torch.ones_like(prompt_NP), comp_NT, mask_NT)]
+    args = probe_batch(vocab, param.device)
+    mask_NT = args[3]
     modes = {m: m.training for m in probe.modules()}
     probe.eval()  # dropout would make the two layouts differ at random
     try:
         with torch.no_grad():
             want, _ = completion_logprobs(probe, *args)
-            got, _ = completion_logprobs(probe, *args, shared_prefix=True)
+            got, _ = completion_logprobs(probe, *args, shared_prefix=True, pack_rows=True)
     except Exception as exc:  # an attention path we cannot drive
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         return False, f"the packed forward failed: {type(exc).__name__}: {first_line}"
@@ -108,7 +130,7 @@ def _self_check(model: nn.Module, tolerance: float) -> tuple[bool, str]:
         return False, (
             f"packed and repeated log-probs differ by {err:.2e} > {tolerance:.0e} on a self-check"
         )
-    bad = _gradient_check(probe, args, mask_NT.to(param.device))
+    bad = _gradient_check(probe, args, mask_NT)
     if bad:
         return False, bad
     return True, "attention-only layers, chunked LM head, self-check passed"
@@ -140,7 +162,7 @@ def _gradient_check(probe: nn.Module, args: list[torch.Tensor], mask_NT: torch.T
     try:
         for shared in (False, True):
             with torch.enable_grad():
-                logp, _ = completion_logprobs(probe, *args, shared_prefix=shared)
+                logp, _ = completion_logprobs(probe, *args, shared_prefix=shared, pack_rows=True)
                 loss = (logp * w_NT).sum()
                 grads.append(torch.autograd.grad(loss, [p for _, p in params], allow_unused=True))
     finally:

@@ -52,10 +52,30 @@ class TwoPartPlan:
     Gm: int
     Cm: int
     mask_B1CK: dict[int | None, Tensor] = field(default_factory=dict)
+    _additive: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def Pm(self) -> int:
         return self.prompt_col_UP.shape[1]
+
+    def additive_mask(self, sliding_window: int | None, dtype: torch.dtype) -> Tensor:
+        """`mask_B1CK[sliding_window]` as SDPA's additive form (0 allowed, -inf not), built
+        once per plan and dtype. SDPA would convert a boolean mask itself on every call, and
+        autograd would keep each layer's converted copy for the backward: one copy shared
+        by all layers instead (the values are SDPA's own conversion, so outputs are equal)."""
+        key = ("completion", sliding_window, dtype)
+        if key not in self._additive:
+            self._additive[key] = _additive(self.mask_B1CK[sliding_window], dtype)
+        return self._additive[key]
+
+    def prompt_band(self, sliding_window: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The prompts' sliding-window causal band [Pm, Pm], additive, built once per plan."""
+        key = ("band", sliding_window, dtype)
+        if key not in self._additive:
+            i = torch.arange(self.Pm, device=device)
+            diff = i[:, None] - i[None, :]
+            self._additive[key] = _additive((diff >= 0) & (diff < sliding_window), dtype)
+        return self._additive[key]
 
     @classmethod
     def of(cls, unit_RL: Tensor, part_RL: Tensor) -> TwoPartPlan:
@@ -100,6 +120,13 @@ class TwoPartPlan:
         )
 
 
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True = may attend) as 0 / -inf of `dtype`, as SDPA converts one."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
+
+
 def _take(x_RHLd: Tensor, row_U: Tensor, col_UK: Tensor) -> Tensor:
     """x at the slots of each unit: [R, H, L, d] -> [U, H, K, d]."""
     return x_RHLd[row_U[:, None], :, col_UK].transpose(1, 2)
@@ -142,9 +169,7 @@ def two_part_attention(
             q_p, k_p, v_p, is_causal=True, scale=scaling, enable_gqa=gqa
         )
     else:
-        i = torch.arange(Pm, device=dev)
-        diff = i[:, None] - i[None, :]
-        band = (diff >= 0) & (diff < sliding_window)
+        band = plan.prompt_band(sliding_window, query_RHLd.dtype, dev)
         out_p = F.scaled_dot_product_attention(
             q_p, k_p, v_p, attn_mask=band, scale=scaling, enable_gqa=gqa
         )
@@ -170,7 +195,7 @@ def two_part_attention(
             q_rows, keys, values, is_causal=True, scale=scaling, enable_gqa=gqa
         )[:, :, Pm:]
     else:
-        mask = plan.mask_B1CK[sliding_window]  # [U*Gm, 1, Cm, Pm+Cm]
+        mask = plan.additive_mask(sliding_window, query_RHLd.dtype)  # [U*Gm, 1, Cm, Pm+Cm]
         out_c = F.scaled_dot_product_attention(
             q_c, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa
         )

@@ -94,6 +94,12 @@ class Pipeline:
         self._pending = None
         return pending.future.result()
 
+    @property
+    def holds_next(self) -> bool:
+        """Whether a batch for a later step is being collected or held (after a step: whether
+        that step sampled ahead; the last step of a run does not)."""
+        return self._pending is not None
+
     def wait(self) -> float:
         """Wait for the background collection to finish (its errors wait for `take`);
         returns the seconds waited."""

@@ -29,8 +29,8 @@ RowTransform: TypeAlias = Callable[[int, str, Any], "tuple[str, Completion]"]
 
 SFT_TRANSFORMS: Registry = Registry("sft transform")
 
+THINK_START, THINK_END = "<think>", "</think>"
 EMPTY_THOUGHT = "<think>\n\n</think>"
-THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 # TON's format rule (kokolerk/TON src/r1-v/src/open_r1/grpo.py `format_reward`, re.fullmatch):
 # an empty thought matches it, a missing answer tag does not.
 TON_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
@@ -42,16 +42,29 @@ def row_uniform(tag: str, seed: int, index: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def is_empty_thought(text: str) -> bool:
-    """Whether the completion's first <think>...</think> block holds only whitespace (a
-    skipped thought, TON's "skip think" rate counts these); False when it has none."""
-    m = THINK_BLOCK.search(text)
-    return m is not None and not m.group(0)[len("<think>") : -len("</think>")].strip()
+def think_block(start: str = THINK_START, end: str = THINK_END) -> re.Pattern[str]:
+    """The pattern of one thought: `start`, anything (DOTALL, non-greedy), `end`; the tags are
+    matched literally."""
+    if not start or not end:
+        raise ValueError(f"think tags must be non-empty, got start={start!r} end={end!r}")
+    return re.compile(f"{re.escape(start)}(.*?){re.escape(end)}", re.DOTALL)
+
+
+def is_empty_thought(text: str, start: str = THINK_START, end: str = THINK_END) -> bool:
+    """Whether the completion's first `start`...`end` block holds only whitespace (a skipped
+    thought, TON's "skip think" rate counts these); False when it has none."""
+    m = think_block(start, end).search(text)
+    return m is not None and not m.group(1).strip()
 
 
 @SFT_TRANSFORMS.register("thought_dropout")
 def thought_dropout(
-    *, ratio: float = 0.5, seed: int = 0, empty: str = EMPTY_THOUGHT
+    *,
+    ratio: float = 0.5,
+    seed: int = 0,
+    empty: str = EMPTY_THOUGHT,
+    think_start: str = THINK_START,
+    think_end: str = THINK_END,
 ) -> RowTransform:
     """TON's thought dropout: each reasoning trace becomes an empty thought with probability
     `ratio`.
@@ -65,8 +78,8 @@ def thought_dropout(
     Per row i: u_i = sha256("thought_dropout:{seed}:{i}") as a number in [0, 1); the row's
     thoughts are emptied when u_i < ratio (an independent draw per row, fixed by seed and
     index, so the share of emptied rows is Binomial(n, ratio) / n). Every
-    `<think>...</think>` block (DOTALL, non-greedy) of the completion is replaced by
-    `empty`; everything else, the answer included, is kept character for character. In a
+    `think_start`...`think_end` block (default `<think>`...`</think>`; DOTALL, non-greedy)
+    of the completion is replaced by `empty`; everything else, the answer included, is kept character for character. In a
     multi-turn trace of (text, trained) segments only the trained segments change (one
     draw per row). A row without a think block is left as it is.
     """
@@ -78,9 +91,12 @@ def thought_dropout(
         raise ValueError(f"thought_dropout: seed must be an integer, got {seed!r}")
     if not isinstance(empty, str):
         raise ValueError(f"thought_dropout: empty must be a string, got {empty!r}")
+    if not (isinstance(think_start, str) and isinstance(think_end, str)):
+        raise ValueError("thought_dropout: think_start and think_end must be strings")
+    block = think_block(think_start, think_end)
 
     def drop(text: str) -> str:
-        return THINK_BLOCK.sub(lambda _: empty, text)
+        return block.sub(lambda _: empty, text)
 
     def transform(index: int, prompt: str, completion: Completion) -> tuple[str, Completion]:
         if row_uniform("thought_dropout", seed, index) >= ratio:
