@@ -149,8 +149,8 @@ def work_ratio(P: int, C: int) -> float:
     """grouprl's matmul FLOPs over TRL's for one step of the same work (forward of the sampled
     tokens, then forward + backward of the update, ~3x a forward, the same factor on both
     sides): each prompt encoded once per group (sampling and update) against once per
-    completion. The floor of the step ratio for any implementation of the shared-prefix
-    computation that is no cheaper per FLOP than TRL's."""
+    completion. A step ratio under it means grouprl runs its arithmetic faster per FLOP than
+    TRL runs its own (less overhead), not that it does less of it."""
     B = PROMPTS_PER_STEP
     decode_pairs = ROWS * (C * P + C * (C + 1) / 2)  # completion tokens over [prompt; own past]
     prompt_pairs = P * (P + 1) / 2
