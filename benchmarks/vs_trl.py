@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/vs_trl.py [--prompt-lens 64 512 2048] [--completion-lens 32 256 1024]
         [--cells 64x32 512x256] [--repeats 2] [--steps 4] [--threads 2]
+        [--omp-wait-policy passive|active|unset] [--malloc-mmap-threshold BYTES]
         [--time-budget 300] [--worker-timeout 900] [--grid-budget MINUTES]
         [--grouprl-src PATH] [--grouprl-set KEY=VALUE ...] [--out FILE.md]
     python benchmarks/vs_trl.py --learn [--learn-steps 30] [--learn-lr 2e-3]
@@ -76,7 +77,10 @@ Measurement: every (cell, side, repeat) runs in a fresh worker process (this scr
 OMP_NUM_THREADS = --threads and OMP_WAIT_POLICY = `--omp-wait-policy` (default PASSIVE,
 steadier on a shared machine, but it puts the OpenMP threads to sleep between parallel
 regions: a decode loop of small ops then pays a wake-up per op, and both sides' generation
-took ~2x longer than under `--omp-wait-policy unset`, the OpenMP runtime's own default).
+took ~2x longer than under `--omp-wait-policy unset`, the OpenMP runtime's own default);
+`--malloc-mmap-threshold N` sets glibc's MALLOC_MMAP_THRESHOLD_ for both sides (default:
+unset, glibc's dynamic threshold, under which freed activations stay in the process and the
+peak creeps up over micro-batches).
 Each worker runs up to `--steps` steps (the first is warm-up, not counted; a grouprl side with
 `train.async=one_step` runs one more and drops its last, which samples nothing ahead and so
 is shorter than a steady step: the "drain" step); it stops early
@@ -575,6 +579,9 @@ def run_worker(
     env.pop("OMP_WAIT_POLICY", None)
     if args.omp_wait_policy != "unset":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if getattr(args, "malloc_mmap_threshold", None):
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     env.update(
         OMP_NUM_THREADS=str(args.threads),
         MKL_NUM_THREADS=str(args.threads),
@@ -625,7 +632,8 @@ def header(args, title: str) -> list[str]:
         f"Command: `{cmd}`",
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {args.threads} torch threads per "
-        f"worker, OMP_WAIT_POLICY {args.omp_wait_policy}, load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"worker, OMP_WAIT_POLICY {args.omp_wait_policy}, MALLOC_MMAP_THRESHOLD_ "
+        f"{getattr(args, 'malloc_mmap_threshold', None) or 'unset'}, load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
         f"Python {platform.python_version()}, torch {pkg_version('torch')}, transformers "
         f"{pkg_version('transformers')}, trl {pkg_version('trl')}, tokenizers "
         f"{pkg_version('tokenizers')}",
@@ -818,6 +826,13 @@ def main() -> None:
         choices=["passive", "active", "unset"],
         default="passive",
         help="OMP_WAIT_POLICY of the workers (unset: the OpenMP runtime's default)",
+    )
+    ap.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=0,
+        help="glibc's MALLOC_MMAP_THRESHOLD_ for both sides' workers, in bytes (0: unset, "
+        "glibc's dynamic threshold); allocations above it are returned to the system on free",
     )
     ap.add_argument(
         "--time-budget", type=float, default=300.0, help="a worker stops stepping past this (s)"
