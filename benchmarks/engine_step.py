@@ -2,8 +2,8 @@
 
 Usage:
     python benchmarks/engine_step.py [--size 0.5b|tiny] [--engines hf vllm vllm_server]
-        [--prompt-len 512] [--completion-len 512] [--G 8] [--prompts 8] [--steps 3]
-        [--out FILE.md]
+        [--async off one_step] [--prompt-len 512] [--completion-len 512] [--G 8]
+        [--prompts 8] [--steps 3] [--out FILE.md]
 
 What is measured: full `grouprl` Trainer steps (rollout, reward, log-probs, backward,
 optimizer, weight sync to the engine) on one model with random weights built locally from
@@ -17,6 +17,12 @@ Engines: `hf` (HFEngine), `vllm` (in-process vLLM sharing the GPU with training,
 `rollout.vllm.gpu_memory_utilization` 0.3), `vllm_server` (`grouprl vllm-serve` started
 here on a free port; on a one-GPU machine it shares the GPU with training). An engine that
 cannot run (vLLM not installed) gets a row saying why.
+
+`--async`: each engine once per `train.async` mode. Under `one_step` the next step's batch
+is sampled while this step trains, so `collect s` is the step's own collection (~0 once the
+pipeline runs) and `step s` is the number to compare with `off`; the run makes one step
+more and drops its last, which samples nothing ahead (a "drain" step, shorter than a
+steady one). The colocated `vllm` engine is refused with one_step (a row says why).
 """
 
 from __future__ import annotations
@@ -130,7 +136,9 @@ def start_server(
     return launch_server(model_dir, port=free_port(), log_path=log, args=args)
 
 
-def run_engine(engine: str, model_dir: Path, args, data: list[dict], work: Path) -> dict:
+def run_engine(
+    engine: str, model_dir: Path, args, data: list[dict], work: Path, mode: str = "off"
+) -> dict:
     from grouprl.training.trainer import Trainer
 
     cuda = torch.cuda.is_available()
@@ -158,8 +166,9 @@ def run_engine(engine: str, model_dir: Path, args, data: list[dict], work: Path)
         "advantage": {"name": "grpo"},
         "loss": {"name": "ppo_clip", "aggregation": "token_mean"},
         "train": {
-            "output_dir": str(work / engine),
-            "max_steps": args.steps + 1,
+            "output_dir": str(work / f"{engine}-{mode}"),
+            "async": mode,
+            "max_steps": args.steps + 1 + (mode == "one_step"),  # + the drain step
             "prompts_per_step": args.prompts,
             "micro_batch_size": args.micro_batch,
             "learning_rate": 1e-6,
@@ -173,6 +182,7 @@ def run_engine(engine: str, model_dir: Path, args, data: list[dict], work: Path)
             torch.cuda.reset_peak_memory_stats()
         with Trainer(cfg, train_dataset=data, reward_funcs=[pseudo_reward]) as tr:
             hist = tr.train().history[1:]  # drop the warm-up step
+            hist = hist[: args.steps]  # and one_step's drain step
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     finally:
         if proc is not None:
@@ -199,6 +209,14 @@ def main() -> None:
     )
     ap.add_argument("--size", default="0.5b", choices=sorted(SIZES))
     ap.add_argument("--engines", nargs="+", default=["hf", "vllm", "vllm_server"])
+    ap.add_argument(
+        "--async",
+        dest="modes",
+        nargs="+",
+        default=["off"],
+        choices=["off", "one_step"],
+        help="train.async modes, each engine once per mode",
+    )
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--completion-len", type=int, default=512)
     ap.add_argument("--G", type=int, default=8)
@@ -212,7 +230,7 @@ def main() -> None:
     model_dir = build_model_dir(
         args.size, torch.bfloat16 if cuda else torch.float32, work / "model"
     )
-    data = prompts(args.prompts * (args.steps + 1), args.prompt_len, SIZES[args.size]["vocab_size"])
+    data = prompts(args.prompts * (args.steps + 2), args.prompt_len, SIZES[args.size]["vocab_size"])
     device = (
         torch.cuda.get_device_name()
         if cuda
@@ -226,22 +244,26 @@ def main() -> None:
     lines = [
         head,
         "",
-        "| engine | collect s | train s | step s | tokens/s | mean completion | peak GiB (trainer process) | mismatch/kl |",
-        "|---|---|---|---|---|---|---|---|",
+        "| engine | train.async | collect s | train s | step s | tokens/s | mean completion "
+        "| peak GiB (trainer process) | mismatch/kl |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for engine in args.engines:
-        try:
-            r = run_engine(engine, model_dir, args, data, work)
-            lines.append(
-                f"| {engine} | {r['collect']:.2f} | {r['train']:.2f} | {r['step']:.2f} | "
-                f"{r['tokens_per_s']:.0f} | {r['completion_len']:.0f} | {r['peak_gib']:.1f} | {r['mismatch_kl']:.2e} |"
-            )
-        except Exception as exc:  # noqa: BLE001  (a row that says why, the others still run)
-            traceback.print_exc()
-            lines.append(
-                f"| {engine} | not run: {type(exc).__name__}: {str(exc)[:160]} | | | | | | |"
-            )
-        print(lines[-1], flush=True)
+        for mode in args.modes:
+            try:
+                r = run_engine(engine, model_dir, args, data, work, mode)
+                lines.append(
+                    f"| {engine} | {mode} | {r['collect']:.2f} | {r['train']:.2f} | "
+                    f"{r['step']:.2f} | {r['tokens_per_s']:.0f} | {r['completion_len']:.0f} | "
+                    f"{r['peak_gib']:.1f} | {r['mismatch_kl']:.2e} |"
+                )
+            except Exception as exc:  # noqa: BLE001  (a row that says why, the others still run)
+                traceback.print_exc()
+                lines.append(
+                    f"| {engine} | {mode} | not run: {type(exc).__name__}: {str(exc)[:160]} "
+                    "| | | | | | |"
+                )
+            print(lines[-1], flush=True)
     table = "\n".join(lines)
     print("\n" + table)
     if args.out:
