@@ -152,3 +152,37 @@ def test_anytime_budget_keeps_the_sampler_log_probs_and_truncation(tmp_path, tin
         if row["role"] == "summary":
             ids = ro.completion_ids_NT[n][real[n]].tolist()
             assert bool(ro.truncated_N[n]) == (not ids or ids[-1] != eos)
+
+
+def _zero_run(out, model_dir, reward, caplog) -> list[str]:
+    cfg = base_config(out, model_dir, max_steps=2)
+    cfg["rollout"]["max_new_tokens"] = 6
+    cfg["rollout"]["strategy"] = {
+        "name": "anytime_budget",
+        "budgets": [0.5, 1.0],
+        "summary_cue": "=",
+        "think_end": "",
+        "summary_tokens": 2,
+    }
+    cfg["advantage"] = {"name": "brpo"}
+    tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[reward])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="grouprl"):
+        tr.train()
+    tr.close()
+    return [r.message for r in caplog.records if "every summary of this step scored 0" in r.message]
+
+
+@pytest.mark.parametrize("score", [0.0, 1.0])
+def test_anytime_budget_warns_once_when_every_summary_scores_zero(
+    score, tmp_path, tiny_model_dir, caplog
+):
+    """A reward that gives every summary 0 (as one that looks for the cue, which sits in the
+    summary's prompt, would) is said once in a run, with the cue; any other is not."""
+    said = _zero_run(
+        tmp_path / "z", tiny_model_dir, lambda completions, **kw: [score] * len(completions), caplog
+    )
+    if score == 0.0:
+        assert len(said) == 1 and "'='" in said[0]
+    else:
+        assert not said

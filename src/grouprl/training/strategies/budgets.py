@@ -4,6 +4,7 @@ early as well as at the end (the `brpo` advantage turns the scores into credit).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import torch
@@ -20,6 +21,7 @@ from grouprl.training.strategies.base import (
 from grouprl.training.strategies.continuation import _eos_ids
 
 SUMMARY_CUE = "\n</think>\n\n**Final Answer**\n"
+log = logging.getLogger("grouprl")
 
 
 @ROLLOUT_STRATEGIES.register("anytime_budget")
@@ -65,6 +67,7 @@ class AnytimeBudget(Strategy):
             raise ValueError(f"rollout.strategy.prior: one of {BUDGET_PRIORS}, got {prior!r}")
         if summary_tokens < 1:
             raise ValueError(f"rollout.strategy.summary_tokens: must be >= 1, got {summary_tokens}")
+        self._warned_all_zero = False
         self.fractions, self.prior = fr, prior
         self.summary_cue, self.summary_tokens, self.think_end = (
             summary_cue,
@@ -151,6 +154,15 @@ class AnytimeBudget(Strategy):
             rewards_N=rewards_N,
             extra={**scored.extra, "budget": info},
         )
+        if scores and not self._warned_all_zero and all(bool((x == 0).all()) for x in scores):
+            self._warned_all_zero = True  # once per run: it may also be a hard start
+            log.warning(
+                "anytime_budget: every summary of this step scored 0. A summary row is scored "
+                "on its answer alone: the thinking and the cue %r are in its prompt, so a "
+                "reward that looks for them (a think-end marker, a format) in the completion "
+                "gives 0 to every summary",
+                self.summary_cue,
+            )
         by_budget = torch.stack(scores).mean(dim=(0, 1)) if scores else torch.zeros(S)
         metrics = {
             f"anytime/score_at_{b_s}": float(v) for b_s, v in zip(budgets, by_budget, strict=True)
