@@ -196,6 +196,14 @@ def test_token_budget_counts_the_packed_size():
         for s in packed_micro_batches(pid, pmask, comp, 2, budget):
             size = pack_groups(pid[s], pmask[s], cid[s], amask[s]).input_ids_RL.numel()
             assert size <= budget or s.stop - s.start == 2, (budget, s, size)
+    # a forward with one group per row (pack_rows off) costs 4 x 20 = 80 whole: the budget
+    # reads the same layout
+    assert packed_micro_batches(pid, pmask, comp, 2, 79, pack_rows=False) != [slice(0, 8)]
+    for budget in (80, 40, 20):
+        for s in packed_micro_batches(pid, pmask, comp, 2, budget, pack_rows=False):
+            layout = pack_groups(pid[s], pmask[s], cid[s], amask[s], pack_rows=False)
+            size = layout.input_ids_RL.numel()
+            assert size <= budget or s.stop - s.start == 2, (budget, s, size)
 
 
 def test_token_budget_cuts_runs_of_one_prompt_as_packing_does():
@@ -210,9 +218,13 @@ def test_token_budget_cuts_runs_of_one_prompt_as_packing_does():
     assert pack_groups(pid[:4], pmask[:4], cid[:4], amask[:4]).input_ids_RL.shape == (1, 19)
 
 
-def test_token_budget_keeps_the_gradient_with_shared_rows(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("pack_rows", [True, False])
+def test_token_budget_keeps_the_gradient_with_shared_rows(
+    pack_rows, tmp_path, tiny_model_dir, monkeypatch
+):
     """A budget that splits the batch, with rows holding several groups: the same gradient
-    as one forward of the whole batch."""
+    as one forward of the whole batch. With the forward's `pack_rows` off (one group per
+    row, an API setting), the budget costs that layout."""
     layouts = []
     pack = forward_mod.pack_groups
 
@@ -239,6 +251,7 @@ def test_token_budget_keeps_the_gradient_with_shared_rows(tmp_path, tiny_model_d
         for i, r in enumerate(rows):  # a third of the groups long, two short ones fit beside
             r["prompt"] = "1" * (20 * (i % 3 == 0)) + r["prompt"]
         tr = Trainer(cfg, train_dataset=rows)
+        tr.learner.policy.pack_rows = pack_rows
         layouts.clear()
         torch.manual_seed(0)
         tr.train()
@@ -250,7 +263,8 @@ def test_token_budget_keeps_the_gradient_with_shared_rows(tmp_path, tiny_model_d
     assert len(sizes[1]) > len(sizes[0]), sizes  # the budget splits the batch
     assert all(R * L <= 70 for R, L in sizes[1]), sizes
     # micro-batches whose groups fit the budget only because rows hold several of them
-    assert any(sum(k) * L > 70 for k, (_, L) in zip(shared, sizes[1], strict=True)), shared
+    several = any(sum(k) * L > 70 for k, (_, L) in zip(shared, sizes[1], strict=True))
+    assert several == pack_rows, shared
     for n, g in grads[0].items():
         assert torch.allclose(g, grads[1][n], atol=1e-6, rtol=1e-5), n
 

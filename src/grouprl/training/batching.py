@@ -60,10 +60,13 @@ def packed_micro_batches(
     comp_len_N: Sequence[int],
     unit_rows: int,
     budget: int,
+    pack_rows: bool = True,
 ) -> list[slice]:
     """Token-budget slices for the packed layout, whole units of `unit_rows` rows: a
     micro-batch costs R x L after `pack_groups` packs its groups several to a row
     (`packing.padded_tokens`), so a short group adds its own length, not the longest one's.
+    `pack_rows`: the forward's own setting (off: one group per row, each padded to the
+    longest).
 
     comp_len_N: real completion tokens of each row. The groups of rows a..b-1 are the runs of
     rows that share a prompt (`group_spans`, found once on the whole batch) cut at a and b,
@@ -84,6 +87,6 @@ def packed_micro_batches(
         return out
 
     def cost(u: int, v: int) -> int:
-        return padded_tokens(group_lengths(u * unit_rows, v * unit_rows))
+        return padded_tokens(group_lengths(u * unit_rows, v * unit_rows), pack_rows)
 
     return budget_micro_batches(cost, len(comp_len_N) // unit_rows, unit_rows, budget)

@@ -147,7 +147,8 @@ class Learner:
         comp_N = ro.attention_mask_NT.sum(1).long()
         if self.shared_prefix:  # groups [prompt; c_1; ...; c_G], several to a packed row
             pid, pmask = ro.prompt_ids_NP, ro.prompt_mask_NP
-            return packed_micro_batches(pid, pmask, comp_N.tolist(), G, budget)
+            pack = self.policy.pack_rows  # the forward's layout decides the cost
+            return packed_micro_batches(pid, pmask, comp_N.tolist(), G, budget, pack)
         length_U = (prompt_N + comp_N).view(-1, G).amax(1).tolist()
         return token_micro_batches(length_U, G, G, budget)
 
