@@ -83,9 +83,13 @@ class _DecodeState:
     pos_n: Tensor | None = None
     grid_BG: Tensor | None = None  # row index per (group, slot); n (a spare) where empty
     flat_n: Tensor | None = None  # each row's flat index into the grid
+    # per sliding window: 0 / -inf [n, 1, 1, P] on each running row's prompt keys, for this
+    # step (every layer reads the same one)
+    bias: dict[int | None, Tensor] = field(default_factory=dict)
 
     def set_rows(self, grp_n: Tensor, pos_n: Tensor, B: int) -> None:
         """Lay the running rows (sorted by group) out in the per-group grid."""
+        self.bias.clear()
         self.grp_n, self.pos_n = grp_n, pos_n
         n = len(grp_n)
         counts = torch.bincount(grp_n, minlength=B)
@@ -96,6 +100,18 @@ class _DecodeState:
         grid = torch.full((B * Gp,), n, dtype=torch.long, device=grp_n.device)
         grid[self.flat_n] = torch.arange(n, device=grp_n.device)
         self.grid_BG = grid.view(B, Gp)
+
+    def prompt_bias(self, window: int | None) -> Tensor:
+        """[n, 1, 1, P] float32: 0 where a running row may attend to its prompt's key (a
+        real token, within `window` of the row's position), else -inf."""
+        if window not in self.bias:
+            assert self.grp_n is not None and self.pos_n is not None
+            ok_nP = self.prompt_ok_BP[self.grp_n]
+            if window is not None:
+                ok_nP = ok_nP & (self.pos_n[:, None] - self.prompt_pos_BP[self.grp_n] < window)
+            zero = torch.zeros(ok_nP.shape, dtype=torch.float32, device=ok_nP.device)
+            self.bias[window] = zero.masked_fill_(~ok_nP, float("-inf"))[:, None, None, :]
+        return self.bias[window]
 
 
 def draw_inverse_cdf(probs_nV: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -232,32 +248,30 @@ def _decode(
     kp, vp = st.prompt_k[i], st.prompt_v[i]  # [B, Hkv, P, d]
     P = kp.shape[2]
 
+    full = n == B * Gp  # every group has Gp running rows: the grid is the rows in order
+
+    def to_grid(x: Tensor) -> Tensor:  # [n, Hkv, rep, k] -> [B, Hkv, Gp*rep, k]
+        if not full:  # empty slots read a spare row of zeros
+            x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])[st.grid_BG.reshape(-1)]
+        return x.view(B, Gp, Hkv, rep, -1).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Gp * rep, -1)
+
+    def from_grid(x: Tensor) -> Tensor:  # [B, Hkv, Gp*rep, k] -> [n, Hkv, rep, k]
+        x = x.view(B, Hkv, Gp, rep, -1).permute(0, 2, 1, 3, 4).reshape(B * Gp, Hkv, rep, -1)
+        return x if full else x[st.flat_n]
+
     # scores against the prompt, computed per group on the [B, Gp] grid of running rows
-    q_pad = torch.cat([q_n, q_n.new_zeros(1, Hkv, rep, d)])[st.grid_BG.reshape(-1)]
-    q_grid = q_pad.view(B, Gp, Hkv, rep, d).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Gp * rep, d)
-    s_grid = q_grid @ kp.transpose(-1, -2)  # [B, Hkv, Gp*rep, P]
-    s_p = s_grid.view(B, Hkv, Gp, rep, P).permute(0, 2, 1, 3, 4).reshape(B * Gp, Hkv, rep, P)
-    s_p = s_p[st.flat_n]  # [n, Hkv, rep, P]
-    ok_p = st.prompt_ok_BP[st.grp_n]  # [n, P]
-    if window is not None:
-        ok_p = ok_p & (st.pos_n[:, None] - st.prompt_pos_BP[st.grp_n] < window)
-    s_p = s_p.masked_fill(~ok_p[:, None, None, :], float("-inf"))
+    s_p = from_grid(to_grid(q_n) @ kp.transpose(-1, -2))  # [n, Hkv, rep, P]
     # scores against its own past tokens
     s_o = q_n @ k_own.transpose(-1, -2)  # [n, Hkv, rep, t+1]
     if window is not None and t + 1 > window:
         s_o[..., : t + 1 - window] = float("-inf")
-    s_p, s_o = s_p.float(), s_o.float()  # the softmax in fp32 whatever the model's dtype
-    m = torch.maximum(s_p.amax(-1, keepdim=True), s_o.amax(-1, keepdim=True))
-    e_p, e_o = (s_p - m).exp(), (s_o - m).exp()
-    z = e_p.sum(-1, keepdim=True) + e_o.sum(-1, keepdim=True)
-    e_p, e_o = e_p / z, e_o / z
-    e_p, e_o = e_p.to(v.dtype), e_o.to(v.dtype)
+    # one softmax over [prompt; own past], in fp32 whatever the model's dtype (a row always
+    # sees its own current token, so no row is all -inf)
+    s = torch.cat([s_p.float() + st.prompt_bias(window), s_o.float()], dim=-1)
+    w = torch.softmax(s, dim=-1).to(v.dtype)
+    e_p, e_o = w[..., :P], w[..., P:]
     out_o = e_o @ v_own  # [n, Hkv, rep, d]
-    e_pad = torch.cat([e_p, e_p.new_zeros(1, Hkv, rep, P)])[st.grid_BG.reshape(-1)]
-    e_grid = e_pad.view(B, Gp, Hkv, rep, P).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Gp * rep, P)
-    o_grid = e_grid @ vp  # [B, Hkv, Gp*rep, d]
-    o_p = o_grid.view(B, Hkv, Gp, rep, d).permute(0, 2, 1, 3, 4).reshape(B * Gp, Hkv, rep, d)
-    out = o_p[st.flat_n] + out_o
+    out = from_grid(to_grid(e_p) @ vp) + out_o
     return out.reshape(n, 1, H, d), None
 
 
