@@ -173,12 +173,13 @@ def _zero_run(out, model_dir, reward, caplog) -> list[str]:
     return [r.message for r in caplog.records if "every summary of this step scored 0" in r.message]
 
 
-@pytest.mark.parametrize("score", [0.0, 1.0])
+@pytest.mark.parametrize("score", [0.0, 1.0, None])
 def test_anytime_budget_warns_once_when_every_summary_scores_zero(
     score, tmp_path, tiny_model_dir, caplog
 ):
     """A reward that gives every summary 0 (as one that looks for the cue, which sits in the
-    summary's prompt, would) is said once in a run, with the cue; any other is not."""
+    summary's prompt, would) is said once in a run, with the cue; any other is not, nor one
+    that scores none of them (None: unscored, not 0)."""
     said = _zero_run(
         tmp_path / "z", tiny_model_dir, lambda completions, **kw: [score] * len(completions), caplog
     )

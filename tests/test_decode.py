@@ -187,3 +187,23 @@ def test_inverse_cdf_never_returns_a_token_of_probability_zero(monkeypatch):
 def test_inverse_cdf_refuses_a_distribution_that_is_not_finite():
     with pytest.raises(ValueError, match="rollout.draw"):
         decode.draw_inverse_cdf(torch.tensor([[float("nan")] * 4]))
+
+
+def test_a_blocked_prompt_key_whose_score_overflows_stays_blocked():
+    """fp16: a left-padding key whose score overflows to inf is filled with -inf, not added to
+    (inf - inf would be NaN and take the whole row with it)."""
+    B, G, P, d = 1, 2, 4, 8
+    mask = torch.tensor([[False, True, True, True]])  # one left-padding column
+    pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+    st = decode._DecodeState(prompt_ok_BP=mask, prompt_pos_BP=pos, max_new_tokens=2)
+    st.prefill = False
+    g = torch.Generator().manual_seed(0)
+    kp = torch.randn(B, 1, P, d, generator=g).half()
+    kp[:, :, 0] = 3000.0  # 3000 x 3 x 8 overflows fp16
+    st.prompt_k[0], st.prompt_v[0] = kp, torch.randn(B, 1, P, d, generator=g).half()
+    grp = torch.arange(B * G) // G
+    st.set_rows(grp, pos[:, -1][grp] + 1, B)
+    q = torch.full((B * G, 1, 1, d), 3.0).half()
+    kv = [torch.randn(B * G, 1, 1, d, generator=g).half() for _ in range(2)]
+    out, _ = decode._decode(st, 0, q, *kv, 1.0, None)
+    assert bool(torch.isfinite(out).all())

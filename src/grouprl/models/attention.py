@@ -30,6 +30,10 @@ ATTN_NAME = "grouprl_packed"
 _ACTIVE: contextvars.ContextVar[PackedLayout | None] = contextvars.ContextVar(
     "grouprl_packed_layout", default=None
 )
+# the configs routed to `grouprl_packed` with the active layout (for a recompute, below)
+_ROUTED: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "grouprl_packed_configs", default=()
+)
 
 
 def packed_attention(
@@ -159,7 +163,12 @@ def register() -> None:
 @contextlib.contextmanager
 def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
     """Set every config's `_attn_implementation` to the registered `name`, then restore."""
-    configs = {id(c): c for c in _configs(model)}.values()
+    with _swapped(tuple({id(c): c for c in _configs(model)}.values()), name):
+        yield
+
+
+@contextlib.contextmanager
+def _swapped(configs: tuple[Any, ...], name: str) -> Iterator[None]:
     saved = [(c, c._attn_implementation) for c in configs]
     try:
         for c, _ in saved:
@@ -171,15 +180,34 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
 
 
 @contextlib.contextmanager
+def _routed(layout: PackedLayout, configs: tuple[Any, ...]) -> Iterator[None]:
+    """`layout` active and `configs` routed to `grouprl_packed`, then both restored."""
+    token, routed = _ACTIVE.set(layout), _ROUTED.set(configs)
+    try:
+        with _swapped(configs, ATTN_NAME):
+            yield
+    finally:
+        _ROUTED.reset(routed)
+        _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
 def packed_attention_active(model: torch.nn.Module, layout: PackedLayout) -> Iterator[None]:
     """Route the model's attention through `grouprl_packed` under `layout` for one forward."""
     register()
-    token = _ACTIVE.set(layout)
-    try:
-        with attention_implementation(model, ATTN_NAME):
-            yield
-    finally:
-        _ACTIVE.reset(token)
+    with _routed(layout, tuple({id(c): c for c in _configs(model)}.values())):
+        yield
+
+
+def recompute_context() -> tuple[contextlib.AbstractContextManager, ...]:
+    """`context_fn` for torch.utils.checkpoint (activation checkpointing, non-reentrant): a
+    layer recomputed in the backward, after the packed forward's `with` has ended, runs under
+    the layout and routing its forward ran under (captured here, at the forward), so the
+    recompute is the same computation. Outside a packed forward: nothing to restore."""
+    layout = _ACTIVE.get()
+    if layout is None:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    return contextlib.nullcontext(), _routed(layout, _ROUTED.get())
 
 
 def _configs(model: torch.nn.Module) -> list[Any]:

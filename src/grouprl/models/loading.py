@@ -61,6 +61,21 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tok
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """`model.gradient_checkpointing`: HF's activation checkpointing, non-reentrant, with
+    `attention.recompute_context` so a layer recomputed in the backward runs under the packed
+    layout its forward used (without it, the recompute leaves the packed attention and
+    torch refuses the mismatch)."""
+    from grouprl.models.attention import recompute_context
+
+    kwargs = {"use_reentrant": False, "context_fn": recompute_context}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_model_and_tokenizer(cfg: ModelConfig):
     """Returns (model, tokenizer, device). Errors name `model.name_or_path`."""
     from transformers import AutoModelForCausalLM
@@ -109,7 +124,7 @@ def load_model_and_tokenizer(cfg: ModelConfig):
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
         model.config.use_cache = False
         if lora is not None:  # frozen embeddings: checkpointed blocks still need input grads
             model.enable_input_require_grads()

@@ -83,13 +83,13 @@ class _DecodeState:
     pos_n: Tensor | None = None
     grid_BG: Tensor | None = None  # row index per (group, slot); n (a spare) where empty
     flat_n: Tensor | None = None  # each row's flat index into the grid
-    # per sliding window: 0 / -inf [n, 1, 1, P] on each running row's prompt keys, for this
-    # step (every layer reads the same one)
-    bias: dict[int | None, Tensor] = field(default_factory=dict)
+    # per sliding window: [n, 1, 1, P], True where a running row may not see its prompt's
+    # key, for this step (every layer reads the same one)
+    blocked: dict[int | None, Tensor] = field(default_factory=dict)
 
     def set_rows(self, grp_n: Tensor, pos_n: Tensor, B: int) -> None:
         """Lay the running rows (sorted by group) out in the per-group grid."""
-        self.bias.clear()
+        self.blocked.clear()
         self.grp_n, self.pos_n = grp_n, pos_n
         n = len(grp_n)
         counts = torch.bincount(grp_n, minlength=B)
@@ -101,17 +101,16 @@ class _DecodeState:
         grid[self.flat_n] = torch.arange(n, device=grp_n.device)
         self.grid_BG = grid.view(B, Gp)
 
-    def prompt_bias(self, window: int | None) -> Tensor:
-        """[n, 1, 1, P] float32: 0 where a running row may attend to its prompt's key (a
-        real token, within `window` of the row's position), else -inf."""
-        if window not in self.bias:
+    def prompt_blocked(self, window: int | None) -> Tensor:
+        """[n, 1, 1, P] bool: True where a running row may not attend to its prompt's key (a
+        padding token, or one outside `window` of the row's position)."""
+        if window not in self.blocked:
             assert self.grp_n is not None and self.pos_n is not None
             ok_nP = self.prompt_ok_BP[self.grp_n]
             if window is not None:
                 ok_nP = ok_nP & (self.pos_n[:, None] - self.prompt_pos_BP[self.grp_n] < window)
-            zero = torch.zeros(ok_nP.shape, dtype=torch.float32, device=ok_nP.device)
-            self.bias[window] = zero.masked_fill_(~ok_nP, float("-inf"))[:, None, None, :]
-        return self.bias[window]
+            self.blocked[window] = ~ok_nP[:, None, None, :]
+        return self.blocked[window]
 
 
 def draw_inverse_cdf(probs_nV: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -267,7 +266,10 @@ def _decode(
         s_o[..., : t + 1 - window] = float("-inf")
     # one softmax over [prompt; own past], in fp32 whatever the model's dtype (a row always
     # sees its own current token, so no row is all -inf)
-    s = torch.cat([s_p.float() + st.prompt_bias(window), s_o.float()], dim=-1)
+    # (a fill, not an added -inf: a blocked score that overflowed to inf in half precision
+    # would make the sum NaN)
+    s_p = s_p.float().masked_fill(st.prompt_blocked(window), float("-inf"))
+    s = torch.cat([s_p, s_o.float()], dim=-1)
     w = torch.softmax(s, dim=-1).to(v.dtype)
     e_p, e_o = w[..., :P], w[..., P:]
     out_o = e_o @ v_own  # [n, Hkv, rep, d]

@@ -139,13 +139,14 @@ class AnytimeBudget(Strategy):
         )
         scored = ctx.score(batch.examples, built)
         rewards_N, rewards_NK = scored.rewards_N.clone(), scored.rewards_NK.clone()
-        scores = []
+        scores, all_zero = [], True
         for b in range(B):  # a thinking row's reward: its last summary's score (metrics)
             for g in range(G):
                 last = b * W + G + g * S + S - 1
                 rewards_N[b * W + g] = rewards_N[last]
                 rewards_NK[b * W + g] = rewards_NK[last]
             summ = scored.rewards_N[b * W + G : (b + 1) * W].view(G, S)
+            all_zero = all_zero and bool((summ == 0).all())  # a NaN (unscored) is not a 0
             scores.append(torch.nan_to_num(summ.float(), nan=0.0))
         out = replace(
             batch,
@@ -154,7 +155,7 @@ class AnytimeBudget(Strategy):
             rewards_N=rewards_N,
             extra={**scored.extra, "budget": info},
         )
-        if scores and not self._warned_all_zero and all(bool((x == 0).all()) for x in scores):
+        if scores and all_zero and not self._warned_all_zero:
             self._warned_all_zero = True  # once per run: it may also be a hard start
             log.warning(
                 "anytime_budget: every summary of this step scored 0. A summary row is scored "
