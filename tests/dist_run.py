@@ -7,7 +7,7 @@ or hf: real sampling, per-process RNG), DIST_RUN_PROMPTS (prompts per step, defa
 DIST_RUN_FAIL_RANK (that rank's sampling raises), DIST_RUN_KILL_RANK (that rank is
 killed with SIGKILL while sampling), DIST_RUN_ASYNC (train.async, and no checkpoint before
 the end, so every step but the first is collected ahead), DIST_RUN_SERVER (engine vllm in server
-mode at that URL), DIST_RUN_LORA (model.lora.r: LoRA adapters, and a KL term), DIST_RUN_REWARD_FAIL_RANK (the
+mode at that URL), DIST_RUN_CHECKPOINTING (model.gradient_checkpointing), DIST_RUN_LORA (model.lora.r: LoRA adapters, and a KL term), DIST_RUN_REWARD_FAIL_RANK (the
 reward raises on that rank; failure window of 1 call), DIST_RUN_ROLLOUT_STRATEGY (a JSON
 rollout.strategy; rows get `hints` and `solution` columns), DIST_RUN_COUNT_DIR (each process
 appends how many completions it scored to a file there)."""
@@ -106,6 +106,8 @@ if __name__ == "__main__":
             "strategy": os.environ.get("DIST_RUN_STRATEGY", "auto"),
         },
     }
+    if os.environ.get("DIST_RUN_CHECKPOINTING"):
+        cfg["model"]["gradient_checkpointing"] = True
     if os.environ.get("DIST_RUN_LORA"):
         cfg["model"]["lora"] = {"r": int(os.environ["DIST_RUN_LORA"]), "alpha": 8}
         cfg["regularizers"] = [{"name": "kl", "beta": 0.1}]

@@ -182,6 +182,26 @@ def test_fsdp2_resume_on_two_ranks_samples_and_trains_as_uninterrupted(tmp_path,
     assert a[-2:] == pytest.approx(b, abs=1e-6)  # the resumed run's 2 steps
 
 
+def test_checkpointing_on_two_ranks_makes_the_update_of_one(tmp_path, model_dir):
+    """Activation checkpointing (with the packed layout's recompute context) under ddp and
+    fsdp2 (fully_shard per decoder layer, recomputed with its all-gather): the parameters of
+    one process without checkpointing."""
+    out = {}
+    for name, ranks, env in (
+        ("plain", 1, {}),
+        ("one", 1, {"DIST_RUN_CHECKPOINTING": "1"}),
+        ("ddp", 2, {"DIST_RUN_CHECKPOINTING": "1", "DIST_RUN_STRATEGY": "ddp"}),
+        ("fsdp2", 2, {"DIST_RUN_CHECKPOINTING": "1", "DIST_RUN_STRATEGY": "fsdp2"}),
+    ):
+        d = tmp_path / name
+        d.mkdir()
+        res = _run([str(model_dir), str(d), "grpo"], ranks, **env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[name] = _params(d)
+    for name in ("one", "ddp", "fsdp2"):
+        assert _diff(out["plain"], out[name]) <= 1e-5, name
+
+
 def test_lora_on_two_ranks_makes_the_update_of_one_and_resumes(tmp_path, model_dir):
     """LoRA adapters (PEFT) with a KL term against the adapter-off base: 2 steps on 2
     processes with ddp, and with fsdp2 as 1 step + a resume, give 1 process's adapters
