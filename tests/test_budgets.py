@@ -67,7 +67,7 @@ def test_brpo_puts_segment_advantages_on_thinking_tokens_and_one_per_summary():
     assert float(adv[2:, 3:].abs().sum()) == 0.0
 
 
-def anytime_run(out, model_dir, *, summary_tokens, mode="off"):
+def anytime_run(out, model_dir, *, summary_tokens, mode="off", reward=coin_reward):
     """2 steps of anytime_budget (budgets 3 and 6 of 6 tokens, cue "=") + brpo: the trainer,
     the collected batches and the result."""
     cfg = base_config(out, model_dir, max_steps=2)
@@ -81,7 +81,7 @@ def anytime_run(out, model_dir, *, summary_tokens, mode="off"):
         "summary_tokens": summary_tokens,
     }
     cfg["advantage"] = {"name": "brpo"}
-    tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[coin_reward])
+    tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[reward])
     seen = record_collections(tr)
     engine = tr.collector.engine
     real = engine.sample_token_ids
@@ -154,25 +154,6 @@ def test_anytime_budget_keeps_the_sampler_log_probs_and_truncation(tmp_path, tin
             assert bool(ro.truncated_N[n]) == (not ids or ids[-1] != eos)
 
 
-def _zero_run(out, model_dir, reward, caplog) -> list[str]:
-    cfg = base_config(out, model_dir, max_steps=2)
-    cfg["rollout"]["max_new_tokens"] = 6
-    cfg["rollout"]["strategy"] = {
-        "name": "anytime_budget",
-        "budgets": [0.5, 1.0],
-        "summary_cue": "=",
-        "think_end": "",
-        "summary_tokens": 2,
-    }
-    cfg["advantage"] = {"name": "brpo"}
-    tr = Trainer(cfg, train_dataset=arith_rows(), reward_funcs=[reward])
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="grouprl"):
-        tr.train()
-    tr.close()
-    return [r.message for r in caplog.records if "every summary of this step scored 0" in r.message]
-
-
 @pytest.mark.parametrize("score", [0.0, 1.0, None])
 def test_anytime_budget_warns_once_when_every_summary_scores_zero(
     score, tmp_path, tiny_model_dir, caplog
@@ -180,9 +161,15 @@ def test_anytime_budget_warns_once_when_every_summary_scores_zero(
     """A reward that gives every summary 0 (as one that looks for the cue, which sits in the
     summary's prompt, would) is said once in a run, with the cue; any other is not, nor one
     that scores none of them (None: unscored, not 0)."""
-    said = _zero_run(
-        tmp_path / "z", tiny_model_dir, lambda completions, **kw: [score] * len(completions), caplog
-    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="grouprl"):
+        anytime_run(
+            tmp_path / "z",
+            tiny_model_dir,
+            summary_tokens=2,
+            reward=lambda completions, **kw: [score] * len(completions),
+        )
+    said = [r.message for r in caplog.records if "every summary of this step scored 0" in r.message]
     if score == 0.0:
         assert len(said) == 1 and "'='" in said[0]
     else:

@@ -163,7 +163,7 @@ def register() -> None:
 @contextlib.contextmanager
 def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
     """Set every config's `_attn_implementation` to the registered `name`, then restore."""
-    with _swapped(tuple({id(c): c for c in _configs(model)}.values()), name):
+    with _swapped(_configs(model), name):
         yield
 
 
@@ -195,7 +195,7 @@ def _routed(layout: PackedLayout, configs: tuple[Any, ...]) -> Iterator[None]:
 def packed_attention_active(model: torch.nn.Module, layout: PackedLayout) -> Iterator[None]:
     """Route the model's attention through `grouprl_packed` under `layout` for one forward."""
     register()
-    with _routed(layout, tuple({id(c): c for c in _configs(model)}.values())):
+    with _routed(layout, _configs(model)):
         yield
 
 
@@ -210,11 +210,11 @@ def recompute_context() -> tuple[contextlib.AbstractContextManager, ...]:
     return contextlib.nullcontext(), _routed(layout, _ROUTED.get())
 
 
-def _configs(model: torch.nn.Module) -> list[Any]:
-    """Every config object whose `_attn_implementation` the model's attention reads."""
-    out = []
+def _configs(model: torch.nn.Module) -> tuple[Any, ...]:
+    """Every config object whose `_attn_implementation` the model's attention reads, once."""
+    out: dict[int, Any] = {}
     for m in model.modules():
         cfg = getattr(m, "config", None)  # only HF modules carry one
         if cfg is not None and hasattr(cfg, "_attn_implementation"):
-            out.append(cfg)
-    return out
+            out.setdefault(id(cfg), cfg)
+    return tuple(out.values())

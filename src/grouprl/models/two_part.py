@@ -52,7 +52,7 @@ class TwoPartPlan:
     Gm: int
     Cm: int
     mask_B1CK: dict[int | None, Tensor] = field(default_factory=dict)
-    _additive: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
+    _float_masks: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def Pm(self) -> int:
@@ -64,18 +64,18 @@ class TwoPartPlan:
         autograd would keep each layer's converted copy for the backward: one copy shared
         by all layers instead (the values are SDPA's own conversion, so outputs are equal)."""
         key = ("completion", sliding_window, dtype)
-        if key not in self._additive:
-            self._additive[key] = _additive(self.mask_B1CK[sliding_window], dtype)
-        return self._additive[key]
+        if key not in self._float_masks:
+            self._float_masks[key] = _additive(self.mask_B1CK[sliding_window], dtype)
+        return self._float_masks[key]
 
     def prompt_band(self, sliding_window: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The prompts' sliding-window causal band [Pm, Pm], additive, built once per plan."""
         key = ("band", sliding_window, dtype)
-        if key not in self._additive:
+        if key not in self._float_masks:
             i = torch.arange(self.Pm, device=device)
             diff = i[:, None] - i[None, :]
-            self._additive[key] = _additive((diff >= 0) & (diff < sliding_window), dtype)
-        return self._additive[key]
+            self._float_masks[key] = _additive((diff >= 0) & (diff < sliding_window), dtype)
+        return self._float_masks[key]
 
     @classmethod
     def of(cls, unit_RL: Tensor, part_RL: Tensor) -> TwoPartPlan:

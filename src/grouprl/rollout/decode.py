@@ -265,9 +265,8 @@ def _decode(
     if window is not None and t + 1 > window:
         s_o[..., : t + 1 - window] = float("-inf")
     # one softmax over [prompt; own past], in fp32 whatever the model's dtype (a row always
-    # sees its own current token, so no row is all -inf)
-    # (a fill, not an added -inf: a blocked score that overflowed to inf in half precision
-    # would make the sum NaN)
+    # sees its own current token, so no row is all -inf); blocked keys are filled, not
+    # added to: a score that overflowed to inf in half precision would make the sum NaN
     s_p = s_p.float().masked_fill(st.prompt_blocked(window), float("-inf"))
     s = torch.cat([s_p, s_o.float()], dim=-1)
     w = torch.softmax(s, dim=-1).to(v.dtype)

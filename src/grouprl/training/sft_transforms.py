@@ -79,9 +79,10 @@ def thought_dropout(
     thoughts are emptied when u_i < ratio (an independent draw per row, fixed by seed and
     index, so the share of emptied rows is Binomial(n, ratio) / n). Every
     `think_start`...`think_end` block (default `<think>`...`</think>`; DOTALL, non-greedy)
-    of the completion is replaced by `empty`; everything else, the answer included, is kept character for character. In a
-    multi-turn trace of (text, trained) segments only the trained segments change (one
-    draw per row). A row without a think block is left as it is.
+    of the completion is replaced by `empty`; everything else, the answer included, is
+    kept character for character. In a multi-turn trace of (text, trained) segments only
+    the trained segments change (one draw per row). A row without a think block is left
+    as it is.
     """
     if isinstance(ratio, bool) or not isinstance(ratio, int | float):
         raise ValueError(f"thought_dropout: ratio must be a number in [0, 1], got {ratio!r}")
